@@ -1,0 +1,204 @@
+"""Model bundles: a folder with a manifest that declares everything the pipeline needs of a model.
+
+The pipeline is model-agnostic: sample rate, feature recipe, window shapes, embedding size and the
+fingerprint that tags stored voiceprints all come from ``manifest.json``, never from code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class BundleError(Exception):
+    """A model bundle is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class FeatureRecipe:
+    """Kaldi-style filterbank settings, mapped one to one onto kaldi-native-fbank options.
+
+    The post-processing keys (``input_scale``, ``gain_normalize_dbfs``, ``cmn``) describe what the
+    model saw in training around the filterbank itself.
+    """
+
+    num_mel_bins: int = 80
+    frame_length_ms: float = 25.0
+    frame_shift_ms: float = 10.0
+    window_type: str = "hamming"
+    preemph_coeff: float = 0.97
+    remove_dc_offset: bool = True
+    dither: float = 0.0
+    low_freq: float = 20.0
+    high_freq: float = 0.0
+    snip_edges: bool = True
+    round_to_power_of_two: bool = True
+    mel_is_librosa: bool = False
+    mel_norm: str = "slaney"
+    use_log_fbank: bool = True
+    use_power: bool = True
+    input_scale: float = 32768.0
+    """Multiply float samples by this before the filterbank (Kaldi recipes expect int16 range)."""
+    gain_normalize_dbfs: float | None = None
+    """Raise each window's RMS to this level first (never lowers it), as the model's training did."""
+    cmn: bool = True
+    """Subtract the per-window mean of each bin over time."""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureRecipe:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"kind"})
+        if unknown:
+            raise BundleError(f"unknown feature recipe keys: {', '.join(unknown)}")
+        if data.get("kind", "kaldi_fbank") != "kaldi_fbank":
+            raise BundleError(f"unsupported feature kind {data['kind']!r}; only 'kaldi_fbank' is known")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "kaldi_fbank", **asdict(self)}
+
+    def num_frames(self, num_samples: int, sample_rate: int) -> int:
+        """Frames the filterbank yields for ``num_samples`` (Kaldi's rule for snip_edges)."""
+        shift = int(sample_rate * self.frame_shift_ms / 1000)
+        length = int(sample_rate * self.frame_length_ms / 1000)
+        if self.snip_edges:
+            return 0 if num_samples < length else 1 + (num_samples - length) // shift
+        return (num_samples + shift // 2) // shift
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A loaded manifest plus the folder it came from."""
+
+    path: Path
+    name: str
+    sample_rate: int
+    embedding_dim: int
+    features: FeatureRecipe
+    fingerprint: str
+    artifacts: dict[str, str]
+    io: dict[str, str] = field(default_factory=lambda: {"input": "feats", "output": "embs"})
+    window_frames: tuple[int, ...] = ()
+    """Window lengths (in frames) the bundle's fixed-shape artifacts were built for, if any."""
+    description: str = ""
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def artifact(self, kind: str) -> Path | None:
+        """Path of a built artifact (``onnx``, ``coreml``), or None if the bundle has none built."""
+        rel = self.artifacts.get(kind)
+        if rel is None:
+            return None
+        path = self.path / rel
+        return path if path.exists() else None
+
+    def require_artifact(self, kind: str) -> Path:
+        path = self.artifact(kind)
+        if path is None:
+            raise BundleError(
+                f"model {self.name!r} has no built {kind} artifact in {self.path}; "
+                f"run `speakerd models build {self.name}`"
+            )
+        return path
+
+
+def fingerprint_of(name: str, weights_sha256: str, recipe: FeatureRecipe, embedding_dim: int) -> str:
+    """Identify an embedding space: same weights and same features give comparable voiceprints."""
+    canonical = json.dumps(
+        {"name": name, "weights": weights_sha256, "features": recipe.to_dict(), "dim": embedding_dim},
+        sort_keys=True,
+    )
+    return f"{name}:{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_bundle(path: Path) -> ModelBundle:
+    """Read and validate ``path/manifest.json``."""
+    manifest_path = path / MANIFEST
+    try:
+        data = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"no {MANIFEST} in {path}: not a model bundle") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if data.get("format") != MANIFEST_FORMAT:
+        raise BundleError(f"{manifest_path}: unsupported manifest format {data.get('format')!r}")
+    try:
+        return ModelBundle(
+            path=path,
+            name=str(data["name"]),
+            sample_rate=int(data["sample_rate"]),
+            embedding_dim=int(data["embedding_dim"]),
+            features=FeatureRecipe.from_dict(data["features"]),
+            fingerprint=str(data["fingerprint"]),
+            artifacts=dict(data.get("artifacts", {})),
+            io=dict(data.get("io", {"input": "feats", "output": "embs"})),
+            window_frames=tuple(int(f) for f in data.get("window_frames", ())),
+            description=str(data.get("description", "")),
+            source=dict(data.get("source", {})),
+        )
+    except KeyError as exc:
+        raise BundleError(f"{manifest_path}: missing key {exc.args[0]!r}") from None
+
+
+def write_manifest(bundle: ModelBundle) -> Path:
+    data = {
+        "format": MANIFEST_FORMAT,
+        "name": bundle.name,
+        "description": bundle.description,
+        "sample_rate": bundle.sample_rate,
+        "embedding_dim": bundle.embedding_dim,
+        "features": bundle.features.to_dict(),
+        "window_frames": list(bundle.window_frames),
+        "artifacts": bundle.artifacts,
+        "io": bundle.io,
+        "fingerprint": bundle.fingerprint,
+        "source": bundle.source,
+    }
+    bundle.path.mkdir(parents=True, exist_ok=True)
+    target = bundle.path / MANIFEST
+    tmp = target.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(target)
+    return target
+
+
+def models_root() -> Path:
+    """Where named bundles live: $SPEAKERD_MODELS, else the checkout's ``models/``, else the data dir."""
+    import os
+
+    from .paths import data_dir
+
+    env = os.environ.get("SPEAKERD_MODELS")
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[2] / "models"
+    if checkout.is_dir():
+        return checkout
+    return data_dir() / "models"
+
+
+def resolve_bundle(name_or_dir: str) -> ModelBundle:
+    """A directory path, or the name of a bundle under ``models_root()``."""
+    candidate = Path(name_or_dir).expanduser()
+    if candidate.is_dir():
+        return load_bundle(candidate)
+    named = models_root() / name_or_dir
+    if named.is_dir():
+        return load_bundle(named)
+    raise BundleError(f"no model {name_or_dir!r}: not a directory and not a bundle in {models_root()}")
