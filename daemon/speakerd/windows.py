@@ -1,0 +1,202 @@
+"""VAD-gated sliding windows over each speech region, as slices of one feature stream.
+
+Windows live inside a speech region, so they never straddle a silence longer than the VAD's
+end-of-speech hangover. The first window of a region is shorter (``first_length_s``) so a new
+voice after a pause is named sooner; after that windows are ``length_s`` long every ``hop_s``.
+Window ends sit on a grid of ``hop_s`` from the region start, which keeps every window start on the
+feature frame grid: features are sliced from the region's stream, not recomputed per window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .audio import SAMPLE_RATE, to_samples
+from .bundle import FeatureRecipe
+from .errors import check
+from .features import FeatureStream, finish_window
+from .vad import SpeechAudio, SpeechEnd, SpeechStart, VadEvent
+
+
+@dataclass(frozen=True)
+class WindowSettings:
+    length_s: float = 1.5
+    """Length of a full window."""
+    hop_s: float = 0.5
+    """Step between window ends."""
+    first_length_s: float = 1.0
+    """Length of a region's first window, and the shortest region that is embedded at all."""
+    min_speech: float = 0.5
+    """Fraction of a window's samples the VAD must call voiced for it to be embedded."""
+
+    def __post_init__(self) -> None:
+        check(0.5 <= self.length_s <= 10.0, "windows.length_s", self.length_s, "must be within 0.5 to 10 s")
+        check(0.1 <= self.hop_s <= self.length_s, "windows.hop_s", self.hop_s, "must be within 0.1 s and length_s")
+        check(
+            0.5 <= self.first_length_s <= self.length_s,
+            "windows.first_length_s",
+            self.first_length_s,
+            "must be within 0.5 s and length_s",
+        )
+        check(0.0 <= self.min_speech <= 1.0, "windows.min_speech", self.min_speech, "must be a fraction in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Window:
+    """Features of one window, placed on the sample clock."""
+
+    start: int
+    end: int
+    feats: np.ndarray
+    speech_fraction: float
+    wall_time: float
+    """Capture time of the window's last sample: when the window could first be decided."""
+    region_start: int
+    first_in_region: bool
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.feats.shape[0])
+
+    @property
+    def center(self) -> int:
+        return (self.start + self.end) // 2
+
+
+WindowerOutput = Window | SpeechStart | SpeechEnd
+
+
+class SpeechWindower:
+    """``process(vad_event)`` -> windows, with the speech boundaries passed through in order."""
+
+    def __init__(self, settings: WindowSettings, recipe: FeatureRecipe, sample_rate: int = SAMPLE_RATE) -> None:
+        self.settings = settings
+        self.recipe = recipe
+        self._stream = FeatureStream(recipe, sample_rate)
+        shift = self._stream.frame_shift
+        for key, seconds in (("windows.hop_s", settings.hop_s), ("windows.first_length_s", settings.first_length_s)):
+            check(to_samples(seconds) % shift == 0, key, seconds, f"must be a multiple of the {recipe.frame_shift_ms} ms frame shift")
+        self._hop = to_samples(settings.hop_s)
+        self._full = to_samples(settings.length_s)
+        self._first = to_samples(settings.first_length_s)
+        self.reset()
+
+    def reset(self) -> None:
+        self._stream.reset()
+        self._in_region = False
+        self._region_start = 0
+        self._audio = np.zeros(0, dtype=np.float32)
+        self._voiced = np.zeros(0, dtype=bool)
+        self._audio_start = 0  # sample index of self._audio[0]
+        self._anchor = (0, 0.0)  # (sample, wall time) of the latest audio, to place windows in wall time
+        self._next_end = 0
+        self._last_end = 0
+        self.windows_emitted = 0
+        self.windows_rejected = 0
+
+    def process(self, event: VadEvent) -> list[WindowerOutput]:
+        if isinstance(event, SpeechStart):
+            self._open(event.sample)
+            return [event]
+        if isinstance(event, SpeechAudio):
+            return self._accept(event)
+        out: list[WindowerOutput] = []
+        if self._in_region:
+            out.extend(self._close(event.sample))
+        out.append(event)
+        return out
+
+    # -- region handling -------------------------------------------------------------------------
+
+    def _open(self, sample: int) -> None:
+        self._stream.reset()
+        self._in_region = True
+        self._region_start = sample
+        self._audio = np.zeros(0, dtype=np.float32)
+        self._voiced = np.zeros(0, dtype=bool)
+        self._audio_start = sample
+        self._next_end = sample + self._first
+        self._last_end = sample
+
+    def _accept(self, event: SpeechAudio) -> list[WindowerOutput]:
+        chunk = event.chunk
+        if not self._in_region:  # audio without a start: treat its first sample as one
+            self._open(chunk.start)
+        self._audio = np.concatenate([self._audio, chunk.samples.astype(np.float32, copy=False)])
+        self._voiced = np.concatenate([self._voiced, event.voiced.astype(bool, copy=False)])
+        self._anchor = (chunk.end, chunk.wall_time_of(chunk.end))
+        self._stream.process(chunk.samples)
+        out: list[WindowerOutput] = []
+        while self._next_end <= self._audio_start + len(self._audio) and self._frames_cover(self._next_end):
+            length = self._first if self._next_end - self._region_start == self._first else self._full
+            window = self._make(self._next_end - length, self._next_end)
+            if window is not None:
+                out.append(window)
+            self._next_end += self._hop
+            self._trim(self._next_end - self._full - self._hop)
+        return out
+
+    def _close(self, end_sample: int) -> list[WindowerOutput]:
+        """Flush the tail: one last window aligned to the region end if the grid left speech uncovered."""
+        self._stream.finish()
+        self._in_region = False
+        region_end = min(end_sample, self._audio_start + len(self._audio))
+        duration = region_end - self._region_start
+        uncovered = region_end - self._last_end
+        if duration < self._first or uncovered < self._hop // 2:
+            return []
+        length = self._full if duration >= self._full else self._first
+        # snap the start onto the frame grid of the region's stream
+        shift = self._stream.frame_shift
+        start = self._region_start + ((region_end - length - self._region_start) // shift) * shift
+        start = max(start, self._region_start)
+        window = self._make(start, start + length)
+        return [window] if window is not None else []
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def _frames_for(self, start: int, end: int) -> tuple[int, int]:
+        first = (start - self._region_start) // self._stream.frame_shift
+        count = self.recipe.num_frames(end - start, SAMPLE_RATE)
+        return first, first + count
+
+    def _frames_cover(self, end: int) -> bool:
+        length = self._first if end - self._region_start == self._first else self._full
+        _, stop = self._frames_for(end - length, end)
+        return stop <= self._stream.num_frames
+
+    def _make(self, start: int, end: int) -> Window | None:
+        a, b = start - self._audio_start, end - self._audio_start
+        samples = self._audio[a:b]
+        fraction = float(self._voiced[a:b].mean()) if b > a else 0.0
+        self._last_end = end
+        if fraction < self.settings.min_speech:
+            self.windows_rejected += 1
+            return None
+        first, stop = self._frames_for(start, end)
+        stop = min(stop, self._stream.num_frames)
+        feats = finish_window(self.recipe, self._stream.frames(first, stop), samples)
+        anchor_sample, anchor_wall = self._anchor
+        self.windows_emitted += 1
+        return Window(
+            start=start,
+            end=end,
+            feats=feats,
+            speech_fraction=fraction,
+            wall_time=anchor_wall - (anchor_sample - end) / SAMPLE_RATE,
+            region_start=self._region_start,
+            first_in_region=start == self._region_start and end - start == self._first,
+        )
+
+    def _trim(self, keep_from: int) -> None:
+        """Drop audio and frames that no future window of this region can reach."""
+        keep_from = max(keep_from, self._region_start)
+        drop = keep_from - self._audio_start
+        if drop > 0:
+            self._audio = self._audio[drop:]
+            self._voiced = self._voiced[drop:]
+            self._audio_start = keep_from
+            first, _ = self._frames_for(keep_from, keep_from)
+            self._stream.discard_before(first)
