@@ -1,0 +1,305 @@
+"""The ``speakerd`` command: one foreground entry point; logs to stderr; never forks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import ConfigError, SpeakerdError
+
+logger = logging.getLogger("speakerd")
+
+EXAMPLES = """\
+examples:
+  speakerd models build ge2e-resemblyzer          build the default model (offline after the first time)
+  speakerd enroll Alice alice1.flac alice2.flac   enroll a speaker from recordings
+  speakerd run                                    listen to the default microphone
+  speakerd run --source file:meeting.wav --no-realtime --events-out -
+  speakerd listen                                 print events from a running daemon
+"""
+
+
+# -- shared helpers -------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace, **daemon: Any):  # noqa: ANN202
+    from .settings import load_settings
+
+    overrides: dict[str, dict[str, Any]] = {}
+    if daemon:
+        overrides["daemon"] = {k: v for k, v in daemon.items() if v is not None}
+    embedding = {}
+    if getattr(args, "model", None):
+        embedding["model"] = args.model
+    if getattr(args, "backend", None):
+        embedding["backend"] = args.backend
+    if embedding:
+        overrides["embedding"] = embedding
+    if getattr(args, "pub", None):
+        overrides["publish"] = {"endpoint": args.pub}
+    if getattr(args, "events_out", None):
+        overrides.setdefault("publish", {})["events_out"] = args.events_out
+    return load_settings(Path(args.config) if getattr(args, "config", None) else None, overrides)
+
+
+def _store_dir(args: argparse.Namespace, settings) -> Path:  # noqa: ANN001
+    from .store import default_store_dir
+
+    chosen = getattr(args, "store", None) or settings.daemon.store
+    return Path(chosen).expanduser() if chosen else default_store_dir()
+
+
+def _open_store(args: argparse.Namespace, settings):  # noqa: ANN001, ANN202
+    from .bundle import resolve_bundle
+    from .store import SpeakerStore
+
+    bundle = resolve_bundle(settings.embedding.model)
+    return bundle, SpeakerStore(_store_dir(args, settings), fingerprint=bundle.fingerprint, dim=bundle.embedding_dim)
+
+
+def _backend(bundle, settings):  # noqa: ANN001, ANN202
+    from .embedding import create_backend
+
+    return create_backend(
+        bundle,
+        settings.embedding.backend,
+        threads=settings.embedding.threads,
+        coreml_compute_units=settings.embedding.coreml_compute_units,
+    )
+
+
+def _add_common(p: argparse.ArgumentParser, *, store: bool = True, model: bool = True) -> None:
+    p.add_argument("--config", metavar="F", help="TOML settings file (see config/default.toml)")
+    if store:
+        p.add_argument("--store", metavar="DIR", help="speaker store directory (default: the platform data dir)")
+    if model:
+        p.add_argument("--model", metavar="NAME_OR_DIR", help="model bundle name under models/ or a bundle directory")
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .embedding.worker import EmbeddingSettings  # noqa: F401 - settings types load with the pipeline
+    from .matcher import SpeakerIndex
+    from .pipeline import Pipeline
+    from .publisher import EventPublisher
+    from .sources import open_source
+
+    settings = _settings(args, source=args.source, realtime=args.realtime)
+    bundle, store = _open_store(args, settings)
+    with store:
+        index = SpeakerIndex.from_store(store, settings.matching)
+        source = open_source(settings.daemon.source, settings.audio, realtime=settings.daemon.realtime)
+        live = not settings.daemon.source.startswith("file:") and not Path(settings.daemon.source).is_file()
+        backend = _backend(bundle, settings)
+        logger.info(
+            "model %s (%s), backend %s, %d enrolled speaker(s), source %s",
+            bundle.name,
+            bundle.fingerprint,
+            backend.name,
+            len(index.speakers),
+            settings.daemon.source,
+        )
+        stop = threading.Event()
+        _install_stop_signals(stop)
+        with EventPublisher(settings.publish) as publisher:
+            logger.info("publishing on %s", publisher.bound_endpoint)
+            pipeline = Pipeline(
+                settings, bundle=bundle, backend=backend, matcher=index, publisher=publisher, live=live
+            )
+            pipeline.run(source, stop)
+        backend.close()
+    return 0
+
+
+def _install_stop_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: object) -> None:
+        logger.info("%s: stopping", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handler)
+
+
+def cmd_enroll(args: argparse.Namespace) -> int:
+    from .enroll import prepare_enrollment
+
+    settings = _settings(args)
+    bundle, store = _open_store(args, settings)
+    with store:
+        backend = _backend(bundle, settings)
+        report = prepare_enrollment(args.name, [Path(p) for p in args.audio], settings, bundle.features, backend.embed)
+        speaker = store.enroll(args.name, report.embeddings_matrix(), source=",".join(str(p) for p in args.audio))
+        backend.close()
+    print(f"enrolled {speaker.name} ({speaker.id}): {report.total_speech_s:.1f} s of speech, "
+          f"{report.num_embeddings} window embeddings from {len(report.files)} file(s); "
+          f"{speaker.num_embeddings} embeddings stored in all")
+    for f in report.files:
+        print(f"  {f.path}: {f.speech_s:.1f} s speech, {len(f.embeddings)} windows")
+    if report.consistency:
+        worst = min(report.consistency)
+        verdict = "consistent" if worst >= 0.6 else "INCONSISTENT: check that every file is the same person"
+        print(f"  consistency: min {worst:.2f}, mean {sum(report.consistency) / len(report.consistency):.2f} ({verdict})")
+    return 0
+
+
+def cmd_speakers(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    _, store = _open_store(args, settings)
+    with store:
+        if args.action == "list":
+            speakers = store.speakers()
+            if not speakers:
+                print(f"no speakers enrolled in {store.directory}")
+            for s in speakers:
+                print(f"{s.id}  {s.name:<24} {s.num_embeddings:5d} embeddings")
+        elif args.action == "rename":
+            s = store.rename(args.old, args.new)
+            print(f"renamed {args.old} -> {s.name} ({s.id})")
+        elif args.action == "remove":
+            s = store.remove(args.name)
+            print(f"removed {s.name} ({s.id}) and its {s.num_embeddings} embeddings")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    from .devices import format_devices, list_input_devices
+
+    print(format_devices(list_input_devices()))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .models.build import build_model, list_models
+
+    if args.action == "list":
+        rows = list_models()
+        for row in rows:
+            state = "built" if row.get("built") else "not built"
+            print(f"{row['name']:<24} {state:<10} {row.get('fingerprint', '')}  {row.get('description', '')}")
+        if not rows:
+            print("no model bundles found")
+        return 0
+    if args.action == "build":
+        bundle = build_model(args.name, Path(args.out) if args.out else None)
+        print(f"built {bundle.name} in {bundle.path} ({bundle.fingerprint})")
+        return 0
+    if args.action == "convert":
+        from .models.wespeaker.convert import main_convert
+
+        return main_convert(args)
+    if args.action == "fetch":
+        from .models.wespeaker.fetch import main_fetch
+
+        return main_fetch(args)
+    raise AssertionError(args.action)
+
+
+def cmd_listen(args: argparse.Namespace) -> int:
+    from .listen import main_listen
+
+    return main_listen(args)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="speakerd",
+        description="Listens to the microphone and tells subscribers, as it happens, who is speaking.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"speakerd {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground", description="Run the daemon in the foreground; SIGTERM or Ctrl-C stops it cleanly.")
+    _add_common(run)
+    run.add_argument("--source", metavar="SPEC", help="mic (default), mic:NAME_OR_INDEX or file:PATH")
+    pace = run.add_mutually_exclusive_group()
+    pace.add_argument("--realtime", dest="realtime", action="store_true", default=None, help="pace a file source in real time (default)")
+    pace.add_argument("--no-realtime", dest="realtime", action="store_false", help="read a file source as fast as possible")
+    run.add_argument("--backend", choices=("auto", "onnx", "coreml"), help="embedding backend (default auto)")
+    run.add_argument("--pub", metavar="ENDPOINT", help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5560)")
+    run.add_argument("--events-out", metavar="PATH|-", help="also write every event as a JSON line to PATH or stdout")
+    run.set_defaults(func=cmd_run)
+
+    enroll = sub.add_parser("enroll", help="enroll a speaker from recordings", description="Enroll NAME from one or more recordings of that person alone (any format soundfile reads).")
+    enroll.add_argument("name", metavar="NAME")
+    enroll.add_argument("audio", metavar="AUDIO", nargs="+")
+    _add_common(enroll)
+    enroll.add_argument("--backend", choices=("auto", "onnx", "coreml"))
+    enroll.set_defaults(func=cmd_enroll)
+
+    speakers = sub.add_parser("speakers", help="list, rename or remove enrolled speakers")
+    ssub = speakers.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = ssub.add_parser("list", help="list enrolled speakers")
+    _add_common(p)
+    p = ssub.add_parser("rename", help="rename a speaker")
+    p.add_argument("old", metavar="OLD")
+    p.add_argument("new", metavar="NEW")
+    _add_common(p)
+    p = ssub.add_parser("remove", help="forget a speaker and every embedding of theirs")
+    p.add_argument("name", metavar="NAME")
+    _add_common(p)
+    speakers.set_defaults(func=cmd_speakers)
+
+    listen = sub.add_parser("listen", help="print events from a running daemon (the reference subscriber)")
+    from .listen import add_listen_arguments
+
+    add_listen_arguments(listen)
+    listen.set_defaults(func=cmd_listen)
+
+    devices = sub.add_parser("devices", help="list audio input devices")
+    devices.set_defaults(func=cmd_devices)
+
+    models = sub.add_parser("models", help="list, build, convert or fetch model bundles")
+    msub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
+    msub.add_parser("list", help="list model bundles and whether they are built")
+    p = msub.add_parser("build", help="build a bundle from its packaged source (e.g. ge2e-resemblyzer)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--out", metavar="DIR", help="bundle directory (default models/NAME)")
+    p = msub.add_parser("convert", help="convert a checkpoint into a bundle")
+    p.add_argument("family", choices=("wespeaker",))
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a WeSpeaker model directory or a pyannote pytorch_model.bin")
+    p.add_argument("--out", metavar="DIR", help="bundle directory (default models/wespeaker-resnet34)")
+    p = msub.add_parser("fetch", help="download an official checkpoint and convert it (needs internet)")
+    p.add_argument("name", choices=("wespeaker-resnet34",))
+    p.add_argument("--out", metavar="DIR")
+    models.set_defaults(func=cmd_models)
+    return parser
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose < 0 else (logging.INFO if verbose == 0 else logging.DEBUG)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        logger.error("%s", exc)
+        return exc.exit_code
+    except SpeakerdError as exc:
+        logger.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""Enrollment: audio files -> window embeddings through the daemon's own stages -> the store.
+
+Enrollment uses exactly the VAD, windows and features of ``speakerd run``, so a voiceprint is made of
+the same kind of windows it will later be matched against.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .audio import seconds
+from .errors import SpeakerdError, check
+from .settings import Settings
+from .sources import FileSource
+from .vad import SpeechEnd, SpeechStart, VadSegmenter
+from .windows import SpeechWindower, Window
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EnrollSettings:
+    min_speech_s: float = 6.0
+    """Speech needed across all files of one enrollment."""
+    min_file_speech_s: float = 1.0
+    """Speech needed in every single file, so a silent or broken file is named, not averaged away."""
+    inconsistent_below: float = 0.6
+    """A file whose voice is less similar than this to the rest is reported as inconsistent."""
+
+    def __post_init__(self) -> None:
+        check(self.min_speech_s >= 1.0, "enroll.min_speech_s", self.min_speech_s, "must be at least 1 s")
+        check(self.min_file_speech_s >= 0.5, "enroll.min_file_speech_s", self.min_file_speech_s, "must be at least 0.5 s")
+
+
+class EnrollError(SpeakerdError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class FileEmbeddings:
+    path: Path
+    embeddings: np.ndarray
+    speech_s: float
+    windows: list[Window]
+
+
+def file_windows(path: Path, settings: Settings, features) -> tuple[list[Window], float]:  # noqa: ANN001
+    """Windows of a file and its seconds of speech, through the same VAD and windower as the daemon."""
+    source = FileSource(path, settings.audio, realtime=False)
+    vad = VadSegmenter(settings.vad)
+    windower = SpeechWindower(settings.windows, features)
+    windows: list[Window] = []
+    speech = 0
+    region_start = 0
+
+    def take(events) -> None:  # noqa: ANN001
+        nonlocal speech, region_start
+        for event in events:
+            for item in windower.process(event):
+                if isinstance(item, Window):
+                    windows.append(item)
+                elif isinstance(item, SpeechStart):
+                    region_start = item.sample
+                elif isinstance(item, SpeechEnd):
+                    speech += item.sample - region_start
+
+    with source:
+        while not source.finished:
+            chunk = source.read(1.0)
+            if chunk is not None:
+                take(vad.process(chunk))
+    take(vad.flush())
+    return windows, seconds(speech)
+
+
+def embed_windows(windows: Sequence[Window], embed: Callable[[np.ndarray], np.ndarray], batch: int = 16) -> np.ndarray:
+    """Embed windows in batches of equal length, keeping their order."""
+    out: list[np.ndarray | None] = [None] * len(windows)
+    by_len: dict[int, list[int]] = {}
+    for i, w in enumerate(windows):
+        by_len.setdefault(w.num_frames, []).append(i)
+    for idx in by_len.values():
+        for k in range(0, len(idx), batch):
+            part = idx[k : k + batch]
+            embs = embed(np.stack([windows[i].feats for i in part]))
+            for i, e in zip(part, embs, strict=True):
+                out[i] = e
+    return np.stack(out) if out else np.zeros((0, 0), dtype=np.float32)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class EnrollReport:
+    name: str
+    files: list[FileEmbeddings]
+    consistency: list[float]
+    """Each file's cosine between its mean voice and the mean voice of the other files."""
+    total_speech_s: float
+
+    @property
+    def num_embeddings(self) -> int:
+        return sum(len(f.embeddings) for f in self.files)
+
+    def embeddings_matrix(self) -> np.ndarray:
+        return np.concatenate([f.embeddings for f in self.files])
+
+
+def _centroid(embs: np.ndarray) -> np.ndarray:
+    c = embs.mean(axis=0)
+    return c / max(float(np.linalg.norm(c)), 1e-12)
+
+
+def prepare_enrollment(
+    name: str,
+    paths: Sequence[Path],
+    settings: Settings,
+    features,  # noqa: ANN001
+    embed: Callable[[np.ndarray], np.ndarray],
+    enroll_settings: EnrollSettings | None = None,
+    progress: Callable[[Path], None] | None = None,
+) -> EnrollReport:
+    """Embed every file; refuse, naming the file, when there is too little speech."""
+    es = enroll_settings or EnrollSettings()
+    files: list[FileEmbeddings] = []
+    for path in paths:
+        windows, speech_s = file_windows(Path(path), settings, features)
+        if speech_s < es.min_file_speech_s or not windows:
+            raise EnrollError(
+                f"{path}: only {speech_s:.1f} s of speech found ({len(windows)} usable windows); "
+                f"each file needs at least {es.min_file_speech_s:.1f} s of clear speech"
+            )
+        files.append(FileEmbeddings(Path(path), embed_windows(windows, embed), speech_s, windows))
+        if progress is not None:
+            progress(Path(path))
+    total = sum(f.speech_s for f in files)
+    if total < es.min_speech_s:
+        raise EnrollError(
+            f"{name}: {total:.1f} s of speech in {len(files)} file(s); enrollment needs at least "
+            f"{es.min_speech_s:.1f} s. Add more recordings of {name}."
+        )
+    consistency: list[float] = []
+    if len(files) > 1:
+        centroids = np.stack([_centroid(f.embeddings) for f in files])
+        for i in range(len(files)):
+            rest = _centroid(np.delete(centroids, i, axis=0))
+            consistency.append(float(centroids[i] @ rest))
+    else:  # one file: compare its halves
+        embs = files[0].embeddings
+        if len(embs) >= 4:
+            half = len(embs) // 2
+            consistency.append(float(_centroid(embs[:half]) @ _centroid(embs[half:])))
+    return EnrollReport(name=name, files=files, consistency=consistency, total_speech_s=total)
