@@ -1,0 +1,183 @@
+"""``speakerd listen``: the reference subscriber, and a way to watch a running daemon.
+
+Prints one line per event (or the raw JSON with ``--json``), reports lost events (seq gaps) and
+malformed messages on stderr so JSON output stays clean, and keeps going after either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+import zmq
+
+from .errors import check
+from .events import (
+    ENVELOPE_FIELDS,
+    PAYLOAD_TYPES,
+    EventError,
+    SpeakerChange,
+    SpeakerSegment,
+    SpeechEnd,
+    SpeechStart,
+    Status,
+    decode_payload,
+    parse_event,
+)
+from .publisher import PublishSettings, is_valid_endpoint
+
+POLL_MS = 100
+"""How often the receive loop looks at ``stop``."""
+
+
+class SeqTracker:
+    """Detects lost events from the envelope's seq; a new session id means a restart, not loss."""
+
+    def __init__(self) -> None:
+        self.session: str | None = None
+        self.last_seq = 0
+
+    def see(self, session: str, seq: int) -> str | None:
+        """Record one event; return a message for the user if something happened between events."""
+        if session != self.session:
+            note = None if self.session is None else f"new session {session} (daemon restarted)"
+            self.session, self.last_seq = session, seq
+            return note
+        expected = self.last_seq + 1
+        self.last_seq = max(self.last_seq, seq)
+        if seq > expected:
+            return f"lost {seq - expected} events (seq {expected}-{seq - 1})"
+        if seq < expected:
+            return f"seq went back from {expected - 1} to {seq}"
+        return None
+
+
+def format_event(event: dict[str, Any]) -> str:
+    """One readable line; EventError if a known type has a bad payload."""
+    t = f"{event['stream_time']:7.2f}s"
+    etype = event["type"]
+    if etype not in PAYLOAD_TYPES:
+        # A newer daemon's event: show its payload as is rather than hide it.
+        extra = {k: v for k, v in event.items() if k not in ENVELOPE_FIELDS}
+        return f"{t}  {etype}  {json.dumps(extra, separators=(',', ':'), ensure_ascii=False)}"
+    payload = decode_payload(event)
+    if isinstance(payload, SpeakerChange):
+        line = f"{t}  speaker.change  {payload.speaker.label} (score {payload.score:.2f}, margin {payload.margin:.2f})"
+        if payload.previous is not None:
+            line += f" <- {payload.previous.label}"
+        if payload.tentative:
+            line += "  [tentative]"
+        return line
+    if isinstance(payload, SpeakerSegment):
+        return (
+            f"{t}  segment  {payload.speaker.label}  {payload.start:.2f}-{payload.end:.2f}s"
+            f"  (score {payload.score:.2f}, {payload.windows} windows)"
+        )
+    if isinstance(payload, SpeechStart):
+        return f"{t}  speech.start  {payload.start:.2f}s"
+    if isinstance(payload, SpeechEnd):
+        return f"{t}  speech.end  {payload.start:.2f}-{payload.end:.2f}s"
+    assert isinstance(payload, Status)
+    counters = " ".join(f"{k}={v}" for k, v in sorted(payload.counters.items()))
+    queues = " ".join(f"{k}={v}" for k, v in sorted(payload.queue_depth.items()))
+    return (
+        f"{t}  status  up {payload.uptime_s:.0f}s  {payload.backend}/{payload.model}  {counters}"
+        + (f"  queues {queues}" if queues else "")
+    )
+
+
+def _json_line(raw: bytes, event: dict[str, Any]) -> str:
+    """The raw JSON as received, unless it spans lines (another producer's pretty-printing)."""
+    text = raw.decode("utf-8")
+    return json.dumps(event, separators=(",", ":"), ensure_ascii=False) if "\n" in text else text
+
+
+def listen(
+    endpoint: str,
+    *,
+    as_json: bool,
+    topics: Sequence[str] = ("",),
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    stop: threading.Event | None = None,
+    max_events: int | None = None,
+    context: zmq.Context | None = None,
+) -> int:
+    """Subscribe to ``endpoint`` and print events until ``stop``, ``max_events`` or Ctrl-C; returns 0.
+
+    ``out``/``err`` default to sys.stdout/sys.stderr at call time. Seq gaps are only reported when
+    subscribed to every topic: with a prefix filter, the events filtered out leave gaps too.
+    """
+    check(is_valid_endpoint(endpoint), "listen.sub", endpoint, "must look like tcp://host:port, ipc://path or inproc://name")
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    track_loss = "" in topics
+    ctx = context if context is not None else zmq.Context()
+    received = 0
+    tracker = SeqTracker()
+    try:
+        with ctx.socket(zmq.SUB) as sock:
+            sock.setsockopt(zmq.LINGER, 0)
+            for topic in topics:
+                sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+            sock.connect(endpoint)
+            if not as_json:
+                what = "all events" if track_loss else ", ".join(repr(t) for t in topics)
+                print(f"listening to {endpoint} for {what} (Ctrl-C to stop)", file=err, flush=True)
+            while (stop is None or not stop.is_set()) and (max_events is None or received < max_events):
+                if not sock.poll(POLL_MS):
+                    continue
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+                try:
+                    if len(frames) != 2:
+                        raise EventError(f"expected 2 frames [topic, json], got {len(frames)}")
+                    event = parse_event(frames[0], frames[1])
+                    if event["type"] in PAYLOAD_TYPES:
+                        decode_payload(event)  # a known type must carry a valid payload, in both modes
+                    line = _json_line(frames[1], event) if as_json else format_event(event)
+                except EventError as e:
+                    print(f"malformed event skipped: {e}", file=err, flush=True)
+                    continue
+                note = tracker.see(event["session"], event["seq"]) if track_loss else None
+                if note:
+                    print(note, file=err, flush=True)
+                print(line, file=out, flush=True)
+                received += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if context is None:
+            ctx.term()
+    return 0
+
+
+def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``speakerd listen``; the CLI owns the sub-command itself."""
+    parser.add_argument(
+        "--sub",
+        metavar="ENDPOINT",
+        default=PublishSettings().endpoint,
+        help="the daemon's publish endpoint (default: %(default)s)",
+    )
+    parser.add_argument("--json", action="store_true", help="print each event as its raw JSON line")
+    parser.add_argument(
+        "--topic",
+        action="append",
+        metavar="PREFIX",
+        help="only events whose type starts with PREFIX, e.g. 'speaker.' (repeatable; default: all)",
+    )
+    parser.add_argument("--max-events", type=int, metavar="N", help="exit after N events")
+
+
+def main_listen(args: argparse.Namespace) -> int:
+    return listen(args.sub, as_json=args.json, topics=tuple(args.topic or ("",)), max_events=args.max_events)
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="speakerd listen", description=__doc__)
+    add_listen_arguments(_parser)
+    sys.exit(main_listen(_parser.parse_args()))

@@ -1,0 +1,318 @@
+"""Publishes events on a ZeroMQ PUB socket without ever making the pipeline wait.
+
+``publish()`` only assigns a seq, encodes and appends to a bounded in-process queue; a single owner
+thread creates, uses and closes the socket. Nothing can block the caller: a full queue drops the
+event (counted; the seq gap tells subscribers), and ZeroMQ's PUB socket drops, per subscriber, what a
+subscriber that does not read leaves beyond its high-water mark (the seq gap again tells it so).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TextIO
+
+import zmq
+
+from .errors import SpeakerdError, check
+from .events import FIRST_SEQ, Payload, encode_event, make_event, new_session_id
+
+logger = logging.getLogger(__name__)
+
+_ENDPOINT = re.compile(
+    r"""^(?:tcp://(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9*][A-Za-z0-9.*_-]*):(?:\*|[0-9]{1,5})
+         |ipc://.+
+         |inproc://.+)$""",
+    re.VERBOSE,
+)
+_LOOPBACK_HOSTS = ("127.", "[::1]", "localhost")
+_START_TIMEOUT_S = 10.0
+"""How long start() waits for the thread to report the bind; binding is local, so this is generous."""
+_JOIN_SLACK_S = 1.0
+
+
+def is_valid_endpoint(endpoint: str) -> bool:
+    """tcp://host:port (port may be ``*`` for an ephemeral one), ipc://path or inproc://name."""
+    if not isinstance(endpoint, str) or not _ENDPOINT.match(endpoint):
+        return False
+    if endpoint.startswith("tcp://"):
+        port = endpoint.rsplit(":", 1)[1]
+        return port == "*" or 0 <= int(port) <= 65535
+    return True
+
+
+class PublishError(SpeakerdError):
+    """The publisher cannot start: the endpoint cannot be bound or events_out cannot be opened."""
+
+
+@dataclass(frozen=True)
+class PublishSettings:
+    """Where and how events go out.
+
+    The default endpoint is loopback only: who is speaking is private, so exposing it to the network
+    must be a deliberate choice.
+    """
+
+    endpoint: str = "tcp://127.0.0.1:5560"
+    hwm: int = 1000
+    """ZeroMQ send high-water mark (messages queued per subscriber before ZeroMQ drops for it)."""
+    queue_events: int = 10000
+    """Bound of the in-process queue between publish() and the socket thread."""
+    linger_ms: int = 500
+    """How long close() lets ZeroMQ flush unsent messages."""
+    events_out: str | None = None
+    """Also append every event as one JSON line to this path; "-" is stdout."""
+
+    def __post_init__(self) -> None:
+        check(
+            is_valid_endpoint(self.endpoint),
+            "publish.endpoint",
+            self.endpoint,
+            "must look like tcp://host:port, ipc://path or inproc://name",
+        )
+        check(isinstance(self.hwm, int) and self.hwm >= 1, "publish.hwm", self.hwm, "must be an integer >= 1")
+        check(
+            isinstance(self.queue_events, int) and self.queue_events >= 1,
+            "publish.queue_events",
+            self.queue_events,
+            "must be an integer >= 1",
+        )
+        check(
+            isinstance(self.linger_ms, int) and self.linger_ms >= 0,
+            "publish.linger_ms",
+            self.linger_ms,
+            "must be an integer >= 0 (a bounded wait at shutdown)",
+        )
+        check(
+            self.events_out is None or (isinstance(self.events_out, str) and self.events_out != ""),
+            "publish.events_out",
+            self.events_out,
+            'must be a file path, "-" for stdout, or unset',
+        )
+
+
+class EventPublisher:
+    """The daemon's one PUB socket, owned by its own thread. Use as a context manager.
+
+    ``publish()`` is thread-safe and never blocks. Events published before ``start()`` wait in the
+    queue and go out once the socket is bound.
+    """
+
+    def __init__(
+        self,
+        settings: PublishSettings,
+        *,
+        session: str | None = None,
+        context: zmq.Context | None = None,
+    ) -> None:
+        self.settings = settings
+        self.session = session or new_session_id()
+        self._context = context
+        self._own_context = context is None
+        self._cond = threading.Condition()
+        self._queue: collections.deque[tuple[bytes, bytes]] = collections.deque()
+        self._next_seq = FIRST_SEQ
+        self._published = 0
+        self._dropped = 0
+        self._closing = False
+        self._closed = False
+        self._deadline = 0.0
+        self._warned_after_close = False
+        self._warned_send_error = False
+        self._thread: threading.Thread | None = None
+        self._endpoint: str | None = None
+
+    # --- lifecycle ---
+
+    def __enter__(self) -> EventPublisher:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        """Bind in the owner thread and wait until it reports success; PublishError if it cannot."""
+        if self._thread is not None or self._closed:
+            raise RuntimeError("EventPublisher.start() called twice or after close()")
+        if self._context is None:
+            self._context = zmq.Context()
+        ready: Future[str] = Future()
+        self._thread = threading.Thread(target=self._run, args=(ready,), name="speakerd-publisher", daemon=True)
+        self._thread.start()
+        try:
+            self._endpoint = ready.result(timeout=_START_TIMEOUT_S)
+        except PublishError:
+            self._thread.join()
+            self._thread = None
+            self._closed = True
+            self._term_context()
+            raise
+        logger.info("publishing events on %s (session %s)", self._endpoint, self.session)
+        if self._endpoint.startswith("tcp://") and not self._endpoint[6:].startswith(_LOOPBACK_HOSTS):
+            logger.warning("events are published beyond this machine on %s", self._endpoint)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Send what is queued (for at most ``timeout`` s), close the socket with linger, join. Idempotent."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._closing = True
+            self._deadline = time.monotonic() + timeout
+            self._cond.notify_all()
+        thread = self._thread
+        if thread is None:
+            # Never started: whatever was queued will never be sent.
+            with self._cond:
+                self._dropped += len(self._queue)
+                self._queue.clear()
+        else:
+            thread.join(timeout + self.settings.linger_ms / 1000 + _JOIN_SLACK_S)
+            if thread.is_alive():
+                # Only a blocked events_out write can hold it; the socket is not closed, so keep the context.
+                logger.error("publisher thread did not stop within %.1f s", timeout)
+                return
+        self._term_context()
+        stats = self.stats()
+        logger.info("publisher closed: %d published, %d dropped", stats["published"], stats["dropped_events"])
+
+    def _term_context(self) -> None:
+        if self._own_context and self._context is not None:
+            self._context.term()
+            self._context = None
+
+    # --- the caller's side ---
+
+    def publish(self, payload: Payload, *, stream_time: float, wall_time: float) -> None:
+        """Queue one event; never blocks. A full queue (or a closed publisher) drops and counts it.
+
+        The seq is assigned here, so a drop anywhere after this point shows subscribers a gap.
+        """
+        with self._cond:
+            event = make_event(
+                payload, seq=self._next_seq, session=self.session, stream_time=stream_time, wall_time=wall_time
+            )
+            data = encode_event(event)
+            self._next_seq += 1
+            if self._closing:
+                self._dropped += 1
+                if not self._warned_after_close:
+                    self._warned_after_close = True
+                    logger.warning("event published after close() was dropped (seq %d)", event["seq"])
+                return
+            if len(self._queue) >= self.settings.queue_events:
+                self._dropped += 1
+                return
+            self._queue.append((payload.TOPIC.encode("ascii"), data))
+            self._cond.notify()
+
+    def stats(self) -> dict[str, int]:
+        """Counters for the status event: published, dropped_events, queue_depth."""
+        with self._cond:
+            return {"published": self._published, "dropped_events": self._dropped, "queue_depth": len(self._queue)}
+
+    @property
+    def bound_endpoint(self) -> str:
+        """The endpoint actually bound (a tcp ``*`` port resolved to the real one)."""
+        if self._endpoint is None:
+            raise RuntimeError("EventPublisher is not started")
+        return self._endpoint
+
+    # --- the owner thread ---
+
+    def _run(self, ready: Future[str]) -> None:
+        assert self._context is not None
+        s = self.settings
+        sock = self._context.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, s.hwm)
+        sock.setsockopt(zmq.LINGER, s.linger_ms)
+        out: TextIO | None = None
+        try:
+            try:
+                sock.bind(s.endpoint)
+            except zmq.ZMQError as e:
+                hint = " (is another speakerd running?)" if e.errno == zmq.EADDRINUSE else ""
+                raise PublishError(f"cannot publish events on {s.endpoint}: {e.strerror}{hint}") from None
+            endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT) or s.endpoint
+            if s.events_out == "-":
+                out = sys.stdout
+            elif s.events_out is not None:
+                try:
+                    out = open(s.events_out, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
+                except OSError as e:
+                    raise PublishError(f"cannot open events_out {s.events_out}: {e.strerror}") from None
+        except PublishError as e:
+            sock.close(linger=0)
+            ready.set_exception(e)
+            return
+        ready.set_result(endpoint)
+        try:
+            out = self._loop(sock, out)
+        finally:
+            sock.close(linger=s.linger_ms)
+            if out is not None and out is not sys.stdout:
+                out.close()
+
+    def _loop(self, sock: zmq.Socket, out: TextIO | None) -> TextIO | None:
+        """Send until closing and drained (or the drain deadline passes); returns events_out if still open."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: bool(self._queue) or self._closing)
+                if not self._queue:
+                    return out
+                batch = list(self._queue)
+                self._queue.clear()
+            for i, (topic, data) in enumerate(batch):
+                if self._closing and time.monotonic() > self._deadline:
+                    with self._cond:
+                        late = len(batch) - i + len(self._queue)
+                        self._dropped += late
+                        self._queue.clear()
+                    logger.warning("close(): %d queued events not sent before the timeout", late)
+                    return out
+                sent = self._send(sock, topic, data)
+                if out is not None:
+                    out = self._write_line(out, data)
+                with self._cond:
+                    if sent:
+                        self._published += 1
+                    else:
+                        self._dropped += 1
+
+    def _send(self, sock: zmq.Socket, topic: bytes, data: bytes) -> bool:
+        try:
+            sock.send_multipart([topic, data], flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            # PUB drops silently at a subscriber's HWM; Again only comes from socket types that refuse.
+            return False
+        except zmq.ZMQError as e:
+            if not self._warned_send_error:
+                self._warned_send_error = True
+                logger.error("sending events failed, dropping them: %s", e)
+            return False
+
+    def _write_line(self, out: TextIO, data: bytes) -> TextIO | None:
+        """One JSON line per event, flushed so a tail -f or a pipe sees it at once. Stop on a write error."""
+        try:
+            out.write(data.decode("utf-8") + "\n")
+            out.flush()
+            return out
+        except (OSError, ValueError) as e:
+            logger.error("events_out %s failed, no longer writing it: %s", self.settings.events_out, e)
+            if out is not sys.stdout:
+                out.close()
+            return None
