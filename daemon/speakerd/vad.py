@@ -1,0 +1,206 @@
+"""Speech regions from WebRTC VAD, with hysteresis, a closing silence and padding.
+
+Frames are laid on a grid counted from the first sample ever seen, so the decisions, and hence the
+events, do not depend on how the stream is chunked. Inside a region, audio up to the end of the
+last voiced frame is emitted as soon as it is known; unvoiced audio after it is held back until
+speech resumes (it is then an interior pause and is emitted) or the region closes (then only the
+trailing padding is emitted). The SpeechAudio pieces of a region are thus contiguous and cover
+exactly [SpeechStart.sample, SpeechEnd.sample).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import webrtcvad
+
+from .audio import SAMPLE_RATE, AudioChunk
+from .errors import check
+
+log = logging.getLogger(__name__)
+
+FRAME_MS_CHOICES = (10, 20, 30)
+"""The only frame lengths webrtcvad accepts."""
+
+MAX_START_FRAMES = 100
+MAX_MS = 10_000
+INT16_SCALE = 32768.0
+
+
+@dataclass(frozen=True)
+class VadSettings:
+    """``aggressiveness``: webrtcvad mode, 0 (keeps most) to 3 (rejects most non-speech).
+    ``frame_ms``: VAD frame. ``start_frames``: voiced frames in a row that open a region, so a click
+    does not. ``end_silence_ms``: unvoiced time that closes a region, so pauses between words do not.
+    ``padding_ms``: audio kept before the first and after the last voiced frame, because the VAD
+    clips soft onsets and endings; at most ``end_silence_ms``, since only that much is held.
+    """
+
+    aggressiveness: int = 2
+    frame_ms: int = 30
+    start_frames: int = 3
+    end_silence_ms: int = 400
+    padding_ms: int = 150
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.aggressiveness, int) and 0 <= self.aggressiveness <= 3,
+              "vad.aggressiveness", self.aggressiveness, "must be 0, 1, 2 or 3")
+        check(self.frame_ms in FRAME_MS_CHOICES, "vad.frame_ms", self.frame_ms,
+              f"webrtcvad accepts only {', '.join(map(str, FRAME_MS_CHOICES))} ms")
+        check(isinstance(self.start_frames, int) and 1 <= self.start_frames <= MAX_START_FRAMES,
+              "vad.start_frames", self.start_frames, f"must be an integer in [1, {MAX_START_FRAMES}]")
+        check(isinstance(self.end_silence_ms, int) and 0 <= self.end_silence_ms <= MAX_MS,
+              "vad.end_silence_ms", self.end_silence_ms, f"must be an integer in [0, {MAX_MS}]")
+        check(isinstance(self.padding_ms, int) and 0 <= self.padding_ms <= self.end_silence_ms,
+              "vad.padding_ms", self.padding_ms, f"must be an integer in [0, end_silence_ms={self.end_silence_ms}]")
+
+    @property
+    def frame_samples(self) -> int:
+        return SAMPLE_RATE * self.frame_ms // 1000
+
+
+@dataclass(frozen=True)
+class SpeechStart:
+    sample: int
+    wall_time: float
+
+
+@dataclass(frozen=True)
+class SpeechAudio:
+    """Region audio; ``voiced`` is True per sample where webrtcvad called that frame speech."""
+
+    chunk: AudioChunk
+    voiced: np.ndarray
+
+
+@dataclass(frozen=True)
+class SpeechEnd:
+    sample: int
+    wall_time: float
+
+
+VadEvent = SpeechStart | SpeechAudio | SpeechEnd
+
+
+class VadSegmenter:
+    """AudioChunks in, speech region events out. Needs contiguous chunks on the sample clock."""
+
+    def __init__(self, settings: VadSettings | None = None) -> None:
+        self.settings = settings or VadSettings()
+        self.frame = self.settings.frame_samples
+        self.padding = SAMPLE_RATE * self.settings.padding_ms // 1000
+        self.end_silence = SAMPLE_RATE * self.settings.end_silence_ms // 1000
+        self.frames_classified = 0
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything; the next chunk starts a new frame grid and no region is open."""
+        # webrtcvad adapts its noise model as it goes: a new stream needs a new one
+        self._vad = webrtcvad.Vad(self.settings.aggressiveness)
+        self._next: int | None = None  # expected start of the next chunk
+        self._leftover = np.zeros(0, dtype=np.float32)
+        self._frames_end = 0  # end of the classified frames
+        self._held = np.zeros(0, dtype=np.float32)  # audio [_held_start, _frames_end)
+        self._held_voiced = np.zeros(0, dtype=bool)
+        self._held_start = 0
+        self._floor = 0  # no region may start before this (stream start or the previous region's end)
+        self._anchor = (0, 0.0)  # (sample, wall time) of the latest chunk
+        self._run = 0  # voiced frames in a row while no region is open
+        self._open = False
+        self._emitted = 0  # open region: audio emitted up to here
+        self._voiced_end = 0  # open region: end of the last voiced frame
+
+    @property
+    def in_speech(self) -> bool:
+        return self._open
+
+    def process(self, chunk: AudioChunk) -> list[VadEvent]:
+        if self._next is None:
+            self._next = self._frames_end = self._held_start = self._floor = chunk.start
+        elif chunk.start != self._next:
+            raise ValueError(f"chunk starts at sample {chunk.start}, expected {self._next}: "
+                             "VadSegmenter needs contiguous audio (reset() between streams)")
+        self._next = chunk.end
+        self._anchor = (chunk.start, chunk.capture_time)
+        buf = np.concatenate([self._leftover, np.asarray(chunk.samples, dtype=np.float32)])
+        n = len(buf) // self.frame
+        self._leftover = buf[n * self.frame:].copy()
+        if n == 0:
+            return []
+        frames = buf[: n * self.frame]
+        flags = self._classify(frames)
+        self._held = np.concatenate([self._held, frames])
+        self._held_voiced = np.concatenate([self._held_voiced, np.repeat(flags, self.frame)])
+        events: list[VadEvent] = []
+        first = self._frames_end
+        self._frames_end += n * self.frame
+        for i, voiced in enumerate(flags.tolist()):
+            self._step(voiced, first + (i + 1) * self.frame, events)
+        if self._open and self._voiced_end > self._emitted:
+            events.append(self._piece(self._emitted, self._voiced_end))
+            self._emitted = self._voiced_end
+        self._trim()
+        return events
+
+    def flush(self) -> list[VadEvent]:
+        """End of stream: close an open region (with what padding is held), then reset."""
+        events: list[VadEvent] = []
+        if self._open:
+            self._close(self._voiced_end + min(self.padding, self._frames_end - self._voiced_end), events)
+        self.reset()
+        return events
+
+    def _classify(self, frames: np.ndarray) -> np.ndarray:
+        pcm = np.clip(np.rint(frames * INT16_SCALE), -INT16_SCALE, INT16_SCALE - 1).astype(np.int16).tobytes()
+        step = 2 * self.frame
+        flags = np.fromiter((self._vad.is_speech(pcm[i : i + step], SAMPLE_RATE) for i in range(0, len(pcm), step)),
+                            dtype=bool, count=len(frames) // self.frame)
+        self.frames_classified += len(flags)
+        return flags
+
+    def _step(self, voiced: bool, end: int, events: list[VadEvent]) -> None:
+        """One frame ending at ``end`` through the state machine."""
+        if not self._open:
+            self._run = self._run + 1 if voiced else 0
+            if self._run >= self.settings.start_frames:
+                first_voiced = end - self.settings.start_frames * self.frame
+                start = max(first_voiced - self.padding, self._floor)
+                self._open = True
+                self._emitted = start
+                self._voiced_end = end
+                events.append(SpeechStart(start, self._wall(start)))
+        elif voiced:
+            self._voiced_end = end
+        elif end - self._voiced_end >= self.end_silence:
+            self._close(self._voiced_end + min(self.padding, end - self._voiced_end), events)
+
+    def _close(self, end: int, events: list[VadEvent]) -> None:
+        if end > self._emitted:
+            events.append(self._piece(self._emitted, end))
+        events.append(SpeechEnd(end, self._wall(end)))
+        self._open = False
+        self._run = 0
+        self._floor = self._emitted = end
+
+    def _piece(self, a: int, b: int) -> SpeechAudio:
+        i, j = a - self._held_start, b - self._held_start
+        chunk = AudioChunk(samples=self._held[i:j].copy(), start=a, capture_time=self._wall(a))
+        return SpeechAudio(chunk=chunk, voiced=self._held_voiced[i:j].copy())
+
+    def _wall(self, sample: int) -> float:
+        anchor_sample, anchor_wall = self._anchor
+        return anchor_wall + (sample - anchor_sample) / SAMPLE_RATE
+
+    def _trim(self) -> None:
+        """Keep what an open region has not emitted, or the pre-roll a new region could reach back to."""
+        if self._open:
+            keep = self._emitted
+        else:
+            keep = max(self._floor, self._frames_end - self.settings.start_frames * self.frame - self.padding)
+        drop = keep - self._held_start
+        if drop > 0:
+            self._held = self._held[drop:]
+            self._held_voiced = self._held_voiced[drop:]
+            self._held_start = keep
