@@ -30,3 +30,24 @@ def no_thread_left_running():
         t.join(timeout=2.0)
     still = [t.name for t in leaked if t.is_alive()]
     assert not still, f"threads left running: {still}"
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    """The default bundle, built once (the README's set-up builds it; offline after the first build)."""
+    from speakerd.bundle import resolve_bundle
+    from speakerd.models.build import build_model
+
+    bundle = resolve_bundle("ge2e-resemblyzer")
+    if bundle.artifact("onnx") is None:
+        bundle = build_model("ge2e-resemblyzer", progress=False)
+    return bundle.path
+
+
+@pytest.fixture(scope="session")
+def enrolled(librispeech: Path, default_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Four readers enrolled through the real CLI from clips that no conversation uses."""
+    from daemon_harness import enroll_speakers
+
+    store = tmp_path_factory.mktemp("store")
+    return enroll_speakers(librispeech, store, ["1688", "1998", "2033", "3080"])

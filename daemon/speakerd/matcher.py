@@ -44,9 +44,11 @@ class MatchSettings:
     """Best speaker score minus the runner-up's must be at least this, else the window is unknown."""
     top_k: int = 32
     """Nearest embeddings fetched from faiss per window, before grouping by speaker."""
-    score: str = "top3"
-    """Per-speaker score: 'max' (best neighbour), 'top3' (mean of its best up to 3 neighbours),
-    'centroid' (cosine to the speaker's normalised mean embedding)."""
+    score: str = "centroid"
+    """Per-speaker score: 'centroid' (cosine to the speaker's normalised mean embedding; scores every
+    speaker, so the margin is over the true runner-up), 'max' (best neighbour) or 'top3' (mean of its
+    best up to 3 neighbours); the last two see only speakers among the ``top_k`` neighbours, so with
+    few speakers of many embeddings the runner-up can be missing and the margin then equals the score."""
     faiss_threads: int = 1
     """OpenMP threads for a faiss search, set on the searching thread only. 1 because batches are
     tiny (0.1-0.2 ms) and the other pipeline stages share the cores: measured on 2 busy cores, 2

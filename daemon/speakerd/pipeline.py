@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -23,7 +23,7 @@ from .embedding.worker import EmbeddedWindow, EmbeddingWorker
 from .settings import Settings
 from .tracker import Decision, MatchedWindow, SpeakerTracker
 from .vad import SpeechEnd, SpeechStart, VadSegmenter
-from .windows import SpeechWindower, Window
+from .windows import SpeechWindower
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +68,15 @@ class Pipeline:
         matcher: Matcher,
         publisher: Publisher,
         live: bool,
+        on_window: Callable[[MatchedWindow], None] | None = None,
     ) -> None:
         self.settings = settings
         self.bundle = bundle
         self.backend = backend
         self.matcher = matcher
         self.publisher = publisher
+        self._on_window = on_window
+        """Sees every matched window (evaluation and calibration); runs on the worker thread."""
         self.vad = VadSegmenter(settings.vad)
         self.windower = SpeechWindower(settings.windows, bundle.features, bundle.sample_rate)
         self.tracker = SpeakerTracker(settings.tracker, to_samples(settings.windows.hop_s))
@@ -122,9 +125,11 @@ class Pipeline:
 
     def finish(self, drain_timeout: float) -> None:
         """Close open speech, drain the worker, close the last turn, publish a final status."""
-        for event in self.vad.flush():
-            self._route(event)
-        self.worker.close(drain_timeout)
+        try:
+            for event in self.vad.flush():
+                self._route(event)
+        finally:
+            self.worker.close(drain_timeout)  # even after an error: a live worker thread would hang exit
         end = self._clock.sample
         self._emit(self.tracker.flush(end, self._clock.wall_of(end)))
         self._publish_status()
@@ -142,7 +147,10 @@ class Pipeline:
         if windows:
             matches = self.matcher.match(np.stack([w.embedding for w in windows]))
             for embedded, match in zip(windows, matches, strict=True):
-                self._emit(self.tracker.process(MatchedWindow(embedded.window, match)))
+                matched = MatchedWindow(embedded.window, match)
+                if self._on_window is not None:
+                    self._on_window(matched)
+                self._emit(self.tracker.process(matched))
             return
         for item in items:
             if isinstance(item, SpeechStart):

@@ -134,7 +134,7 @@ class SpeechWindower:
             window = self._make(self._next_end - length, self._next_end)
             if window is not None:
                 out.append(window)
-            self._next_end += self._hop
+            self._next_end = self._following_end(self._next_end)
             self._trim(self._next_end - self._full - self._hop)
         return out
 
@@ -156,6 +156,11 @@ class SpeechWindower:
         return [window] if window is not None else []
 
     # -- helpers ---------------------------------------------------------------------------------
+
+    def _following_end(self, end: int) -> int:
+        """After the short first window, full windows: the first ends ``length_s`` into the region."""
+        following = end + self._hop
+        return max(following, self._region_start + self._full)
 
     def _frames_for(self, start: int, end: int) -> tuple[int, int]:
         first = (start - self._region_start) // self._stream.frame_shift

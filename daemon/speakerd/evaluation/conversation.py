@@ -7,7 +7,7 @@ microphone; these conversations have all three, reproducibly from a seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,17 @@ class Turn:
     start: float
     end: float
     clip: str
+    speech: tuple[tuple[float, float], ...] = ()
+    """Where inside the turn the speaker actually speaks (a read sentence has pauses too)."""
+
+    def shifted(self, seconds: float) -> Turn:
+        return Turn(
+            self.speaker,
+            self.start + seconds,
+            self.end + seconds,
+            self.clip,
+            tuple((a + seconds, b + seconds) for a, b in self.speech),
+        )
 
 
 @dataclass(frozen=True)
@@ -35,8 +46,16 @@ class Conversation:
         return len(self.audio) / self.sample_rate
 
     def changes(self) -> list[tuple[float, str, str]]:
-        """(time, previous speaker, new speaker) at every turn whose speaker differs from the last."""
-        return [(b.start, a.speaker, b.speaker) for a, b in zip(self.turns, self.turns[1:]) if a.speaker != b.speaker]
+        """(time, previous speaker, new speaker) at every turn whose speaker differs from the last.
+
+        The time is when the new speaker's voice begins, not where the cut was made: a turn cut from
+        a read sentence can open on a pause, and nobody can hear a speaker before they speak.
+        """
+        return [
+            (b.speech[0][0] if b.speech else b.start, a.speaker, b.speaker)
+            for a, b in zip(self.turns, self.turns[1:])
+            if a.speaker != b.speaker
+        ]
 
     def write(self, path: Path) -> Path:
         sf.write(str(path), self.audio, self.sample_rate, subtype="PCM_16")
@@ -56,8 +75,23 @@ class ConversationSettings:
     noise_dbfs: float = -65.0
     """Level of the room noise under everything (also fills the pauses)."""
     snr_db: float | None = None
-    """If set, add white noise at this SNR relative to the speech."""
+    """If set, add noise at this SNR relative to the speech."""
+    noise_color: str = "white"
+    """white, or pink (1/f, closer to fans and distant chatter)."""
+    rt60_s: float | None = None
+    """If set, each speaker gets their own simulated room response with this reverberation time."""
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.noise_color not in NOISE_COLORS:
+            raise ValueError(f"noise_color must be one of {', '.join(NOISE_COLORS)}, got {self.noise_color!r}")
+        if self.rt60_s is not None and not 0.05 <= self.rt60_s <= 3.0:
+            raise ValueError(f"rt60_s must be within 0.05 to 3 s, got {self.rt60_s}")
+
+
+NOISE_COLORS = ("white", "pink")
+UNKNOWN_PREFIX = "unknown-"
+"""Speakers from the unknown pool are labelled with this prefix, so nobody mistakes them for enrolled ones."""
 
 
 def librispeech_speakers(root: Path, subset: str = "test-other") -> dict[str, list[Path]]:
@@ -76,11 +110,82 @@ def split_enrollment(clips: dict[str, list[Path]], per_speaker: int) -> tuple[di
     return enroll, rest
 
 
+def unknown_pool(root: Path, subset: str = "train-clean-100", min_s: float = 4.0) -> dict[str, list[Path]]:
+    """Voices that are never enrolled: ``unknown-<id>`` -> clips at least ``min_s`` long (room for a turn)."""
+    pool: dict[str, list[Path]] = {}
+    for speaker, paths in librispeech_speakers(root, subset).items():
+        long_enough = [p for p in paths if sf.info(str(p)).duration >= min_s]
+        if long_enough:
+            pool[UNKNOWN_PREFIX + speaker] = long_enough
+    return pool
+
+
+def pick_speakers(pool: dict[str, list[Path]], count: int, seed: int) -> dict[str, list[Path]]:
+    """``count`` speakers of ``pool``, the same ones for the same seed."""
+    if count > len(pool):
+        raise ValueError(f"asked for {count} speakers, the pool has {len(pool)}")
+    chosen = np.random.default_rng(seed).choice(sorted(pool), size=count, replace=False)
+    return {str(s): pool[str(s)] for s in sorted(chosen)}
+
+
+def room_response(rt60_s: float, rng: np.random.Generator, drr_db: float = 3.0) -> np.ndarray:
+    """A synthetic room impulse response: direct path plus exponentially decaying noise.
+
+    The tail decays by 60 dB in ``rt60_s`` (amplitude ``exp(-6.91 t / rt60)``) and starts after a
+    few milliseconds like early reflections; ``drr_db`` is the direct-to-reverberant energy ratio, so
+    a smaller value puts the talker further from the microphone.
+    """
+    n = int(rt60_s * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    tail = rng.normal(0.0, 1.0, n) * np.exp(-np.log(1000.0) * t / rt60_s)
+    tail[: int(0.003 * SAMPLE_RATE)] = 0.0  # no reflection arrives with the direct sound
+    tail *= np.sqrt(10 ** (-drr_db / 10) / np.sum(tail**2))
+    tail[0] = 1.0
+    return tail.astype(np.float32)
+
+
+def _noise(color: str, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Unit-RMS noise of the given colour."""
+    white = rng.normal(0.0, 1.0, n)
+    if color == "pink":
+        spectrum = np.fft.rfft(white)
+        spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))
+        spectrum[0] = 0.0
+        white = np.fft.irfft(spectrum, n)
+    return (white / max(float(np.sqrt(np.mean(white**2))), 1e-12)).astype(np.float32)
+
+
 def _load(path: Path) -> np.ndarray:
     audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     if rate != SAMPLE_RATE:
         raise ValueError(f"{path}: expected {SAMPLE_RATE} Hz clips, got {rate}")
     return audio.mean(axis=1)
+
+
+SPEECH_FRAME_S = 0.02
+SPEECH_FLOOR_DB = 40.0
+"""Frames more than this below the turn's loudest frames are not speech."""
+SPEECH_BRIDGE_S = 0.3
+"""Pauses shorter than this inside a turn count as speech (nobody hears them as a break)."""
+
+
+def speech_intervals(piece: np.ndarray, offset_s: float) -> tuple[tuple[float, float], ...]:
+    """Speech inside a clean turn by frame energy: independent of the VAD the daemon uses."""
+    hop = int(SPEECH_FRAME_S * SAMPLE_RATE)
+    n = len(piece) // hop
+    if n == 0:
+        return ()
+    frames = piece[: n * hop].reshape(n, hop)
+    db = 10 * np.log10(np.mean(np.square(frames, dtype=np.float64), axis=1) + 1e-12)
+    active = db > np.percentile(db, 95) - SPEECH_FLOOR_DB
+    intervals: list[list[float]] = []
+    for i in np.flatnonzero(active):
+        start, end = i * SPEECH_FRAME_S, (i + 1) * SPEECH_FRAME_S
+        if intervals and start - intervals[-1][1] < SPEECH_BRIDGE_S:
+            intervals[-1][1] = end
+        else:
+            intervals.append([start, end])
+    return tuple((offset_s + a, offset_s + b) for a, b in intervals)
 
 
 def _rms(x: np.ndarray) -> float:
@@ -99,10 +204,11 @@ def build_conversation(
     cache: dict[Path, np.ndarray] = {}
     pieces: list[np.ndarray] = []
     turns: list[Turn] = []
+    turn_pieces: list[int] = []  # index in pieces of each turn's audio
     cursor = 0
     previous: str | None = None
     # every speaker speaks at least once: cycle a shuffled order first, then choose freely
-    order = list(rng.permutation(speakers))
+    order = [str(x) for x in rng.permutation(speakers)]
     for i in range(s.turns):
         if i < len(order) and order[i] != previous:
             speaker = order[i]
@@ -119,17 +225,48 @@ def build_conversation(
             gap = int(rng.uniform(*s.pause_s) * SAMPLE_RATE)
             pieces.append(np.zeros(gap, dtype=np.float32))
             cursor += gap
-        turns.append(Turn(speaker, cursor / SAMPLE_RATE, (cursor + len(piece)) / SAMPLE_RATE, clip.name))
+        start = cursor / SAMPLE_RATE
+        turns.append(Turn(speaker, start, start + len(piece) / SAMPLE_RATE, clip.name, speech_intervals(piece, start)))
+        turn_pieces.append(len(pieces))
         pieces.append(piece)
         cursor += len(piece)
         previous = speaker
     lead = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
+    dry = [p.copy() for p in pieces]
+    if s.rt60_s is not None:
+        _reverberate(pieces, turns, turn_pieces, s.rt60_s, np.random.default_rng(s.seed + 2))
     audio = np.concatenate([lead, *pieces, lead])
     shift = len(lead) / SAMPLE_RATE
-    turns = [Turn(t.speaker, t.start + shift, t.end + shift, t.clip) for t in turns]
+    turns = [t.shifted(shift) for t in turns]
     noise_rng = np.random.default_rng(s.seed + 1)
     audio = audio + noise_rng.normal(0, 10 ** (s.noise_dbfs / 20), len(audio)).astype(np.float32)
     if s.snr_db is not None:
-        speech_rms = _rms(np.concatenate(pieces))
-        audio = audio + noise_rng.normal(0, speech_rms / 10 ** (s.snr_db / 20), len(audio)).astype(np.float32)
+        speech_rms = _rms(np.concatenate([dry[i] for i in turn_pieces]))
+        audio = audio + _noise(s.noise_color, len(audio), noise_rng) * np.float32(speech_rms / 10 ** (s.snr_db / 20))
     return Conversation(np.clip(audio, -1.0, 1.0).astype(np.float32), turns)
+
+
+def _reverberate(
+    pieces: list[np.ndarray], turns: list[Turn], turn_pieces: list[int], rt60_s: float, rng: np.random.Generator
+) -> None:
+    """Convolve every turn with its speaker's room response, in place, tails spilling into what follows.
+
+    Each speaker sits at their own place in the room (own response, own direct-to-reverberant
+    ratio); the reference turns stay the dry ones, as a listener would mark them.
+    """
+    from scipy.signal import fftconvolve
+
+    rooms: dict[str, np.ndarray] = {}
+    for speaker in sorted({t.speaker for t in turns}):
+        rooms[speaker] = room_response(rt60_s, rng, drr_db=float(rng.uniform(-3.0, 6.0)))
+    flat = np.concatenate(pieces)
+    wet = np.zeros(len(flat) + max(len(r) for r in rooms.values()), dtype=np.float64)
+    bounds = np.cumsum([0, *map(len, pieces)])
+    for turn, i in zip(turns, turn_pieces, strict=True):
+        piece = pieces[i]
+        out = fftconvolve(piece, rooms[turn.speaker])
+        out *= _rms(piece) / max(_rms(out[: len(piece)]), 1e-12)  # keep the turn's level
+        wet[bounds[i] : bounds[i] + len(out)] += out
+    wet = wet[: len(flat)].astype(np.float32)
+    for i in range(len(pieces)):
+        pieces[i] = wet[bounds[i] : bounds[i + 1]]

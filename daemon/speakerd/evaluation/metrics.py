@@ -39,7 +39,7 @@ def attribution_accuracy(
 ) -> float:
     """Share of enrolled speakers' speech time that the segments give the right name."""
     n = int(np.ceil(duration / GRID_S)) + 1
-    ref = _raster(((t.start, t.end, names[t.speaker]) for t in turns if t.speaker in names), n)
+    ref = _raster(((a, b, names[t.speaker]) for t in turns if t.speaker in names for a, b in t.speech), n)
     hyp = _raster(((s.start, s.end, s.label) for s in segments), n)
     mask = ref != None  # noqa: E711 - element-wise on an object array
     if not mask.any():

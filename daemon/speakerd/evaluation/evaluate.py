@@ -1,0 +1,651 @@
+"""``speakerd eval``: judge the daemon on reproducible conversations built from real speech.
+
+Everything the figures come from is the real thing: enrollment through ``prepare_enrollment`` and
+``SpeakerStore``, and the full ``Pipeline`` reading a WAV through ``FileSource`` (``run_file``).
+Only the conversations are synthetic, so the truth is known to the sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..audio import SAMPLE_RATE
+from .conversation import (
+    Conversation,
+    ConversationSettings,
+    NOISE_COLORS,
+    build_conversation,
+    librispeech_speakers,
+    pick_speakers,
+    split_enrollment,
+    unknown_pool,
+)
+from .der import DEFAULT_COLLAR_S, EMPTY, DerResult, Labelled, diarization_error, speech_share_labelled
+from .eer import equal_error_rate, threshold_table
+from .metrics import Segment, attribution_accuracy, change_scores
+from .runner import FileRun, run_file
+
+logger = logging.getLogger(__name__)
+
+UNKNOWN_LABEL = "(unknown)"
+"""Hypothesis label of speech the daemon attributes to nobody enrolled."""
+NAME_PREFIX = "spk-"
+"""Enrolled names are ``spk-<librispeech id>`` (a bare number would look like a speaker id)."""
+PURE_SHARE = 0.9
+"""A window is a verification trial when one speaker has at least this share of its reference speech."""
+MIN_SPEECH_SHARE = 0.5
+"""... and reference speech covers at least this share of it."""
+DETECTION_WINDOW_S = (0.5, 3.0)
+"""The daemon's own change criterion: decided no earlier than 0.5 s before and within 3 s after."""
+THRESHOLDS = tuple(round(0.40 + 0.05 * i, 2) for i in range(12))
+CONDITIONS = ("enrolled", "open")
+"""Conversations among enrolled speakers only, and with never-enrolled voices mixed in."""
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    audio_dir: Path
+    meetings: int = 4
+    enrolled: int = 4
+    unknown: int = 2
+    turns: int = 16
+    enroll_clips: int = 3
+    snr_db: float | None = None
+    noise_color: str = "pink"
+    rt60_s: float | None = None
+    seed: int = 0
+    window_lengths: tuple[float, ...] = (1.5, 2.0)
+    collar_s: float = DEFAULT_COLLAR_S
+    tolerance_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.meetings < 1 or self.enrolled < 2 and self.unknown == 0 or self.enrolled < 1:
+            raise ValueError("need at least one meeting and two voices per conversation")
+        if self.unknown < 0 or self.turns < 2 or not self.window_lengths:
+            raise ValueError("unknown must be >= 0, turns >= 2, and at least one window length given")
+
+    def conversation(self, meeting: int, condition: str) -> ConversationSettings:
+        return ConversationSettings(
+            turns=self.turns,
+            snr_db=self.snr_db,
+            noise_color=self.noise_color,
+            rt60_s=self.rt60_s,
+            seed=self.seed * 1000 + meeting * 2 + CONDITIONS.index(condition),
+        )
+
+
+@dataclass
+class Meeting:
+    condition: str
+    index: int
+    conversation: Conversation
+    wav: Path
+    names: dict[str, str]
+    """Conversation speaker id -> enrolled name (enrolled speakers only)."""
+
+    def label(self, speaker: str) -> str:
+        return self.names.get(speaker, speaker)
+
+
+class RecordingMatcher:
+    """The real index, keeping every embedding it matched so windows can be scored against everyone.
+
+    The pipeline calls ``match`` once per batch, in window order, and hands the same windows to
+    ``on_window`` in that order, so ``embeddings[i]`` belongs to ``FileRun.windows[i]``.
+    """
+
+    def __init__(self, index: Any) -> None:
+        self.index = index
+        self.embeddings: list[np.ndarray] = []
+
+    def match(self, embs: np.ndarray) -> list[Any]:
+        self.embeddings.extend(np.array(embs, dtype=np.float32, copy=True))
+        return self.index.match(embs)
+
+
+# -- truth and output as labelled intervals -----------------------------------------------------------
+
+
+def reference_intervals(meeting: Meeting) -> list[Labelled]:
+    return [(a, b, meeting.label(t.speaker)) for t in meeting.conversation.turns for a, b in t.speech]
+
+
+def hypothesis_intervals(run: FileRun) -> list[Labelled]:
+    return [
+        (e["start"], e["end"], e["speaker"]["name"] or UNKNOWN_LABEL) for e in run.events if e["type"] == "speaker.segment"
+    ]
+
+
+def true_changes(meeting: Meeting) -> list[float]:
+    """First speech of every turn whose nameable speaker differs from the last turn's.
+
+    The daemon calls every never-enrolled voice "unknown", so a hand-over between two unknown
+    voices is no change it could report, and is not counted.
+    """
+    out: list[float] = []
+    turns = meeting.conversation.turns
+    for a, b in zip(turns, turns[1:]):
+        la = meeting.names.get(a.speaker, UNKNOWN_LABEL)
+        lb = meeting.names.get(b.speaker, UNKNOWN_LABEL)
+        if la != lb:
+            out.append(b.speech[0][0] if b.speech else b.start)
+    return out
+
+
+HANDOVER_GAP_S = 0.1
+"""A change with less silence than this before it is a direct hand-over."""
+
+
+def change_kinds(meeting: Meeting) -> list[tuple[float, str]]:
+    """Each true change with its kind: after a pause (a new speech region) or a direct hand-over."""
+    turns = meeting.conversation.turns
+    out = []
+    for a, b in zip(turns, turns[1:]):
+        if meeting.names.get(a.speaker, UNKNOWN_LABEL) != meeting.names.get(b.speaker, UNKNOWN_LABEL):
+            start = b.speech[0][0] if b.speech else b.start
+            end = a.speech[-1][1] if a.speech else a.end
+            out.append((start, "after_pause" if start - end >= HANDOVER_GAP_S else "direct"))
+    return out
+
+
+def reported_changes(run: FileRun) -> tuple[list[float], list[float]]:
+    """(estimated change points ``at``, decision times ``stream_time``) of every announced change of label.
+
+    The first announcement of the stream is no change; an event that repeats the current label (a
+    confirmation of a tentative change) is no new one.
+    """
+    at: list[float] = []
+    decided: list[float] = []
+    current: str | None = None
+    for e in run.events:
+        if e["type"] != "speaker.change":
+            continue
+        label = e["speaker"]["name"] or UNKNOWN_LABEL
+        if current is not None and label != current:
+            at.append(float(e["at"]))
+            decided.append(float(e["stream_time"]))
+        current = label
+    return at, decided
+
+
+# -- per-window scores ----------------------------------------------------------------------------------
+
+
+def window_trials(
+    meeting: Meeting, run: FileRun, embeddings: Sequence[np.ndarray], index: Any
+) -> dict[str, Any]:
+    """Target and non-target scores of the pure windows; mixed windows (at hand-overs) are only counted.
+
+    Every pure window is scored against every enrolled speaker over all of their embeddings
+    (``SpeakerIndex.score_of``), the same score the matcher's verdict uses.
+    """
+    if len(embeddings) != len(run.windows):
+        raise RuntimeError(f"{len(embeddings)} embeddings recorded for {len(run.windows)} windows")
+    speakers = index.speakers  # id -> name
+    ref = reference_intervals(meeting)
+    targets: list[float] = []
+    nontargets: list[float] = []
+    pure = mixed = silent = correct = 0
+    enrolled_pure = unknown_pure = unknown_accepted = 0
+    threshold = index.settings.threshold
+    for mw, emb in zip(run.windows, embeddings, strict=True):
+        a, b = mw.window.start / SAMPLE_RATE, mw.window.end / SAMPLE_RATE
+        share: dict[str, float] = {}
+        for s, e, label in ref:
+            o = min(b, e) - max(a, s)
+            if o > 0:
+                share[label] = share.get(label, 0.0) + o
+        speech = sum(share.values())
+        if speech < MIN_SPEECH_SHARE * (b - a):
+            silent += 1
+            continue
+        top = max(share, key=share.__getitem__)
+        if share[top] < PURE_SHARE * speech:
+            mixed += 1
+            continue
+        pure += 1
+        scores = {name: index.score_of(sid, emb) for sid, name in speakers.items()}
+        for name, score in scores.items():
+            (targets if name == top else nontargets).append(score)
+        if top in scores:
+            enrolled_pure += 1
+            correct += max(scores, key=scores.__getitem__) == top
+        elif scores:
+            unknown_pure += 1
+            unknown_accepted += max(scores.values()) >= threshold
+    return {
+        "targets": targets,
+        "nontargets": nontargets,
+        "pure": pure,
+        "mixed": mixed,
+        "little_speech": silent,
+        "enrolled_pure": enrolled_pure,
+        "nearest_correct": correct,
+        "unknown_pure": unknown_pure,
+        "unknown_accepted": unknown_accepted,
+    }
+
+
+# -- one meeting ------------------------------------------------------------------------------------
+
+
+@dataclass
+class MeetingScore:
+    der: DerResult
+    identification: float
+    enrolled_speech_s: float
+    unknown_accepted_s: float
+    unknown_speech_s: float
+    boundary: Any
+    detection: Any
+    trials: dict[str, Any]
+    run_s: float
+    audio_s: float
+    hypothesis: list[Labelled] = field(default_factory=list)
+    decisions: list[float] = field(default_factory=list)
+    enrolled_as: dict[str, float] = field(default_factory=dict)
+    """Seconds of enrolled speech labelled right, with another name, unknown, or not at all."""
+    latency_by_kind: dict[str, list[float]] = field(default_factory=dict)
+    """Decision latencies of changes after a pause and of direct hand-overs."""
+
+
+def score_meeting(meeting: Meeting, run: FileRun, embeddings: Sequence[np.ndarray], index: Any, es: EvalSettings, run_s: float) -> MeetingScore:
+    conv = meeting.conversation
+    ref = reference_intervals(meeting)
+    hyp = hypothesis_intervals(run)
+    enrolled_names = set(meeting.names.values())
+    der = diarization_error(ref, hyp, collar=es.collar_s, fixed=enrolled_names, uem=(0.0, conv.duration))
+    segments = [Segment(a, b, "" if lab == UNKNOWN_LABEL else lab) for a, b, lab in hyp]
+    ident = attribution_accuracy(conv.turns, segments, meeting.names, conv.duration)
+    enrolled_s = sum(b - a for a, b, lab in ref if lab in enrolled_names)
+    unknown_labels = {lab for *_, lab in ref if lab not in enrolled_names}
+    accepted, unknown_s = speech_share_labelled(ref, hyp, unknown_labels, enrolled_names)
+    truth = true_changes(meeting)
+    at, decided = reported_changes(run)
+    boundary = change_scores(truth, at, before=es.tolerance_s, after=es.tolerance_s)
+    detection = change_scores(truth, decided, before=DETECTION_WINDOW_S[0], after=DETECTION_WINDOW_S[1])
+    trials = window_trials(meeting, run, embeddings, index)
+    enrolled_as = {"right": 0.0, "other_name": 0.0, "unknown": 0.0, "unlabelled": 0.0}
+    for name in enrolled_names:
+        right, speech_s = speech_share_labelled(ref, hyp, {name}, {name})
+        other, _ = speech_share_labelled(ref, hyp, {name}, enrolled_names - {name})
+        unk, _ = speech_share_labelled(ref, hyp, {name}, {UNKNOWN_LABEL})
+        enrolled_as["right"] += right
+        enrolled_as["other_name"] += other
+        enrolled_as["unknown"] += unk
+        enrolled_as["unlabelled"] += speech_s - right - other - unk
+    kinds = change_kinds(meeting)
+    by_kind = {
+        kind: change_scores([t for t, k in kinds if k == kind], decided, before=DETECTION_WINDOW_S[0], after=DETECTION_WINDOW_S[1]).latencies
+        for kind in ("after_pause", "direct")
+    }
+    return MeetingScore(der, ident, enrolled_s, accepted, unknown_s, boundary, detection, trials, run_s, conv.duration,
+                        hyp, decided, enrolled_as, by_kind)
+
+
+def _f1(tp: int, reported: int, true: int) -> dict[str, float]:
+    p = tp / reported if reported else 1.0
+    r = tp / true if true else 1.0
+    return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0, "true": true, "reported": reported}
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def aggregate(scores: Sequence[MeetingScore]) -> dict[str, Any]:
+    """Pool meetings by time (DER, accuracies) and by count (changes), as a corpus figure should."""
+    der = sum((s.der for s in scores), EMPTY)
+    enrolled_s = sum(s.enrolled_speech_s for s in scores)
+    ident = sum(s.identification * s.enrolled_speech_s for s in scores if not math.isnan(s.identification))
+    unknown_s = sum(s.unknown_speech_s for s in scores)
+    boundary_tp = sum(len(s.boundary.latencies) for s in scores)
+    detection_tp = sum(len(s.detection.latencies) for s in scores)
+    true = sum(s.boundary.true_changes for s in scores)
+    latencies = [x for s in scores for x in s.detection.latencies]
+    audio_s = sum(s.audio_s for s in scores)
+    return {
+        "meetings": len(scores),
+        "audio_s": audio_s,
+        "der": _finite(der.der),
+        "missed": _finite(der.rate("missed")),
+        "false_alarm": _finite(der.rate("false_alarm")),
+        "confusion": _finite(der.rate("confusion")),
+        "scored_speech_s": der.total,
+        "identification": _finite(ident / enrolled_s) if enrolled_s else None,
+        "unknown_false_accept": _finite(sum(s.unknown_accepted_s for s in scores) / unknown_s) if unknown_s else None,
+        "unknown_speech_s": unknown_s,
+        "change_boundary": _f1(boundary_tp, sum(s.boundary.reported_changes for s in scores), true),
+        "change_detection": _f1(detection_tp, sum(s.detection.reported_changes for s in scores), true),
+        "latency_median_s": _finite(float(np.median(latencies))) if latencies else None,
+        "latency_p95_s": _finite(float(np.percentile(latencies, 95))) if latencies else None,
+        "real_time_factor": sum(s.run_s for s in scores) / audio_s if audio_s else None,
+        "enrolled_speech_as": {k: sum(s.enrolled_as.get(k, 0.0) for s in scores) / enrolled_s for k in
+                               ("right", "other_name", "unknown", "unlabelled")} if enrolled_s else None,
+        "latency_by_kind": {kind: _latency([x for s in scores for x in s.latency_by_kind.get(kind, [])])
+                            for kind in ("after_pause", "direct")},
+    }
+
+
+def _latency(values: Sequence[float]) -> dict[str, float | int | None]:
+    return {
+        "count": len(values),
+        "median_s": float(np.median(values)) if values else None,
+        "p95_s": float(np.percentile(values, 95)) if values else None,
+    }
+
+
+def window_summary(scores: Sequence[MeetingScore]) -> dict[str, Any]:
+    targets = [x for s in scores for x in s.trials["targets"]]
+    nontargets = [x for s in scores for x in s.trials["nontargets"]]
+    eer = equal_error_rate(targets, nontargets)
+    counts = {k: sum(s.trials[k] for s in scores) for k in (
+        "pure", "mixed", "little_speech", "enrolled_pure", "nearest_correct", "unknown_pure", "unknown_accepted")}
+    return {
+        "eer": _finite(eer.eer),
+        "eer_threshold": _finite(eer.threshold),
+        "target_trials": eer.targets,
+        "nontarget_trials": eer.nontargets,
+        **counts,
+        "nearest_accuracy": counts["nearest_correct"] / counts["enrolled_pure"] if counts["enrolled_pure"] else None,
+        "unknown_window_accept": counts["unknown_accepted"] / counts["unknown_pure"] if counts["unknown_pure"] else None,
+        "thresholds": threshold_table(targets, nontargets, THRESHOLDS),
+        "_targets": targets,
+        "_nontargets": nontargets,
+    }
+
+
+# -- the run --------------------------------------------------------------------------------------------
+
+
+def build_meetings(es: EvalSettings, work: Path) -> tuple[dict[str, list[Path]], list[Meeting]]:
+    """Enrollment clips of the K enrolled speakers, and every meeting written to ``work``."""
+    test = librispeech_speakers(es.audio_dir, "test-other")
+    if len(test) < es.enrolled:
+        raise ValueError(f"{es.audio_dir}/test-other has {len(test)} speakers, {es.enrolled} asked to be enrolled")
+    chosen = pick_speakers(test, es.enrolled, es.seed)
+    enroll, rest = split_enrollment(chosen, es.enroll_clips)
+    names = {spk: NAME_PREFIX + spk for spk in chosen}
+    pool = unknown_pool(es.audio_dir) if es.unknown else {}
+    meetings: list[Meeting] = []
+    conditions = [c for c in CONDITIONS if c == "enrolled" or es.unknown > 0]
+    for condition in conditions:
+        for m in range(es.meetings):
+            cs = es.conversation(m, condition)
+            clips = dict(rest)
+            if condition == "open":
+                clips.update(pick_speakers(pool, es.unknown, cs.seed))
+            conv = build_conversation(clips, cs)
+            wav = conv.write(work / f"{condition}-{m}.wav")
+            meetings.append(Meeting(condition, m, conv, wav, names))
+    return enroll, meetings
+
+
+def enroll_store(directory: Path, enroll: dict[str, list[Path]], settings: Any, bundle: Any, backend: Any) -> Any:
+    """A fresh store with every enrolled speaker, through the real enrollment path; its index."""
+    from ..enroll import prepare_enrollment
+    from ..matcher import SpeakerIndex
+    from ..store import SpeakerStore
+
+    with SpeakerStore(directory, fingerprint=bundle.fingerprint, dim=bundle.embedding_dim) as store:
+        for spk, paths in sorted(enroll.items()):
+            report = prepare_enrollment(NAME_PREFIX + spk, paths, settings, bundle.features, backend.embed)
+            store.enroll(NAME_PREFIX + spk, report.embeddings_matrix(), source=",".join(map(str, paths)))
+        return SpeakerIndex.from_store(store, settings.matching)
+
+
+def evaluate(es: EvalSettings, settings: Any, bundle: Any, backend: Any, out: Path, work: Path) -> dict[str, Any]:
+    """Every window length over every meeting; returns the report (also what report.json holds)."""
+    from tqdm import tqdm
+
+    enroll, meetings = build_meetings(es, work)
+    logger.info("%d meetings, %.0f s of audio, enrolled: %s", len(meetings), sum(m.conversation.duration for m in meetings), ", ".join(sorted(enroll)))
+    results: list[dict[str, Any]] = []
+    timeline: dict[str, Any] = {}
+    bar = tqdm(total=len(es.window_lengths) * len(meetings), desc="eval", unit="meeting", file=sys.stderr)
+    for length in es.window_lengths:
+        windows = dataclasses.replace(settings.windows, length_s=length, first_length_s=min(settings.windows.first_length_s, length))
+        s_len = dataclasses.replace(settings, windows=windows)
+        index = enroll_store(work / f"store-{length}", enroll, s_len, bundle, backend)
+        by_condition: dict[str, list[MeetingScore]] = {}
+        per_meeting: list[dict[str, Any]] = []
+        for meeting in meetings:
+            recorder = RecordingMatcher(index)
+            started = time.perf_counter()
+            run = run_file(meeting.wav, s_len, bundle=bundle, backend=backend, matcher=recorder)
+            elapsed = time.perf_counter() - started
+            score = score_meeting(meeting, run, recorder.embeddings, index, es, elapsed)
+            by_condition.setdefault(meeting.condition, []).append(score)
+            row = aggregate([score])
+            per_meeting.append({"condition": meeting.condition, "meeting": meeting.index, **{k: row[k] for k in (
+                "audio_s", "der", "missed", "false_alarm", "confusion", "identification", "unknown_false_accept",
+                "latency_median_s", "latency_p95_s")}, "change_f1": row["change_boundary"]["f1"]})
+            if not timeline and (meeting.condition == "open" or es.unknown == 0) and length == es.window_lengths[0]:
+                timeline = {"meeting": f"{meeting.condition}-{meeting.index}", "window_length_s": length,
+                            "reference": reference_intervals(meeting), "hypothesis": score.hypothesis,
+                            "true_changes": true_changes(meeting), "decisions": score.decisions,
+                            "duration": meeting.conversation.duration}
+            bar.update(1)
+        all_scores = [s for v in by_condition.values() for s in v]
+        results.append({
+            "window_length_s": length,
+            "conditions": {c: aggregate(v) for c, v in by_condition.items()},
+            "all": aggregate(all_scores),
+            "windows": window_summary(all_scores),
+            "per_meeting": per_meeting,
+        })
+    bar.close()
+    return {"results": results, "timeline": timeline, "enrolled": sorted(NAME_PREFIX + s for s in enroll)}
+
+
+# -- output -------------------------------------------------------------------------------------------
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f} %"
+
+
+def _num(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
+
+
+def biggest_error(agg: dict[str, Any]) -> str:
+    parts = {k: agg[k] for k in ("missed", "false_alarm", "confusion") if agg.get(k) is not None}
+    if not parts:
+        return "n/a"
+    worst = max(parts, key=parts.__getitem__)
+    return f"{worst.replace('_', ' ')} ({_pct(parts[worst])} of {_pct(agg['der'])} DER)"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    lines = [
+        "# speakerd eval",
+        "",
+        f"Model `{report['model']}` ({report['fingerprint']}), backend {report['backend']}; "
+        f"{cfg['meetings']} meetings per condition, {cfg['enrolled']} enrolled, {cfg['unknown']} unknown voices, "
+        f"{cfg['turns']} turns; noise {cfg['snr_db'] if cfg['snr_db'] is not None else 'none'} dB SNR; "
+        f"reverb RT60 {cfg['rt60_s'] if cfg['rt60_s'] is not None else 'none'} s; seed {cfg['seed']}; "
+        f"collar {cfg['collar_s']} s; change tolerance {cfg['tolerance_s']} s.",
+        "",
+        "| window | condition | audio | DER | missed | false alarm | confusion | identification | unknown FA | "
+        f"change P / R / F1 (±{cfg['tolerance_s']} s) | detection P / R / F1 (0.5 s before, 3 s after) | latency median / p95 | RTF |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in report["results"]:
+        for cond, a in [*res["conditions"].items(), ("all", res["all"])]:
+            b, d = a["change_boundary"], a["change_detection"]
+            lines.append(
+                f"| {res['window_length_s']} s | {cond} | {a['audio_s']:.0f} s | {_pct(a['der'])} | {_pct(a['missed'])} | "
+                f"{_pct(a['false_alarm'])} | {_pct(a['confusion'])} | {_pct(a['identification'])} | "
+                f"{_pct(a['unknown_false_accept'])} | {b['precision']:.2f} / {b['recall']:.2f} / {b['f1']:.2f} | "
+                f"{d['precision']:.2f} / {d['recall']:.2f} / {d['f1']:.2f} | "
+                f"{_num(a['latency_median_s'])} / {_num(a['latency_p95_s'])} s | {_num(a['real_time_factor'], '{:.3f}')} |"
+            )
+    lines += ["", "Where enrolled speech went, and change latency by kind of hand-over (decision time minus true change):", "",
+              "| window | condition | right name | other name | unknown | unlabelled | after a pause: n, median / p95 | direct: n, median / p95 |",
+              "|---|---|---|---|---|---|---|---|"]
+    for res in report["results"]:
+        for cond, a in res["conditions"].items():
+            e = a["enrolled_speech_as"] or {}
+            lk = a["latency_by_kind"]
+            cells = [f"{lk[k]['count']}, {_num(lk[k]['median_s'])} / {_num(lk[k]['p95_s'])} s" for k in ("after_pause", "direct")]
+            lines.append(f"| {res['window_length_s']} s | {cond} | {_pct(e.get('right'))} | {_pct(e.get('other_name'))} | "
+                         f"{_pct(e.get('unknown'))} | {_pct(e.get('unlabelled'))} | {cells[0]} | {cells[1]} |")
+    lines += ["", "Window-level verification (pure windows scored against every enrolled speaker):", "",
+              "| window | EER | at threshold | target / non-target trials | pure / mixed windows | nearest speaker right | unknown-voice windows accepted |",
+              "|---|---|---|---|---|---|---|"]
+    for res in report["results"]:
+        w = res["windows"]
+        lines.append(f"| {res['window_length_s']} s | {_pct(w['eer'])} | {_num(w['eer_threshold'])} | "
+                     f"{w['target_trials']} / {w['nontarget_trials']} | {w['pure']} / {w['mixed']} | {_pct(w['nearest_accuracy'])} | "
+                     f"{_pct(w['unknown_window_accept'])} of {w['unknown_pure']} |")
+    lines += ["", "False accepts / false rejects of single windows by threshold:", "",
+              "| threshold | " + " | ".join(f"FA / FR ({r['window_length_s']} s)" for r in report["results"]) + " |",
+              "|---" * (1 + len(report["results"])) + "|"]
+    for i, t in enumerate(THRESHOLDS):
+        cells = [f"{_pct(r['windows']['thresholds'][i]['false_accept'])} / {_pct(r['windows']['thresholds'][i]['false_reject'])}" for r in report["results"]]
+        lines.append(f"| {t:.2f} | " + " | ".join(cells) + " |")
+    lines += ["", "Biggest DER component per window length and condition:", ""]
+    for res in report["results"]:
+        for cond, a in res["conditions"].items():
+            lines.append(f"- {res['window_length_s']} s, {cond}: {biggest_error(a)}")
+    lines += ["", "Per meeting (first window length):", "",
+              "| meeting | audio | DER | missed | FA | confusion | identification | unknown FA | change F1 | latency p95 |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for m in report["results"][0]["per_meeting"]:
+        lines.append(f"| {m['condition']}-{m['meeting']} | {m['audio_s']:.0f} s | {_pct(m['der'])} | {_pct(m['missed'])} | "
+                     f"{_pct(m['false_alarm'])} | {_pct(m['confusion'])} | {_pct(m['identification'])} | "
+                     f"{_pct(m['unknown_false_accept'])} | {m['change_f1']:.2f} | {_num(m['latency_p95_s'])} s |")
+    lines += ["", f"Unknown-voice windows accepted: share of pure windows of never-enrolled voices whose best enrolled "
+              f"score reaches the matching threshold ({report['settings']['matching']['threshold']}).", "",
+              "Plots: `timeline.png` (truth against output, one meeting), `det.png` (window-level DET curve).", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(report: dict[str, Any], out: Path) -> dict[str, Path]:
+    from .plots import plot_det, plot_timeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {f"{r['window_length_s']} s windows": (r["windows"]["_targets"], r["windows"]["_nontargets"]) for r in report["results"]}
+    paths = {
+        "timeline": plot_timeline(report["timeline"], out / "timeline.png"),
+        "det": plot_det(curves, out / "det.png"),
+    }
+    public = json.loads(json.dumps(report, default=float))
+    for r in public["results"]:
+        r["windows"] = {k: v for k, v in r["windows"].items() if not k.startswith("_")}
+    public["plots"] = {k: str(v) for k, v in paths.items()}
+    (out / "report.json").write_text(json.dumps(public, indent=2) + "\n")
+    (out / "report.md").write_text(markdown(report))
+    paths.update({"json": out / "report.json", "markdown": out / "report.md"})
+    return paths
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+def _lengths(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated seconds, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("no window length given")
+    return values
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("audio_dir", metavar="AUDIO_DIR", type=Path, help="LibriSpeech-layout folder with test-other/ (and train-clean-100/ for unknown voices)")
+    parser.add_argument("--meetings", type=int, default=4, metavar="N", help="conversations per condition (default 4)")
+    parser.add_argument("--enrolled", type=int, default=4, metavar="K", help="speakers enrolled, from test-other (default 4)")
+    parser.add_argument("--unknown", type=int, default=2, metavar="U", help="never-enrolled voices mixed into the 'open' conversations (default 2; 0: enrolled-only)")
+    parser.add_argument("--turns", type=int, default=16, metavar="T", help="turns per conversation (default 16)")
+    parser.add_argument("--enroll-clips", type=int, default=3, metavar="C", help="clips per enrolled speaker used to enroll (default 3)")
+    parser.add_argument("--noise", type=float, default=None, metavar="SNR", help="add noise at this SNR in dB")
+    parser.add_argument("--noise-color", choices=NOISE_COLORS, default="pink", help="colour of --noise (default pink)")
+    parser.add_argument("--reverb", type=float, nargs="?", const=0.5, default=None, metavar="RT60", help="simulate a room; RT60 in s (default 0.5 when given)")
+    parser.add_argument("--out", type=Path, default=Path("eval-out"), metavar="DIR", help="where report.json, report.md and the plots go (default ./eval-out)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S")
+    parser.add_argument("--window-lengths", type=_lengths, default=(1.5, 2.0), metavar="L1,L2", help="window lengths to evaluate, seconds (default 1.5,2.0)")
+    parser.add_argument("--collar", type=float, default=DEFAULT_COLLAR_S, metavar="S", help="DER collar either side of reference boundaries (default 0.25)")
+    parser.add_argument("--tolerance", type=float, default=0.5, metavar="S", help="change-point tolerance (default 0.5)")
+    parser.add_argument("--config", metavar="F", help="TOML settings file")
+    parser.add_argument("--model", metavar="NAME_OR_DIR", help="model bundle (default from settings)")
+    parser.add_argument("--backend", choices=("auto", "onnx", "coreml"), help="embedding backend (default from settings)")
+    parser.add_argument("--keep-audio", action="store_true", help="keep the conversations' WAV files in DIR/audio")
+
+
+def eval_settings_from(args: argparse.Namespace) -> EvalSettings:
+    return EvalSettings(
+        audio_dir=Path(args.audio_dir),
+        meetings=args.meetings,
+        enrolled=args.enrolled,
+        unknown=args.unknown,
+        turns=args.turns,
+        enroll_clips=args.enroll_clips,
+        snr_db=args.noise,
+        noise_color=args.noise_color,
+        rt60_s=args.reverb,
+        seed=args.seed,
+        window_lengths=tuple(args.window_lengths),
+        collar_s=args.collar,
+        tolerance_s=args.tolerance,
+    )
+
+
+def main_eval(args: argparse.Namespace) -> int:
+    from ..bundle import resolve_bundle
+    from ..embedding import create_backend
+    from ..settings import load_settings
+
+    es = eval_settings_from(args)
+    if not (es.audio_dir / "test-other").is_dir():
+        logger.error("%s has no test-other/ folder (LibriSpeech layout expected)", es.audio_dir)
+        return 2
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.model:
+        overrides.setdefault("embedding", {})["model"] = args.model
+    if args.backend:
+        overrides.setdefault("embedding", {})["backend"] = args.backend
+    settings = load_settings(Path(args.config) if args.config else None, overrides)
+    bundle = resolve_bundle(settings.embedding.model)
+    backend = create_backend(bundle, settings.embedding.backend, threads=settings.embedding.threads,
+                             coreml_compute_units=settings.embedding.coreml_compute_units)
+    out = Path(args.out)
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="speakerd-eval-") as tmp:
+            work = out / "audio" if args.keep_audio else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            report = evaluate(es, settings, bundle, backend, out, work)
+    finally:
+        backend.close()
+    report.update({
+        "model": bundle.name,
+        "fingerprint": bundle.fingerprint,
+        "backend": backend.name,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(es).items()},
+        "settings": {"windows": dataclasses.asdict(settings.windows), "matching": dataclasses.asdict(settings.matching),
+                     "tracker": dataclasses.asdict(settings.tracker), "vad": dataclasses.asdict(settings.vad)},
+        "arguments": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
+                      for k, v in vars(args).items() if k != "func"},
+        "elapsed_s": time.perf_counter() - started,
+    })
+    paths = write_outputs(report, out)
+    print(paths["markdown"].read_text())
+    logger.info("wrote %s", ", ".join(str(p) for p in paths.values()))
+    return 0

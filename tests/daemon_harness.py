@@ -1,0 +1,103 @@
+"""Running the real ``speakerd`` CLI as a subprocess on conversations built from ../shared speech."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from speakerd.evaluation.conversation import (
+    Conversation,
+    ConversationSettings,
+    build_conversation,
+    librispeech_speakers,
+    split_enrollment,
+)
+from speakerd.evaluation.metrics import Segment, attribution_accuracy, change_scores
+
+REPO = Path(__file__).resolve().parents[1]
+CLI_TIMEOUT_S = 300.0
+ENROLL_CLIPS = 3
+
+
+def speakerd(*args: str, timeout: float = CLI_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """The CLI as a user runs it (same interpreter, package from this checkout)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "daemon") + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run(
+        [sys.executable, "-m", "speakerd.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"speakerd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def popen_speakerd(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "daemon") + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-m", "speakerd.cli", *args], text=True, env=env, **kwargs)
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    store: Path
+    names: dict[str, str]
+    """LibriSpeech speaker id -> enrolled name."""
+    conversation_clips: dict[str, list[Path]]
+    """Clips never used for enrollment, per speaker."""
+
+
+def enroll_speakers(librispeech: Path, store: Path, speakers: list[str]) -> Enrolled:
+    clips = librispeech_speakers(librispeech)
+    enroll, rest = split_enrollment(clips, ENROLL_CLIPS)
+    names = {}
+    for spk in speakers:
+        name = f"reader-{spk}"
+        speakerd("enroll", name, *map(str, enroll[spk]), "--store", str(store))
+        names[spk] = name
+    return Enrolled(store, names, rest)
+
+
+def make_conversation(enrolled: Enrolled, speakers: list[str], path: Path, **settings: Any) -> Conversation:
+    conv = build_conversation({s: enrolled.conversation_clips[s] for s in speakers}, ConversationSettings(**settings))
+    conv.write(path)
+    return conv
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class Scores:
+    accuracy: float
+    precision: float
+    recall: float
+    median_latency: float
+    true_changes: int
+    reported_changes: int
+
+
+def score_events(conv: Conversation, events: list[dict[str, Any]], names: dict[str, str], offset: float = 0.0) -> Scores:
+    """Identification and change figures; ``offset`` moves event times onto the conversation's clock."""
+    segments = [
+        Segment(e["start"] - offset, e["end"] - offset, e["speaker"]["name"] or "")
+        for e in events
+        if e["type"] == "speaker.segment"
+    ]
+    changes = [
+        e["stream_time"] - offset for e in events if e["type"] == "speaker.change" and e["previous"] is not None
+    ]
+    cs = change_scores([t for t, _, _ in conv.changes()], changes, before=0.5, after=3.0)
+    return Scores(
+        attribution_accuracy(conv.turns, segments, names, conv.duration),
+        cs.precision,
+        cs.recall,
+        cs.median_latency,
+        cs.true_changes,
+        cs.reported_changes,
+    )
