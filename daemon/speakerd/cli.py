@@ -220,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"speakerd {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v for debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon in the foreground", description="Run the daemon in the foreground; SIGTERM or Ctrl-C stops it cleanly.")
@@ -288,7 +289,7 @@ def _configure_logging(verbose: int) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(-1 if args.quiet else args.verbose)
     try:
         return int(args.func(args) or 0)
     except ConfigError as exc:
