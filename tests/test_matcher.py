@@ -246,7 +246,7 @@ def test_add_remove_rename_in_memory(rng: np.random.Generator) -> None:
 
 def test_verify_is_exact_over_the_speakers_embeddings(rng: np.random.Generator) -> None:
     centres, embs = clusters(rng, speakers=5, per=6)
-    index = build(embs, MatchSettings(threshold=0.6, top_k=2))
+    index = build(embs, MatchSettings(threshold=0.6, top_k=2, score="top3"))
     for s in range(5):
         probe = centres[s]
         exact = dict(brute(embs, probe, "top3"))
