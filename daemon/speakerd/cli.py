@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ examples:
   speakerd run                                    listen to the default microphone
   speakerd run --source file:meeting.wav --no-realtime --events-out -
   speakerd listen                                 print events from a running daemon
+  speakerd service install --dry-run              show the login service it would install
 """
 
 
@@ -87,46 +86,22 @@ def _add_common(p: argparse.ArgumentParser, *, store: bool = True, model: bool =
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .embedding.worker import EmbeddingSettings  # noqa: F401 - settings types load with the pipeline
-    from .matcher import SpeakerIndex
-    from .pipeline import Pipeline
-    from .publisher import EventPublisher
-    from .sources import open_source
+    from .daemon import Daemon, exit_process
 
-    settings = _settings(args, source=args.source, realtime=args.realtime)
-    bundle, store = _open_store(args, settings)
-    with store:
-        index = SpeakerIndex.from_store(store, settings.matching)
-        source = open_source(settings.daemon.source, settings.audio, realtime=settings.daemon.realtime)
-        live = not settings.daemon.source.startswith("file:") and not Path(settings.daemon.source).is_file()
-        backend = _backend(bundle, settings)
-        logger.info(
-            "model %s (%s), backend %s, %d enrolled speaker(s), source %s",
-            bundle.name,
-            bundle.fingerprint,
-            backend.name,
-            len(index.speakers),
-            settings.daemon.source,
-        )
-        stop = threading.Event()
-        _install_stop_signals(stop)
-        with EventPublisher(settings.publish) as publisher:
-            logger.info("publishing on %s", publisher.bound_endpoint)
-            pipeline = Pipeline(
-                settings, bundle=bundle, backend=backend, matcher=index, publisher=publisher, live=live
-            )
-            pipeline.run(source, stop)
-        backend.close()
-    return 0
+    def load():  # noqa: ANN202 - Settings; re-run on SIGHUP with the same command-line overrides
+        return _settings(args, source=args.source, realtime=args.realtime)
+
+    settings = load()
+    if args.verbose == 0:
+        logging.getLogger().setLevel(settings.daemon.log_level.upper())
+    code = Daemon(settings, store_dir=_store_dir(args, settings), load_settings=load).run()
+    exit_process(code)  # a clean stop must not wait on interpreter teardown (see exit_process)
 
 
-def _install_stop_signals(stop: threading.Event) -> None:
-    def handler(signum: int, _frame: object) -> None:
-        logger.info("%s: stopping", signal.Signals(signum).name)
-        stop.set()
+def cmd_service(args: argparse.Namespace) -> int:
+    from .service import main_service
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
+    return main_service(args)
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
@@ -261,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_listen_arguments(listen)
     listen.set_defaults(func=cmd_listen)
 
+    service = sub.add_parser(
+        "service",
+        help="install, uninstall or check the login service (launchd agent on macOS, systemd user unit elsewhere)",
+        description="Run speakerd at login as a user service that restarts it after a crash, not after a clean exit.",
+    )
+    from .service import add_service_arguments
+
+    add_service_arguments(service)
+    service.set_defaults(func=cmd_service)
+
     devices = sub.add_parser("devices", help="list audio input devices")
     devices.set_defaults(func=cmd_devices)
 
@@ -270,13 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("build", help="build a bundle from its packaged source (e.g. ge2e-resemblyzer)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--out", metavar="DIR", help="bundle directory (default models/NAME)")
-    p = msub.add_parser("convert", help="convert a checkpoint into a bundle")
+    p = msub.add_parser("convert", help="convert a checkpoint into a bundle (ONNX + CoreML + manifest)")
     p.add_argument("family", choices=("wespeaker",))
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a WeSpeaker model directory or a pyannote pytorch_model.bin")
-    p.add_argument("--out", metavar="DIR", help="bundle directory (default models/wespeaker-resnet34)")
+    from .models.wespeaker.convert import add_convert_arguments
+    from .models.wespeaker.fetch import add_fetch_arguments
+
+    add_convert_arguments(p)
     p = msub.add_parser("fetch", help="download an official checkpoint and convert it (needs internet)")
     p.add_argument("name", choices=("wespeaker-resnet34",))
-    p.add_argument("--out", metavar="DIR")
+    add_fetch_arguments(p)
     models.set_defaults(func=cmd_models)
     return parser
 
