@@ -136,6 +136,8 @@ def load_bundle(path: Path) -> ModelBundle:
         raise BundleError(f"no {MANIFEST} in {path}: not a model bundle") from None
     except json.JSONDecodeError as exc:
         raise BundleError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{manifest_path}: must be a JSON object, not {type(data).__name__}")
     if data.get("format") != MANIFEST_FORMAT:
         raise BundleError(f"{manifest_path}: unsupported manifest format {data.get('format')!r}")
     try:
@@ -154,6 +156,8 @@ def load_bundle(path: Path) -> ModelBundle:
         )
     except KeyError as exc:
         raise BundleError(f"{manifest_path}: missing key {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{manifest_path}: bad value: {exc}") from None
 
 
 def write_manifest(bundle: ModelBundle) -> Path:

@@ -174,7 +174,9 @@ class EmbeddingWorker:
     def _embed_run(self, windows: list[Window]) -> list[EmbeddedWindow]:
         feats = np.stack([w.feats for w in windows])
         try:
-            embs = self._embed(feats)
+            embs = np.asarray(self._embed(feats))
+            if embs.ndim != 2 or len(embs) != len(windows):
+                raise ValueError(f"embed returned shape {embs.shape} for {len(windows)} window(s)")
         except Exception as exc:  # noqa: BLE001 - a backend failure costs these windows, not the daemon
             self.counters["embed_errors"] += len(windows)
             kind = type(exc).__name__
