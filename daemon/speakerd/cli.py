@@ -178,6 +178,18 @@ def cmd_models(args: argparse.Namespace) -> int:
     raise AssertionError(args.action)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation.evaluate import main_eval
+
+    return main_eval(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import main_bench
+
+    return main_bench(args)
+
+
 def cmd_listen(args: argparse.Namespace) -> int:
     from .listen import main_listen
 
@@ -245,6 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_service_arguments(service)
     service.set_defaults(func=cmd_service)
+
+    from .bench import add_bench_arguments
+    from .evaluation.evaluate import add_eval_arguments
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="measure identification, DER and change detection on conversations built from per-speaker clips",
+        description="Build reproducible conversations from AUDIO_DIR (LibriSpeech layout), enroll speakers from "
+        "other clips, run the real pipeline through the file source and report DER, identification, "
+        "change and latency figures as JSON, Markdown and plots.",
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+    bench = sub.add_parser("bench", help="measure the cost of every stage, real-time factor, ms per window, CPU and memory")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
 
     devices = sub.add_parser("devices", help="list audio input devices")
     devices.set_defaults(func=cmd_devices)

@@ -100,22 +100,6 @@ class Meeting:
         return self.names.get(speaker, speaker)
 
 
-class RecordingMatcher:
-    """The real index, keeping every embedding it matched so windows can be scored against everyone.
-
-    The pipeline calls ``match`` once per batch, in window order, and hands the same windows to
-    ``on_window`` in that order, so ``embeddings[i]`` belongs to ``FileRun.windows[i]``.
-    """
-
-    def __init__(self, index: Any) -> None:
-        self.index = index
-        self.embeddings: list[np.ndarray] = []
-
-    def match(self, embs: np.ndarray) -> list[Any]:
-        self.embeddings.extend(np.array(embs, dtype=np.float32, copy=True))
-        return self.index.match(embs)
-
-
 # -- truth and output as labelled intervals -----------------------------------------------------------
 
 
@@ -123,10 +107,24 @@ def reference_intervals(meeting: Meeting) -> list[Labelled]:
     return [(a, b, meeting.label(t.speaker)) for t in meeting.conversation.turns for a, b in t.speech]
 
 
+PROVISIONAL_PREFIX = "(daemon) "
+"""Marks the daemon's provisional speaker ids (``unknown-3``) apart from the reference's unknown voices."""
+
+
+def hypothesis_label(speaker: dict[str, Any]) -> str:
+    """An enrolled name; else a provisional speaker, a cluster DER maps by assignment; else unknown."""
+    if speaker.get("known") and speaker.get("name"):
+        return str(speaker["name"])
+    return PROVISIONAL_PREFIX + speaker["id"] if speaker.get("id") else UNKNOWN_LABEL
+
+
+def named_label(speaker: dict[str, Any]) -> str:
+    """The name, or unknown for anyone not enrolled (provisional speakers included)."""
+    return str(speaker["name"]) if speaker.get("known") and speaker.get("name") else UNKNOWN_LABEL
+
+
 def hypothesis_intervals(run: FileRun) -> list[Labelled]:
-    return [
-        (e["start"], e["end"], e["speaker"]["name"] or UNKNOWN_LABEL) for e in run.events if e["type"] == "speaker.segment"
-    ]
+    return [(e["start"], e["end"], hypothesis_label(e["speaker"])) for e in run.events if e["type"] == "speaker.segment"]
 
 
 def true_changes(meeting: Meeting) -> list[float]:
@@ -165,7 +163,8 @@ def reported_changes(run: FileRun) -> tuple[list[float], list[float]]:
     """(estimated change points ``at``, decision times ``stream_time``) of every announced change of label.
 
     The first announcement of the stream is no change; an event that repeats the current label (a
-    confirmation of a tentative change) is no new one.
+    confirmation of a tentative change) is no new one. Provisional speakers all count as unknown,
+    as in ``true_changes``.
     """
     at: list[float] = []
     decided: list[float] = []
@@ -173,7 +172,7 @@ def reported_changes(run: FileRun) -> tuple[list[float], list[float]]:
     for e in run.events:
         if e["type"] != "speaker.change":
             continue
-        label = e["speaker"]["name"] or UNKNOWN_LABEL
+        label = named_label(e["speaker"])
         if current is not None and label != current:
             at.append(float(e["at"]))
             decided.append(float(e["stream_time"]))
@@ -192,8 +191,8 @@ def window_trials(
     Every pure window is scored against every enrolled speaker over all of their embeddings
     (``SpeakerIndex.score_of``), the same score the matcher's verdict uses.
     """
-    if len(embeddings) != len(run.windows):
-        raise RuntimeError(f"{len(embeddings)} embeddings recorded for {len(run.windows)} windows")
+    if len(embeddings) != len(run.windows) or any(e is None for e in embeddings):
+        raise RuntimeError(f"{len(embeddings)} embeddings for {len(run.windows)} windows: every window needs one")
     speakers = index.speakers  # id -> name
     ref = reference_intervals(meeting)
     targets: list[float] = []
@@ -268,7 +267,8 @@ def score_meeting(meeting: Meeting, run: FileRun, embeddings: Sequence[np.ndarra
     hyp = hypothesis_intervals(run)
     enrolled_names = set(meeting.names.values())
     der = diarization_error(ref, hyp, collar=es.collar_s, fixed=enrolled_names, uem=(0.0, conv.duration))
-    segments = [Segment(a, b, "" if lab == UNKNOWN_LABEL else lab) for a, b, lab in hyp]
+    segments = [Segment(a, b, lab if lab in enrolled_names else "") for a, b, lab in hyp]
+    unnamed = {lab for *_, lab in hyp if lab not in enrolled_names}
     ident = attribution_accuracy(conv.turns, segments, meeting.names, conv.duration)
     enrolled_s = sum(b - a for a, b, lab in ref if lab in enrolled_names)
     unknown_labels = {lab for *_, lab in ref if lab not in enrolled_names}
@@ -282,7 +282,7 @@ def score_meeting(meeting: Meeting, run: FileRun, embeddings: Sequence[np.ndarra
     for name in enrolled_names:
         right, speech_s = speech_share_labelled(ref, hyp, {name}, {name})
         other, _ = speech_share_labelled(ref, hyp, {name}, enrolled_names - {name})
-        unk, _ = speech_share_labelled(ref, hyp, {name}, {UNKNOWN_LABEL})
+        unk, _ = speech_share_labelled(ref, hyp, {name}, unnamed)
         enrolled_as["right"] += right
         enrolled_as["other_name"] += other
         enrolled_as["unknown"] += unk
@@ -423,11 +423,10 @@ def evaluate(es: EvalSettings, settings: Any, bundle: Any, backend: Any, out: Pa
         by_condition: dict[str, list[MeetingScore]] = {}
         per_meeting: list[dict[str, Any]] = []
         for meeting in meetings:
-            recorder = RecordingMatcher(index)
             started = time.perf_counter()
-            run = run_file(meeting.wav, s_len, bundle=bundle, backend=backend, matcher=recorder)
+            run = run_file(meeting.wav, s_len, bundle=bundle, backend=backend, matcher=index)
             elapsed = time.perf_counter() - started
-            score = score_meeting(meeting, run, recorder.embeddings, index, es, elapsed)
+            score = score_meeting(meeting, run, [mw.embedding for mw in run.windows], index, es, elapsed)
             by_condition.setdefault(meeting.condition, []).append(score)
             row = aggregate([score])
             per_meeting.append({"condition": meeting.condition, "meeting": meeting.index, **{k: row[k] for k in (

@@ -1,0 +1,38 @@
+"""``speakerd bench --seconds 5 --json``: every figure present and positive (speed is measured, not asserted)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from speakerd.bench import BATCH_SIZES, WINDOW_LENGTHS_S, add_bench_arguments, main_bench
+
+STAGES = ("capture_resample", "vad", "fbank_windows", "embedding", "match", "publish")
+
+
+@pytest.mark.slow
+def test_bench_json_smoke(librispeech: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["--seconds", "5", "--json", "--audio-seconds", "20", "--repeats", "3",
+                              "--model", "ge2e-resemblyzer", "--data", str(librispeech)])
+    assert main_bench(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    stages = result["stages"]["ge2e-resemblyzer"]
+    for key in STAGES:
+        assert stages[key] > 0, key
+    assert stages["total_stages"] == pytest.approx(sum(stages[k] for k in STAGES))
+    assert stages["windows"] > 10 and stages["enrolled_speakers"] == 5
+    pipe = result["pipeline"]["ge2e-resemblyzer"]
+    assert pipe["no_realtime"]["real_time_factor"] > 0 and pipe["no_realtime"]["audio_s"] == pytest.approx(20, abs=0.1)
+    rt = pipe["realtime"]
+    assert rt["audio_s"] == pytest.approx(5, abs=0.1)
+    assert rt["wall_s"] >= 4.5  # paced in real time, not read as fast as possible
+    assert rt["cpu_percent_mean"] > 0 and rt["rss_mb_max"] > 0
+    grid = {(r["window_s"], r["batch"]) for r in result["per_window"] if r["model"] == "ge2e-resemblyzer"}
+    assert grid == {(w, b) for w in WINDOW_LENGTHS_S for b in BATCH_SIZES}
+    assert all(r["ms_per_window"] > 0 for r in result["per_window"])
+    assert result["sherpa_anchor"] is None or all(r["ratio"] > 0 for r in result["sherpa_anchor"])
