@@ -15,7 +15,6 @@ import logging
 from math import gcd
 
 import numpy as np
-from scipy.signal import firwin
 
 from .audio import SAMPLE_RATE
 
@@ -30,6 +29,8 @@ HALF_LEN_PER_RATE = 10
 
 def design_filter(up: int, down: int) -> np.ndarray:
     """The low-pass FIR ``resample_poly`` uses for ``up/down``, gain ``up`` (zero stuffing loses it)."""
+    from scipy.signal import firwin  # only when a rate differs: importing scipy.signal costs ~1 s of start-up
+
     max_rate = max(up, down)
     half_len = HALF_LEN_PER_RATE * max_rate
     return firwin(2 * half_len + 1, 1.0 / max_rate, window=("kaiser", KAISER_BETA)) * up
