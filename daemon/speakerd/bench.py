@@ -353,7 +353,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     from .bundle import BundleError, resolve_bundle
-    from .embedding import create_backend
+    from .embedding import backend_for
     from .settings import load_settings
 
     settings = load_settings(Path(args.config) if args.config else None)
@@ -390,7 +390,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         for bundle in bundles:
             backends = args.backend or _available_backends(bundle)
             for kind in backends:
-                backend = create_backend(bundle, kind, threads=settings.embedding.threads)
+                backend = backend_for(bundle, dataclasses.replace(settings.embedding, backend=kind), settings.windows)
                 try:
                     result["per_window"] += bench_windows(audio, settings, bundle, backend, args.repeats, bar)
                     if kind != backends[0]:

@@ -92,3 +92,22 @@ def create_backend(
     from .onnx_backend import OnnxBackend
 
     return OnnxBackend(bundle, threads=threads)
+
+
+class EmbeddingChoice(Protocol):
+    """The embedding settings a backend is made from (``EmbeddingSettings``)."""
+
+    backend: str
+    threads: int
+    coreml_compute_units: str
+
+
+def backend_for(bundle: ModelBundle, embedding: EmbeddingChoice, windows: WindowLengths) -> EmbeddingBackend:
+    """The backend the settings ask for, checked against the windows the daemon will feed it."""
+    return create_backend(
+        bundle,
+        embedding.backend,
+        threads=embedding.threads,
+        coreml_compute_units=embedding.coreml_compute_units,
+        window_frames=window_frame_counts(windows, bundle.features, bundle.sample_rate),
+    )

@@ -608,7 +608,7 @@ def eval_settings_from(args: argparse.Namespace) -> EvalSettings:
 
 def main_eval(args: argparse.Namespace) -> int:
     from ..bundle import resolve_bundle
-    from ..embedding import create_backend
+    from ..embedding import backend_for
     from ..settings import load_settings
 
     es = eval_settings_from(args)
@@ -622,8 +622,7 @@ def main_eval(args: argparse.Namespace) -> int:
         overrides.setdefault("embedding", {})["backend"] = args.backend
     settings = load_settings(Path(args.config) if args.config else None, overrides)
     bundle = resolve_bundle(settings.embedding.model)
-    backend = create_backend(bundle, settings.embedding.backend, threads=settings.embedding.threads,
-                             coreml_compute_units=settings.embedding.coreml_compute_units)
+    backend = backend_for(bundle, settings.embedding, settings.windows)
     out = Path(args.out)
     started = time.perf_counter()
     try:
