@@ -89,8 +89,13 @@ def score_events(conv: Conversation, events: list[dict[str, Any]], names: dict[s
         for e in events
         if e["type"] == "speaker.segment"
     ]
+    # confirmed changes: a tentative one is an early announcement that a confirmed one supersedes
+    # (and a confirmed change back to the same speaker withdraws a tentative one)
     changes = [
-        e["stream_time"] - offset for e in events if e["type"] == "speaker.change" and e["previous"] is not None
+        e["stream_time"] - offset
+        for e in events
+        if e["type"] == "speaker.change" and e["previous"] is not None and not e["tentative"]
+        and e["speaker"] != e["previous"]
     ]
     cs = change_scores([t for t, _, _ in conv.changes()], changes, before=0.5, after=3.0)
     return Scores(

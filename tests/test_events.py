@@ -17,6 +17,9 @@ from speakerd.events import (
     SpeakerSegment,
     SpeechEnd,
     SpeechStart,
+    Heartbeat,
+    SpeakerMerged,
+    SpeakerRenamed,
     Status,
     decode_payload,
     encode_event,
@@ -44,6 +47,9 @@ EXAMPLES = {
         counters={"windows": 120, "embedded": 118, "dropped_windows": 2, "overflows": 0, "published": 40},
         queue_depth={"audio": 0, "embed": 1},
     ),
+    "speaker.renamed": SpeakerRenamed(old=SpeakerRef("unknown-2", None, False), new=ALICE),
+    "speaker.merged": SpeakerMerged(old=SpeakerRef("unknown-3", None, False), new=SpeakerRef("unknown-1", None, False), cause="clustering"),
+    "heartbeat": Heartbeat(interval_s=1.0, uptime_s=12.5, subscriptions=2),
 }
 
 

@@ -45,6 +45,8 @@ def _settings(args: argparse.Namespace, **daemon: Any):  # noqa: ANN202
         overrides["publish"] = {"endpoint": args.pub}
     if getattr(args, "events_out", None):
         overrides.setdefault("publish", {})["events_out"] = args.events_out
+    if getattr(args, "control", None):
+        overrides["control"] = {"endpoint": args.control}
     return load_settings(Path(args.config) if getattr(args, "config", None) else None, overrides)
 
 
@@ -64,14 +66,9 @@ def _open_store(args: argparse.Namespace, settings):  # noqa: ANN001, ANN202
 
 
 def _backend(bundle, settings):  # noqa: ANN001, ANN202
-    from .embedding import create_backend
+    from .embedding import backend_for
 
-    return create_backend(
-        bundle,
-        settings.embedding.backend,
-        threads=settings.embedding.threads,
-        coreml_compute_units=settings.embedding.coreml_compute_units,
-    )
+    return backend_for(bundle, settings.embedding, settings.windows)
 
 
 def _add_common(p: argparse.ArgumentParser, *, store: bool = True, model: bool = True) -> None:
@@ -127,7 +124,15 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_speakers(args: argparse.Namespace) -> int:
+    from .control import DAEMON_ONLY_ACTIONS, ControlClient, speakers_via_daemon
+
     settings = _settings(args)
+    if not args.offline:  # a running daemon first: it must see the change, and it owns the stream
+        client = ControlClient(settings.control.resolved_endpoint, timeout_s=settings.control.client_timeout_s)
+        if client.daemon_is_up():
+            return speakers_via_daemon(client, args)
+    if args.action in DAEMON_ONLY_ACTIONS:
+        raise SpeakerdError(f"`speakers {args.action}` needs a running daemon; none answers on {settings.control.resolved_endpoint}")
     _, store = _open_store(args, settings)
     with store:
         if args.action == "list":
@@ -142,6 +147,28 @@ def cmd_speakers(args: argparse.Namespace) -> int:
         elif args.action == "remove":
             s = store.remove(args.name)
             print(f"removed {s.name} ({s.id}) and its {s.num_embeddings} embeddings")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from .bundle import resolve_bundle
+    from .calibrate import main_calibrate
+
+    settings = _settings(args)
+    bundle = resolve_bundle(settings.embedding.model)
+    backend = _backend(bundle, settings)
+    try:
+        return main_calibrate(args, settings, bundle, backend.embed)
+    finally:
+        backend.close()
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from .security import SERVER, default_keys_dir, generate_keypair
+
+    directory = Path(args.dir).expanduser() if args.dir else default_keys_dir()
+    public, secret = generate_keypair(directory, args.name or SERVER)
+    print(f"wrote {public} and {secret} (0600, in a 0700 directory)")
     return 0
 
 
@@ -220,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--backend", choices=("auto", "onnx", "coreml"), help="embedding backend (default auto)")
     run.add_argument("--pub", metavar="ENDPOINT", help="ZeroMQ PUB endpoint (default tcp://127.0.0.1:5560)")
     run.add_argument("--events-out", metavar="PATH|-", help="also write every event as a JSON line to PATH or stdout")
+    run.add_argument("--control", metavar="ENDPOINT", help="control socket (default ipc://<runtime dir>/control.sock)")
     run.set_defaults(func=cmd_run)
 
     enroll = sub.add_parser("enroll", help="enroll a speaker from recordings", description="Enroll NAME from one or more recordings of that person alone (any format soundfile reads).")
@@ -240,6 +268,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = ssub.add_parser("remove", help="forget a speaker and every embedding of theirs")
     p.add_argument("name", metavar="NAME")
     _add_common(p)
+    p = ssub.add_parser("enroll", help="enroll NAME from the live stream (needs a running daemon)")
+    p.add_argument("name", metavar="NAME")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--last", metavar="SECONDS", type=float, help="the last SECONDS of speech were NAME")
+    how.add_argument("--from", dest="source_id", metavar="ID", help="provisional speaker ID (e.g. unknown-2) is NAME")
+    _add_common(p)
+    p = ssub.add_parser("merge", help="SOURCE is the same voice as TARGET (needs a running daemon)")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("target", metavar="TARGET")
+    _add_common(p)
+    for action, what in (("status", "the running daemon's status"), ("reload", "make the daemon re-read its settings and speakers")):
+        _add_common(ssub.add_parser(action, help=what))
+    for p in ssub.choices.values():
+        p.add_argument("--control", metavar="ENDPOINT", help="the daemon's control socket (default: control.endpoint)")
+        p.add_argument("--offline", action="store_true", help="use the store directly even if a daemon runs")
     speakers.set_defaults(func=cmd_speakers)
 
     listen = sub.add_parser("listen", help="print events from a running daemon (the reference subscriber)")
@@ -273,6 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure the cost of every stage, real-time factor, ms per window, CPU and memory")
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="measure false accepts / rejects on your recordings and choose thresholds",
+        description="Enroll known people in memory, score held-out and never-enrolled recordings, "
+        "print false-accept / false-reject tables and write the chosen thresholds (see docs/calibration.md).",
+    )
+    from .calibrate import add_calibrate_arguments
+
+    add_calibrate_arguments(calibrate)
+    _add_common(calibrate, store=False)
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    keys = sub.add_parser("keys", help="generate CURVE keys for non-loopback endpoints")
+    ksub = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = ksub.add_parser("generate", help="a key pair, 0600 in a 0700 directory")
+    p.add_argument("--dir", metavar="DIR", help="key directory (default: <data dir>/keys)")
+    p.add_argument("--name", metavar="NAME", help="key name (default: server; use another for a client)")
+    keys.set_defaults(func=cmd_keys)
 
     devices = sub.add_parser("devices", help="list audio input devices")
     devices.set_defaults(func=cmd_devices)

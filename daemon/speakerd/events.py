@@ -111,9 +111,9 @@ def _s(x: float) -> float:
 
 @dataclass(frozen=True)
 class SpeakerRef:
-    """Who: an enrolled speaker (known, with id and name) or unknown speech (all None, known False).
-
-    ``known`` implies an ``id``; a later issue may give unknown voices provisional ids.
+    """Who: an enrolled speaker (known, with id and name), a provisional speaker (an unknown voice
+    clustered in this session: ``id`` like ``unknown-3``, no name, known False), or unknown speech
+    not yet clustered (all None, known False). ``known`` implies an ``id``.
     """
 
     id: str | None
@@ -322,9 +322,77 @@ class Status:
         )
 
 
-Payload = SpeechStart | SpeechEnd | SpeakerChange | SpeakerSegment | Status
+MERGE_CAUSES = ("clustering", "enrolled_match", "control")
+
+
+@dataclass(frozen=True)
+class SpeakerRenamed:
+    """Earlier events' ``old`` speaker is ``new``: rewrite them (a name given or changed; a
+    provisional speaker enrolled under a new name gets an enrolled id). Later events carry ``new``."""
+
+    TOPIC: ClassVar[str] = "speaker.renamed"
+    old: SpeakerRef
+    new: SpeakerRef
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"old": self.old.to_dict(), "new": self.new.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SpeakerRenamed:
+        return _build(cls, old=_ref(d, "old"), new=_ref(d, "new"))
+
+
+@dataclass(frozen=True)
+class SpeakerMerged:
+    """Speaker ``old`` was the same voice as ``new``: rewrite earlier events; ``old.id`` is not used
+    again. ``cause``: ``clustering`` (two provisional speakers), ``enrolled_match`` (a provisional
+    speaker matched an enrolled one) or ``control`` (a user said so)."""
+
+    TOPIC: ClassVar[str] = "speaker.merged"
+    old: SpeakerRef
+    new: SpeakerRef
+    cause: str
+
+    def __post_init__(self) -> None:
+        if self.cause not in MERGE_CAUSES:
+            raise ValueError(f"cause must be one of {', '.join(MERGE_CAUSES)}, got {self.cause!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"old": self.old.to_dict(), "new": self.new.to_dict(), "cause": self.cause}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> SpeakerMerged:
+        return _build(cls, old=_ref(d, "old"), new=_ref(d, "new"), cause=_str(d, "cause"))
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Sent on the wall clock after ``interval_s`` without any other event (while anyone subscribes),
+    so a subscriber can tell a dead daemon from a quiet room within about two intervals. ``subscriptions`` is how many topic
+    subscriptions the daemon sees (XPUB; a subscriber to two prefixes counts twice)."""
+
+    TOPIC: ClassVar[str] = "heartbeat"
+    interval_s: float
+    uptime_s: float
+    subscriptions: int
+
+    def __post_init__(self) -> None:
+        _finite(type(self), interval_s=self.interval_s, uptime_s=self.uptime_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"interval_s": _t(self.interval_s), "uptime_s": _t(self.uptime_s), "subscriptions": int(self.subscriptions)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Heartbeat:
+        return _build(
+            cls, interval_s=_num(d, "interval_s"), uptime_s=_num(d, "uptime_s"), subscriptions=_int(d, "subscriptions")
+        )
+
+
+Payload = SpeechStart | SpeechEnd | SpeakerChange | SpeakerSegment | Status | SpeakerRenamed | SpeakerMerged | Heartbeat
 PAYLOAD_TYPES: dict[str, type[Payload]] = {
-    cls.TOPIC: cls for cls in (SpeechStart, SpeechEnd, SpeakerChange, SpeakerSegment, Status)
+    cls.TOPIC: cls
+    for cls in (SpeechStart, SpeechEnd, SpeakerChange, SpeakerSegment, Status, SpeakerRenamed, SpeakerMerged, Heartbeat)
 }
 
 

@@ -20,7 +20,10 @@ from .events import (
     ENVELOPE_FIELDS,
     PAYLOAD_TYPES,
     EventError,
+    Heartbeat,
     SpeakerChange,
+    SpeakerMerged,
+    SpeakerRenamed,
     SpeakerSegment,
     SpeechEnd,
     SpeechStart,
@@ -81,6 +84,12 @@ def format_event(event: dict[str, Any]) -> str:
         return f"{t}  speech.start  {payload.start:.2f}s"
     if isinstance(payload, SpeechEnd):
         return f"{t}  speech.end  {payload.start:.2f}-{payload.end:.2f}s"
+    if isinstance(payload, SpeakerRenamed):
+        return f"{t}  speaker.renamed  {payload.old.label} -> {payload.new.label}"
+    if isinstance(payload, SpeakerMerged):
+        return f"{t}  speaker.merged  {payload.old.label} -> {payload.new.label} ({payload.cause})"
+    if isinstance(payload, Heartbeat):
+        return f"{t}  heartbeat  up {payload.uptime_s:.0f}s  {payload.subscriptions} subscription(s)"
     assert isinstance(payload, Status)
     counters = " ".join(f"{k}={v}" for k, v in sorted(payload.counters.items()))
     queues = " ".join(f"{k}={v}" for k, v in sorted(payload.queue_depth.items()))

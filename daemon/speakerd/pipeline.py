@@ -7,11 +7,12 @@ events leave in stream order; and the publisher's socket thread.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,14 +22,19 @@ from .audio import SAMPLE_RATE, AudioChunk, seconds, to_samples
 from .bundle import ModelBundle
 from .embedding.worker import EmbeddedWindow, EmbeddingWorker
 from .settings import Settings
-from .tracker import Decision, MatchedWindow, SpeakerTracker
+from .provisional import ProvisionalSpeakers, Relabel
+from .tracker import UNKNOWN, Decision, MatchedWindow, SpeakerTracker
 from .vad import SpeechEnd, SpeechStart, VadSegmenter
 from .windows import SpeechWindower
 
 logger = logging.getLogger(__name__)
 
+FINAL_STATUS_DRAIN_S = 0.5
+"""How long the final status waits for earlier events to reach the socket, so its counts are exact."""
 SOURCE_POLL_S = 0.2
 """How long the main loop waits for audio before it checks for a stop request."""
+FAULT_COUNTERS = ("device_errors", "reconnects")
+"""Source counters whose change is published at once in a status event (a lost or regained device)."""
 
 
 class Publisher(Protocol):
@@ -69,6 +75,7 @@ class Pipeline:
         publisher: Publisher,
         live: bool,
         on_window: Callable[[MatchedWindow], None] | None = None,
+        extra_counters: Callable[[], Mapping[str, int]] | None = None,
     ) -> None:
         self.settings = settings
         self.bundle = bundle
@@ -77,9 +84,17 @@ class Pipeline:
         self.publisher = publisher
         self._on_window = on_window
         """Sees every matched window (evaluation and calibration); runs on the worker thread."""
+        self._extra_counters = extra_counters
+        """The owner's own counters (e.g. the daemon's reloads), merged into every status event."""
         self.vad = VadSegmenter(settings.vad)
         self.windower = SpeechWindower(settings.windows, bundle.features, bundle.sample_rate)
         self.tracker = SpeakerTracker(settings.tracker, to_samples(settings.windows.hop_s))
+        self.provisional = ProvisionalSpeakers(settings.provisional, bundle.embedding_dim, self._score_enrolled)
+        self._track_lock = threading.RLock()
+        """Held while windows are matched, tracked and published, and while the control plane
+        relabels, so a relabel event and the events after it leave in order."""
+        self._recent: collections.deque[MatchedWindow] = collections.deque()
+        self._last_decided = (0, 0.0)
         self.worker = EmbeddingWorker(
             backend.embed,
             self._on_embedded,
@@ -91,12 +106,18 @@ class Pipeline:
         self._started = time.monotonic()
         self._next_status = 0
         self._source_stats: dict[str, int] = {}
-        self.counters: dict[str, int] = {"speech_regions": 0, "changes": 0, "segments": 0}
+        self.counters: dict[str, int] = {"speech_regions": 0, "changes": 0, "segments": 0, "relabels": 0}
 
     # -- main loop -------------------------------------------------------------------------------
 
-    def run(self, source: Any, stop: threading.Event, *, drain_timeout: float = 10.0) -> None:
-        """Stream until the source is finished or ``stop`` is set, then flush every event."""
+    def run(self, source: Any, stop: threading.Event, *, drain_timeout: float = 10.0,
+            stop_drain_timeout: float | None = None) -> None:
+        """Stream until the source is finished or ``stop`` is set, then flush every event.
+
+        ``drain_timeout`` bounds embedding what is still queued when the source ends;
+        ``stop_drain_timeout`` (default the same) when ``stop`` ended the run, so a stop request
+        finishes within the service manager's patience however long the backlog is.
+        """
         self._started = time.monotonic()
         self._next_status = to_samples(self.settings.daemon.status_interval_s)
         self.worker.start()
@@ -104,18 +125,33 @@ class Pipeline:
             with source:
                 while not stop.is_set():
                     chunk = source.read(SOURCE_POLL_S)
-                    if chunk is None:
-                        if source.finished:
-                            break
-                        continue
-                    self.feed(chunk)
-                    self._source_stats = dict(source.stats())
-                    if chunk.end >= self._next_status:
+                    if chunk is not None:
+                        self.feed(chunk)
+                    if self._update_source_stats(source) or (chunk is not None and chunk.end >= self._next_status):
                         self._publish_status()
-                        self._next_status += to_samples(self.settings.daemon.status_interval_s)
+                        if chunk is not None and chunk.end >= self._next_status:
+                            self._next_status += to_samples(self.settings.daemon.status_interval_s)
+                    if chunk is None and source.finished:
+                        break
                 self._source_stats = dict(source.stats())
         finally:
-            self.finish(drain_timeout)
+            stopped = stop.is_set() and stop_drain_timeout is not None
+            self.finish(stop_drain_timeout if stopped else drain_timeout)
+
+    def _update_source_stats(self, source: Any) -> bool:
+        """Refresh the source's counters; True when a fault counter moved (publish that at once)."""
+        before = self._source_stats
+        self._source_stats = dict(source.stats())
+        return any(self._source_stats.get(k, 0) != before.get(k, 0) for k in FAULT_COUNTERS)
+
+    def swap_matcher(self, matcher: Matcher) -> Matcher:
+        """Use ``matcher`` from the next batch on (a reload); returns the old one.
+
+        Safe from any thread: the worker reads ``self.matcher`` once per batch and an attribute
+        assignment is atomic, so each batch is matched wholly by one matcher or the other.
+        """
+        old, self.matcher = self.matcher, matcher
+        return old
 
     def feed(self, chunk: AudioChunk) -> None:
         self._clock = _Clock(chunk.start, chunk.capture_time)
@@ -132,6 +168,9 @@ class Pipeline:
             self.worker.close(drain_timeout)  # even after an error: a live worker thread would hang exit
         end = self._clock.sample
         self._emit(self.tracker.flush(end, self._clock.wall_of(end)))
+        drain = getattr(self.publisher, "drain", None)
+        if drain is not None:
+            drain(FINAL_STATUS_DRAIN_S)  # so the final status counts every event before it
         self._publish_status()
 
     def _route(self, event: Any) -> None:
@@ -143,16 +182,22 @@ class Pipeline:
     # -- worker thread ---------------------------------------------------------------------------
 
     def _on_embedded(self, items: Sequence[Any]) -> None:
+        with self._track_lock:
+            self._track(items)
+
+    def _track(self, items: Sequence[Any]) -> None:
         windows = [i for i in items if isinstance(i, EmbeddedWindow)]
         if windows:
             matches = self.matcher.match(np.stack([w.embedding for w in windows]))
             for embedded, match in zip(windows, matches, strict=True):
-                matched = MatchedWindow(embedded.window, match)
+                matched = self._open_set(MatchedWindow(embedded.window, match, embedded.embedding))
+                self._remember(matched)
                 if self._on_window is not None:
                     self._on_window(matched)
                 self._emit(self.tracker.process(matched))
             return
         for item in items:
+            self._last_decided = (item.sample, item.wall_time)
             if isinstance(item, SpeechStart):
                 self._publish(ev.SpeechStart(start=seconds(item.sample)), item.sample, item.wall_time)
                 self.tracker.process(item)
@@ -161,6 +206,60 @@ class Pipeline:
                 self._emit(self.tracker.process(item))
                 start = getattr(self, "_region_start", item.sample)
                 self._publish(ev.SpeechEnd(start=seconds(start), end=seconds(item.sample)), item.sample, item.wall_time)
+
+    def _open_set(self, mw: MatchedWindow) -> MatchedWindow:
+        """Give a window no enrolled speaker matched a provisional label, relabelling as clustering says."""
+        w = mw.window
+        self._last_decided = (w.end, w.wall_time)
+        if mw.match.known or mw.embedding is None:
+            return mw
+        found = self.provisional.observe(mw.embedding, w.start, w.end)
+        if found.label is None:
+            return mw
+        if found.minted:
+            self._emit(self.tracker.relabel(UNKNOWN, found.label, w.end, w.wall_time))
+        for r in found.relabels:
+            self._apply(r)
+        margin = found.margin if found.label.known else found.score - mw.match.score  # runner-up: best enrolled
+        return replace(mw, label=found.label, label_score=found.score, label_margin=margin)
+
+    def _score_enrolled(self, embedding: np.ndarray) -> Any:
+        return self.matcher.match(embedding.reshape(1, -1))[0]
+
+    def _remember(self, mw: MatchedWindow) -> None:
+        """Keep recent windows (and embeddings) so "the last 10 s were Alice" can enroll from them."""
+        history = to_samples(self.settings.control.history_s)
+        self._recent.append(mw)
+        while self._recent and self._recent[0].window.end < mw.window.end - history:
+            self._recent.popleft()
+
+    # -- control plane (any thread) ----------------------------------------------------------------
+
+    def recent_windows(self, seconds_back: float) -> list[MatchedWindow]:
+        """Windows that ended within the last ``seconds_back`` seconds of audio, oldest first."""
+        with self._track_lock:
+            if not self._recent:
+                return []
+            horizon = self._recent[-1].window.end - to_samples(seconds_back)
+            return [mw for mw in self._recent if mw.window.start >= horizon]
+
+    def relabel(self, old: ev.SpeakerRef, new: ev.SpeakerRef, cause: str | None = None) -> None:
+        """Publish ``speaker.renamed`` (``cause`` None) or ``speaker.merged``, then make the tracker
+        and later events use ``new``."""
+        with self._track_lock:
+            self._apply(Relabel(old, new, "renamed" if cause is None else cause))
+
+    _CAUSES = {"merged": "clustering", "folded": "enrolled_match", "promoted": "control"}
+
+    def _apply(self, r: Relabel) -> None:
+        sample, wall = self._last_decided
+        if r.kind == "renamed":
+            payload: Any = ev.SpeakerRenamed(old=r.old, new=r.new)
+        else:
+            payload = ev.SpeakerMerged(old=r.old, new=r.new, cause=self._CAUSES.get(r.kind, r.kind))
+        self.counters["relabels"] += 1
+        self._publish(payload, sample, wall)
+        self._emit(self.tracker.relabel(r.old, r.new, sample, wall))
 
     def _emit(self, decisions: list[Decision]) -> None:
         for d in decisions:
@@ -182,6 +281,7 @@ class Pipeline:
             **self.worker.counters,
             **self.counters,
             **{k: v for k, v in self._source_stats.items() if isinstance(v, int)},
+            **(self._extra_counters() if self._extra_counters is not None else {}),
         }
         pub = self.publisher.stats()
         counters.update({k: v for k, v in pub.items() if k != "queue_depth"})

@@ -1,4 +1,9 @@
-"""Publishes events on a ZeroMQ PUB socket without ever making the pipeline wait.
+"""Publishes events on a ZeroMQ XPUB socket without ever making the pipeline wait.
+
+XPUB, not PUB, so the daemon sees subscriptions arrive and leave: it counts them (status,
+heartbeat) and can wait for the first one (``wait_for_subscriber``) instead of sleeping to dodge
+the slow-joiner problem. While anyone subscribes, a heartbeat fills every silence of
+``heartbeat_s`` on the wall clock, so no subscriber goes longer than that without an event.
 
 ``publish()`` only assigns a seq, encodes and appends to a bounded in-process queue; a single owner
 thread creates, uses and closes the socket. Nothing can block the caller: a full queue drops the
@@ -22,7 +27,7 @@ from typing import TextIO
 import zmq
 
 from .errors import SpeakerdError, check
-from .events import FIRST_SEQ, Payload, encode_event, make_event, new_session_id
+from .events import FIRST_SEQ, Heartbeat, Payload, encode_event, make_event, new_session_id
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,8 @@ _LOOPBACK_HOSTS = ("127.", "[::1]", "localhost")
 _START_TIMEOUT_S = 10.0
 """How long start() waits for the thread to report the bind; binding is local, so this is generous."""
 _JOIN_SLACK_S = 1.0
+_SUBSCRIPTION_POLL_S = 0.05
+"""How long the socket thread waits for queued events before it reads subscription messages."""
 
 
 def is_valid_endpoint(endpoint: str) -> bool:
@@ -69,6 +76,11 @@ class PublishSettings:
     """How long close() lets ZeroMQ flush unsent messages."""
     events_out: str | None = None
     """Also append every event as one JSON line to this path; "-" is stdout."""
+    heartbeat_s: float = 2.0
+    """While anyone subscribes, a ``heartbeat`` goes out after this many seconds (wall clock)
+    without any other event; 0 turns them off."""
+    wait_for_subscriber_s: float = 0.0
+    """Before audio starts, wait up to this long for a first subscriber (0: do not wait)."""
 
     def __post_init__(self) -> None:
         check(
@@ -96,6 +108,18 @@ class PublishSettings:
             self.events_out,
             'must be a file path, "-" for stdout, or unset',
         )
+        check(
+            self.heartbeat_s == 0 or 0.1 <= self.heartbeat_s <= 3600,
+            "publish.heartbeat_s",
+            self.heartbeat_s,
+            "must be 0 (off) or within 0.1 to 3600 s",
+        )
+        check(
+            0 <= self.wait_for_subscriber_s <= 86400,
+            "publish.wait_for_subscriber_s",
+            self.wait_for_subscriber_s,
+            "must be within 0 and 86400 s",
+        )
 
 
 class EventPublisher:
@@ -111,6 +135,7 @@ class EventPublisher:
         *,
         session: str | None = None,
         context: zmq.Context | None = None,
+        curve: object | None = None,
     ) -> None:
         self.settings = settings
         self.session = session or new_session_id()
@@ -128,6 +153,12 @@ class EventPublisher:
         self._warned_send_error = False
         self._thread: threading.Thread | None = None
         self._endpoint: str | None = None
+        self._curve = curve
+        self._subscriptions = 0
+        self._last_stream_time = 0.0
+        self._started = time.monotonic()
+        self._last_publish = time.monotonic()
+        self._in_flight = 0
 
     # --- lifecycle ---
 
@@ -147,6 +178,13 @@ class EventPublisher:
         """Bind in the owner thread and wait until it reports success; PublishError if it cannot."""
         if self._thread is not None or self._closed:
             raise RuntimeError("EventPublisher.start() called twice or after close()")
+        from .security import SecurityError, prepare_endpoint
+
+        try:
+            prepare_endpoint(self.settings.endpoint, self._curve, what="publish")
+        except SecurityError as e:
+            raise PublishError(f"cannot publish events on {self.settings.endpoint}: {e}") from None
+        self._started = time.monotonic()
         if self._context is None:
             self._context = zmq.Context()
         ready: Future[str] = Future()
@@ -202,9 +240,14 @@ class EventPublisher:
         The seq is assigned here, so a drop anywhere after this point shows subscribers a gap.
         """
         with self._cond:
+            if isinstance(payload, Heartbeat):
+                stream_time = self._last_stream_time  # the wall clock's event: keep stream time monotone
+            else:
+                self._last_stream_time = max(self._last_stream_time, stream_time)
             event = make_event(
                 payload, seq=self._next_seq, session=self.session, stream_time=stream_time, wall_time=wall_time
             )
+            self._last_publish = time.monotonic()
             data = encode_event(event)
             self._next_seq += 1
             if self._closing:
@@ -225,6 +268,27 @@ class EventPublisher:
             return {"published": self._published, "dropped_events": self._dropped, "queue_depth": len(self._queue)}
 
     @property
+    def subscribers(self) -> int:
+        """Topic subscriptions currently seen on the XPUB socket."""
+        with self._cond:
+            return self._subscriptions
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every event published so far has been handed to the socket (True) or
+        ``timeout`` s pass (False), so a final status can count them all."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._in_flight or self._closed, timeout=timeout)
+
+    def wait_for_subscriber(self, timeout: float) -> bool:
+        """Block until a first subscription arrives (True) or ``timeout`` s pass (False).
+
+        An event published after this returns True reaches that subscriber: no sleep needed."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._subscriptions > 0 or self._closing, timeout=timeout) and (
+                self._subscriptions > 0
+            )
+
+    @property
     def bound_endpoint(self) -> str:
         """The endpoint actually bound (a tcp ``*`` port resolved to the real one)."""
         if self._endpoint is None:
@@ -236,9 +300,12 @@ class EventPublisher:
     def _run(self, ready: Future[str]) -> None:
         assert self._context is not None
         s = self.settings
-        sock = self._context.socket(zmq.PUB)
+        sock = self._context.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, s.hwm)
         sock.setsockopt(zmq.LINGER, s.linger_ms)
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, so the count is exact
+        if self._curve is not None:
+            self._curve.apply_server(sock)  # type: ignore[attr-defined]
         out: TextIO | None = None
         try:
             try:
@@ -268,19 +335,32 @@ class EventPublisher:
 
     def _loop(self, sock: zmq.Socket, out: TextIO | None) -> TextIO | None:
         """Send until closing and drained (or the drain deadline passes); returns events_out if still open."""
+        beat = self.settings.heartbeat_s
         while True:
+            self._read_subscriptions(sock)
+            if beat and self._quiet_for(beat):
+                self.publish(
+                    Heartbeat(interval_s=beat, uptime_s=time.monotonic() - self._started, subscriptions=self.subscribers),
+                    stream_time=0.0,
+                    wall_time=time.time(),
+                )
             with self._cond:
-                self._cond.wait_for(lambda: bool(self._queue) or self._closing)
+                self._cond.wait_for(lambda: bool(self._queue) or self._closing, timeout=_SUBSCRIPTION_POLL_S)
                 if not self._queue:
-                    return out
+                    if self._closing:
+                        return out
+                    continue
                 batch = list(self._queue)
                 self._queue.clear()
+                self._in_flight = len(batch)
             for i, (topic, data) in enumerate(batch):
                 if self._closing and time.monotonic() > self._deadline:
                     with self._cond:
                         late = len(batch) - i + len(self._queue)
                         self._dropped += late
                         self._queue.clear()
+                        self._in_flight = 0
+                        self._cond.notify_all()
                     logger.warning("close(): %d queued events not sent before the timeout", late)
                     return out
                 sent = self._send(sock, topic, data)
@@ -291,6 +371,41 @@ class EventPublisher:
                         self._published += 1
                     else:
                         self._dropped += 1
+                    self._in_flight -= 1
+                    if not self._in_flight and not self._queue:
+                        self._cond.notify_all()
+
+    def _quiet_for(self, seconds: float) -> bool:
+        """Time for a heartbeat: someone subscribes and nothing was published for ``seconds``.
+
+        Any event shows the daemon is alive, so heartbeats fill only the silences, and the last
+        event of a session stays the pipeline's final status."""
+        with self._cond:
+            return (
+                not self._closing and self._subscriptions > 0 and time.monotonic() - self._last_publish >= seconds
+            )
+
+    def _read_subscriptions(self, sock: zmq.Socket) -> None:
+        """Count (un)subscriptions: XPUB delivers them as b"\\x01topic" / b"\\x00topic"."""
+        changed = False
+        while True:
+            try:
+                msg = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if msg[:1] == b"\x01":
+                delta = 1
+            elif msg[:1] == b"\x00":
+                delta = -1
+            else:
+                continue
+            with self._cond:
+                self._subscriptions = max(0, self._subscriptions + delta)
+            changed = True
+            logger.debug("%s %r", "subscribed" if delta > 0 else "unsubscribed", msg[1:])
+        if changed:
+            with self._cond:
+                self._cond.notify_all()
 
     def _send(self, sock: zmq.Socket, topic: bytes, data: bytes) -> bool:
         try:

@@ -16,7 +16,9 @@ from typing import Any
 
 from .embedding.worker import EmbeddingSettings
 from .errors import ConfigError, check
+from .control import ControlSettings
 from .matcher import MatchSettings
+from .provisional import ProvisionalSettings
 from .publisher import PublishSettings
 from .sources import SourceSettings
 from .tracker import TrackerSettings
@@ -55,7 +57,9 @@ class Settings:
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     matching: MatchSettings = field(default_factory=MatchSettings)
     tracker: TrackerSettings = field(default_factory=TrackerSettings)
+    provisional: ProvisionalSettings = field(default_factory=ProvisionalSettings)
     publish: PublishSettings = field(default_factory=PublishSettings)
+    control: ControlSettings = field(default_factory=ControlSettings)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Settings)}  # type: ignore[misc]
@@ -104,7 +108,9 @@ def load_settings(path: Path | None = None, overrides: dict[str, dict[str, Any]]
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
     for section, values in (overrides or {}).items():
-        data.setdefault(section, {}).update(values)
+        if not isinstance(data.setdefault(section, {}), dict):
+            raise ConfigError(section, data[section], "must be a table")
+        data[section].update(values)
     settings = Settings()
     parts: dict[str, Any] = {}
     for name, values in data.items():

@@ -1,16 +1,23 @@
 """Per-window matches -> speaker turns, smoothed so one odd window does not flip the speaker.
 
 A new speaker becomes the stable one after ``confirm_windows`` windows in a row agree, or at once
-when a single window is decisive (high score and clear margin). Windows that are not known
-speakers count as "unknown" and need ``unknown_confirm_windows`` in a row, so a mixed window at a
-hand-over does not mint an unknown turn. A turn closes at a change or at the end of speech, and
-closing it emits ``speaker.segment``.
+when a single window is decisive (clear margin). With ``tentative_changes`` the first window for a
+new speaker is announced as a *tentative* change at once; the confirmed change follows (or a
+confirmed change back to the current speaker withdraws it). Windows that name nobody are
+"unknown" and need ``unknown_confirm_windows`` in a row, so a mixed window at a hand-over does not
+start an unknown turn; a change to anonymous unknown speech is always tentative, because
+open-set clustering may soon give that voice a provisional id (``relabel`` then confirms it
+under that id). Uncertain windows (score near the threshold, small margin) never change the
+speaker on their own. A turn closes at a change or at the end of speech, emitting
+``speaker.segment``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import numpy as np
 
 from .audio import SAMPLE_RATE
 from .embedding.worker import EmbeddedWindow
@@ -21,6 +28,8 @@ from .vad import SpeechEnd, SpeechStart
 from .windows import Window
 
 UNKNOWN = SpeakerRef(id=None, name=None, known=False)
+MAX_LEAD_WINDOWS = 4
+"""Weak windows before a change that may move its change point back (2 s at the default hop)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,13 @@ class TrackerSettings:
     """A single known window this far ahead of the runner-up changes the speaker at once. Measured:
     on conversations from ../shared no pure window was misnamed, and waiting for a second window
     costs a whole hop of latency (median change latency 1.4 s -> 0.9 s)."""
+    lead_in_score: float = 0.55
+    """Weak windows (unknown or uncertain) just before a change to an enrolled speaker, nearest to
+    that speaker and scoring at least this, count for it: they move the change point back and vote
+    for the change. A voice often scores low in its first, shorter window."""
+    tentative_changes: bool = True
+    """Announce a change at the first certain window for a new speaker, marked ``tentative``, before
+    it is confirmed; a confirmed change (the same speaker, or the old one to withdraw it) follows."""
 
     def __post_init__(self) -> None:
         check(1 <= self.confirm_windows <= 10, "tracker.confirm_windows", self.confirm_windows, "must be within 1 to 10")
@@ -43,18 +59,44 @@ class TrackerSettings:
             "must be within 1 to 20",
         )
         check(0.0 <= self.decisive_margin <= 2.0, "tracker.decisive_margin", self.decisive_margin, "must be within 0 to 2")
+        check(-1.0 <= self.lead_in_score <= 1.0, "tracker.lead_in_score", self.lead_in_score, "must be a cosine in [-1, 1]")
 
 
 @dataclass(frozen=True)
 class MatchedWindow:
     window: Window
     match: Match
+    embedding: np.ndarray | None = field(default=None, compare=False, repr=False)
+    """The window's embedding, kept for clustering unknown voices and enrolling from the stream."""
+    label: SpeakerRef | None = None
+    """Who open-set clustering says this is (a provisional speaker, or an enrolled one it folded
+    into) when the matcher named nobody; None when the matcher did, or clustering has no label yet."""
+    label_score: float = 0.0
+    """Evidence for ``label`` (see ``provisional.Assignment.score``)."""
+    label_margin: float = 0.0
+    """``label_score`` minus the runner-up's."""
 
     @property
     def ref(self) -> SpeakerRef:
-        if not self.match.known or self.match.speaker_id is None:
-            return UNKNOWN
-        return SpeakerRef(id=self.match.speaker_id, name=self.match.name, known=True)
+        if self.match.known and self.match.speaker_id is not None:
+            return SpeakerRef(id=self.match.speaker_id, name=self.match.name, known=True)
+        return self.label if self.label is not None else UNKNOWN
+
+    @property
+    def score(self) -> float:
+        """Evidence for ``ref``: the matcher's score, or the cluster similarity for a label."""
+        return self.match.score if self.label is None or self.match.known else self.label_score
+
+    @property
+    def margin(self) -> float:
+        """``score`` minus the runner-up's."""
+        return self.match.margin if self.label is None or self.match.known else self.label_margin
+
+    @property
+    def uncertain(self) -> bool:
+        """Too close to call (score near the threshold, or a small margin): never changes the
+        speaker on its own. A window clustering placed is not uncertain."""
+        return self.label is None and bool(getattr(self.match, "uncertain", False))
 
 
 @dataclass(frozen=True)
@@ -66,11 +108,17 @@ class Decision:
     wall_time: float
 
 
+def is_anonymous(ref: SpeakerRef) -> bool:
+    """Unknown speech that clustering has not (yet) given a provisional id."""
+    return not ref.known and ref.id is None
+
+
 @dataclass
 class _Turn:
     speaker: SpeakerRef
     start: int
     scores: list[float] = field(default_factory=list)
+    previous: SpeakerRef | None = None
 
 
 class SpeakerTracker:
@@ -83,8 +131,11 @@ class SpeakerTracker:
         self.current: SpeakerRef | None = None
         self._turn: _Turn | None = None
         self._pending: list[MatchedWindow] = []
+        self._tentative: SpeakerChange | None = None
         self._region_start = 0
         self._region_has_current = False
+        self._previous: SpeakerRef | None = None
+        self._lead: list[MatchedWindow] = []
         self.changes = 0
 
     def process(self, item: MatchedWindow | SpeechStart | SpeechEnd) -> list[Decision]:
@@ -92,6 +143,7 @@ class SpeakerTracker:
             self._region_start = item.sample
             self._region_has_current = False
             self._pending = []
+            self._lead = []
             return []
         if isinstance(item, SpeechEnd):
             return self._end_of_speech(item.sample, item.wall_time)
@@ -100,55 +152,115 @@ class SpeakerTracker:
     # -- windows ---------------------------------------------------------------------------------
 
     def _window(self, mw: MatchedWindow) -> list[Decision]:
+        out = self._decide(mw)
+        if mw.uncertain or is_anonymous(mw.ref):
+            self._lead = [*self._lead[-MAX_LEAD_WINDOWS + 1 :], mw]
+        else:
+            self._lead = []
+        return out
+
+    def _decide(self, mw: MatchedWindow) -> list[Decision]:
         ref = mw.ref
         if self.current is not None and ref == self.current:
+            out = self._withdraw(mw.window.end, mw.window.wall_time)
             self._pending = []
             self._extend(mw)
-            return []
+            return out
         if self._pending and self._pending[-1].ref != ref:
             self._pending = []
         self._pending.append(mw)
-        needed = self.settings.unknown_confirm_windows if not ref.known else self.settings.confirm_windows
-        decisive = ref.known and mw.match.margin >= self.settings.decisive_margin
-        if len(self._pending) >= needed or decisive or self.current is None and ref.known:
+        if mw.uncertain and all(p.uncertain for p in self._pending):
+            return []  # too close to call: counts towards a change only beside a certain window
+        needed = self.settings.unknown_confirm_windows if is_anonymous(ref) else self.settings.confirm_windows
+        decisive = ref.known and not mw.uncertain and mw.margin >= self.settings.decisive_margin
+        # weak windows just before, nearest to this same enrolled voice, vote for it too
+        votes = len(self._pending) + len(self._lead_in(ref))
+        if votes >= needed or decisive or self.current is None and ref.known:
             return self._change(mw.window.end, mw.window.wall_time)
+        if self.settings.tentative_changes and not is_anonymous(ref) and self._tentative_for(ref):
+            return self._announce(mw)
         return []
+
+    def _tentative_for(self, ref: SpeakerRef) -> bool:
+        return self._tentative is None or self._tentative.speaker != ref
 
     def _extend(self, mw: MatchedWindow) -> None:
         if self._turn is None:  # same speaker as before a pause: a new turn, no change event
-            self._turn = _Turn(self.current, max(self._region_start, mw.window.start))  # type: ignore[arg-type]
-        self._turn.scores.append(mw.match.score)
+            self._turn = _Turn(self.current, max(self._region_start, mw.window.start), previous=self._previous)  # type: ignore[arg-type]
+        self._turn.scores.append(mw.score)
         self._region_has_current = True
+
+    def _announce(self, mw: MatchedWindow) -> list[Decision]:
+        """A tentative change on one window: shown early, confirmed or withdrawn later."""
+        at = self._change_point(mw.window)
+        change = SpeakerChange(
+            speaker=mw.ref, previous=self.current, score=mw.score, margin=mw.margin, at=at / SAMPLE_RATE, tentative=True
+        )
+        self._tentative = change
+        return [Decision(change, mw.window.end, mw.window.wall_time)]
+
+    def _withdraw(self, sample: int, wall_time: float) -> list[Decision]:
+        """The tentative change did not hold: a confirmed change to the current speaker supersedes it."""
+        tentative, self._tentative = self._tentative, None
+        if tentative is None or self.current is None:
+            return []
+        scores = self._turn.scores if self._turn is not None and self._turn.scores else [tentative.score]
+        change = SpeakerChange(
+            speaker=self.current, previous=self.current, score=sum(scores) / len(scores), margin=0.0, at=tentative.at
+        )
+        return [Decision(change, sample, wall_time)]
+
+    def _lead_in(self, new: SpeakerRef) -> list[MatchedWindow]:
+        """The windows just before a change to enrolled ``new`` that were too weak to name anyone
+        but were nearest to ``new``: a voice often scores low in its first, shorter window."""
+        if not new.known:
+            return []
+        lead: list[MatchedWindow] = []
+        for mw in reversed(self._lead):
+            if (
+                mw.match.nearest != new.id
+                or mw.match.score < self.settings.lead_in_score
+                or mw.window.region_start != self._region_start
+            ):
+                break
+            lead.insert(0, mw)
+        return lead
 
     def _change(self, sample: int, wall_time: float) -> list[Decision]:
         pending, self._pending = self._pending, []
-        first = pending[0].window
+        self._tentative = None
+        new = pending[-1].ref
+        lead = self._lead_in(new)
+        swallowed = self.current is not None and is_anonymous(self.current) and self._turn is not None and bool(lead)
+        if swallowed:
+            # the anonymous turn was this voice's weak start: it never happened
+            assert self._turn is not None
+            self._turn.scores = []
+            self.current = self._turn.previous
+        first = (lead or pending)[0].window
         at = self._change_point(first)
         out = self._close_turn(at, sample, wall_time)
         previous = self.current
-        new = pending[-1].ref
         self.current = new
+        self._previous = previous
         self.changes += 1
-        self._turn = _Turn(new, at, [p.match.score for p in pending])
+        self._turn = _Turn(new, at, [p.score for p in pending], previous)
         self._region_has_current = True
-        score = sum(p.match.score for p in pending) / len(pending)
-        margin = sum(p.match.margin for p in pending) / len(pending)
-        out.append(
-            Decision(
-                SpeakerChange(speaker=new, previous=previous, score=score, margin=margin, at=at / SAMPLE_RATE),
-                sample,
-                wall_time,
-            )
+        score = sum(p.score for p in pending) / len(pending)
+        margin = sum(p.margin for p in pending) / len(pending)
+        change = SpeakerChange(
+            speaker=new, previous=previous, score=score, margin=margin, at=at / SAMPLE_RATE, tentative=is_anonymous(new)
         )
+        out.append(Decision(change, sample, wall_time))
         return out
 
     def _change_point(self, first: Window) -> int:
         """Where the new voice most likely began.
 
-        A region's first window means the voice began with the region. Otherwise the first window
-        whose majority is the new voice has its centre at most one hop past the change.
+        A voice that opens the region (nobody named in it yet) began with the region. Otherwise the
+        first window whose majority is the new voice has its centre at most one hop past the change.
         """
-        if first.start <= self._region_start or not self._region_has_current:
+        if not self._region_has_current:
             return self._region_start
         turn_start = self._turn.start if self._turn is not None else self._region_start
         return max(first.center - self._half_hop, turn_start, self._region_start)
@@ -167,13 +279,48 @@ class SpeakerTracker:
         )
         return [Decision(segment, sample, wall_time)]
 
+    # -- relabelling -------------------------------------------------------------------------------
+
+    def relabel(self, old: SpeakerRef, new: SpeakerRef, sample: int, wall_time: float) -> list[Decision]:
+        """``old`` is ``new`` from now on (renamed, merged, folded, or anonymous speech given an id).
+
+        The open turn and the pending windows take the new label, so the segment that closes the
+        turn carries it. Anonymous speech has no id a subscriber could rewrite, so when it gets one
+        the turn's change is confirmed again under the new label (same ``at``).
+        """
+        out: list[Decision] = []
+        self._pending = [replace(p, label=new) if p.ref == old else p for p in self._pending]
+        if self._previous == old:
+            self._previous = new
+        if self._turn is not None and self._turn.previous == old:
+            self._turn.previous = new
+        if self._tentative is not None and self._tentative.speaker == old:
+            self._tentative = replace(self._tentative, speaker=new)
+        if self.current != old:
+            return out
+        self.current = new
+        if self._turn is not None:
+            self._turn.speaker = new
+            if is_anonymous(old) and not is_anonymous(new):
+                scores = self._turn.scores
+                change = SpeakerChange(
+                    speaker=new,
+                    previous=self._turn.previous,
+                    score=sum(scores) / len(scores) if scores else 0.0,
+                    margin=0.0,
+                    at=self._turn.start / SAMPLE_RATE,
+                )
+                out.append(Decision(change, sample, wall_time))
+        return out
+
     # -- boundaries ------------------------------------------------------------------------------
 
     def _end_of_speech(self, end: int, wall_time: float) -> list[Decision]:
         out: list[Decision] = []
-        if self._pending and not self._region_has_current:
+        if self._pending and not self._region_has_current and not all(p.uncertain for p in self._pending):
             # the region held only the new voice, too briefly to confirm it: it spoke the region
             out.extend(self._change(end, wall_time))
+        out.extend(self._withdraw(end, wall_time))
         self._pending = []
         out.extend(self._close_turn(end, end, wall_time))
         return out

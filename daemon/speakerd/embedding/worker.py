@@ -27,8 +27,8 @@ class EmbeddingSettings:
     """A bundle name under models/ or a bundle directory."""
     backend: str = "auto"
     """auto (CoreML on macOS when the bundle has a package, else ONNX Runtime), onnx or coreml."""
-    threads: int = 1
-    """ONNX Runtime intra-op threads; 0 lets it choose. One leaves the other core to the main loop."""
+    threads: int = 0
+    """ONNX Runtime intra-op threads; 0 chooses (up to 2, see onnx_backend.AUTO_THREADS_MAX)."""
     batch_max: int = 8
     """Most windows embedded in one call when a backlog has formed."""
     queue_windows: int = 64

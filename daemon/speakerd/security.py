@@ -1,0 +1,162 @@
+"""Who may connect: loopback and ipc by default, CURVE keys for anything else.
+
+Who is speaking, and the power to rename or forget voiceprints, are private. So a socket bound to
+anything but loopback or ipc must use CURVE (encryption and client authentication through
+``zmq.auth``), and ipc sockets must sit in a directory only this user can enter (0700), since the
+socket file's own mode is not honoured everywhere. Keys are made with ``zmq.auth`` and stored 0600
+in a 0700 directory; clients allowed in are the public keys in ``authorized/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from .errors import SpeakerdError
+from .paths import data_dir, ensure_private_dir
+
+logger = logging.getLogger(__name__)
+
+KEY_FILE_MODE = 0o600
+SERVER = "server"
+AUTHORIZED = "authorized"
+_LOCAL_TCP_HOSTS = ("127.", "[::1]", "localhost")
+
+
+class SecurityError(SpeakerdError):
+    """An endpoint or key set-up that would expose speaker data; the message says what to do."""
+
+    exit_code = 2
+
+
+def default_keys_dir() -> Path:
+    return data_dir() / "keys"
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """ipc, inproc, or tcp on a loopback address: nothing another machine can reach."""
+    if endpoint.startswith(("ipc://", "inproc://")):
+        return True
+    return endpoint.startswith("tcp://") and endpoint[len("tcp://") :].startswith(_LOCAL_TCP_HOSTS)
+
+
+def secure_ipc_dir(endpoint: str) -> None:
+    """Make the directory of an ipc socket 0700 if it is new; refuse one others can enter."""
+    if not endpoint.startswith("ipc://"):
+        return
+    parent = Path(endpoint[len("ipc://") :]).expanduser().parent
+    if not parent.exists():
+        ensure_private_dir(parent)
+        return
+    mode = stat.S_IMODE(parent.stat().st_mode)
+    if mode & 0o077:
+        raise SecurityError(
+            f"ipc socket directory {parent} is mode {mode:o}; other users could connect. "
+            f"Use a directory that is 0700 (e.g. the default under {default_keys_dir().parent})"
+        )
+
+
+def prepare_endpoint(endpoint: str, curve: object | None, *, what: str) -> None:
+    """Check an endpoint before binding: ipc in a private directory; non-local only with CURVE."""
+    secure_ipc_dir(endpoint)
+    if not is_local_endpoint(endpoint) and curve is None:
+        raise SecurityError(
+            f"the {what} endpoint {endpoint} is reachable from other machines; that needs CURVE keys "
+            f"(`speakerd keys generate`; see docs/control.md), or bind 127.0.0.1 or ipc://"
+        )
+
+
+def _private_file(path: Path) -> None:
+    os.chmod(path, KEY_FILE_MODE)
+
+
+def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
+    """A new CURVE key pair ``name.key`` (public) and ``name.key_secret`` in a 0700 directory, 0600."""
+    ensure_private_dir(directory)
+    public, secret = zmq.auth.create_certificates(str(directory), name)
+    for p in (public, secret):
+        _private_file(Path(p))
+    return Path(public), Path(secret)
+
+
+def load_keypair(directory: Path, name: str) -> tuple[bytes, bytes]:
+    """(public, secret) of ``name``; SecurityError if missing or readable by others."""
+    secret_path = Path(directory) / f"{name}.key_secret"
+    try:
+        mode = stat.S_IMODE(secret_path.stat().st_mode)
+    except FileNotFoundError:
+        raise SecurityError(f"no CURVE key {secret_path}; create it with `speakerd keys generate`") from None
+    if mode & 0o077:
+        raise SecurityError(f"CURVE secret key {secret_path} is mode {mode:o}; it must be 0600")
+    public, secret = zmq.auth.load_certificate(str(secret_path))
+    if secret is None:
+        raise SecurityError(f"{secret_path} holds no secret key")
+    return public, secret
+
+
+def load_public_key(path: Path) -> bytes:
+    public, _ = zmq.auth.load_certificate(str(path))
+    return public
+
+
+@dataclass
+class CurveServer:
+    """Server side of CURVE: the daemon's key pair, and the authenticator that admits only the
+    public keys in ``<keys>/authorized/``. ``start`` runs zmq.auth's thread; ``close`` stops it."""
+
+    keys_dir: Path
+
+    def __post_init__(self) -> None:
+        self.public, self.secret = load_keypair(self.keys_dir, SERVER)
+        self.authorized = ensure_private_dir(Path(self.keys_dir) / AUTHORIZED)
+        self._auth: ThreadAuthenticator | None = None
+
+    def start(self, context: zmq.Context) -> None:
+        self._auth = ThreadAuthenticator(context)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(self.authorized))
+        logger.info("CURVE: admitting %d client key(s) from %s", len(list(self.authorized.glob("*.key"))), self.authorized)
+
+    def apply_server(self, sock: zmq.Socket) -> None:
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_server = True
+
+    def close(self) -> None:
+        if self._auth is not None:
+            self._auth.stop()
+            self._auth = None
+
+    def __enter__(self) -> CurveServer:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+@dataclass
+class CurveClient:
+    """Client side: its own key pair (its public key must be in the server's ``authorized/``) and
+    the server's public key."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+    @classmethod
+    def from_dir(cls, keys_dir: Path, name: str = "client") -> CurveClient:
+        public, secret = load_keypair(keys_dir, name)
+        return cls(public, secret, load_public_key(Path(keys_dir) / f"{SERVER}.key"))
+
+    def apply_client(self, sock: zmq.Socket) -> None:
+        sock.curve_secretkey = self.secret
+        sock.curve_publickey = self.public
+        sock.curve_serverkey = self.server_public

@@ -1,0 +1,373 @@
+"""SpeakerTracker on hand-made match sequences: confirmation, decisive windows, change points, segments."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from speakerd.audio import SAMPLE_RATE
+from speakerd.errors import ConfigError
+from speakerd.events import SpeakerChange, SpeakerRef, SpeakerSegment
+from speakerd.matcher import Match
+from speakerd.tracker import UNKNOWN, Decision, MatchedWindow, SpeakerTracker, TrackerSettings
+from speakerd.vad import SpeechEnd, SpeechStart
+from speakerd.windows import Window
+
+HOP = SAMPLE_RATE // 2  # windows every 0.5 s: first 1.0 s, then 1.5 s, as the windower makes them
+FIRST, FULL = SAMPLE_RATE, SAMPLE_RATE * 3 // 2
+T0 = 1_700_000_000.0
+A = SpeakerRef("a", "Ann", True)
+B = SpeakerRef("b", "Bob", True)
+WEAK, DECISIVE = 0.02, 0.06  # margins either side of the default decisive_margin 0.05
+BASE = TrackerSettings(tentative_changes=False)
+"""Confirmed changes only; the tentative announcements on top are pinned separately below."""
+
+
+def window(region: int, k: int) -> Window:
+    """The k-th window (0-based) of a region starting at ``region``, on the windower's grid."""
+    end = region + FIRST if k == 0 else region + FULL + (k - 1) * HOP
+    start = end - (FIRST if k == 0 else FULL)
+    return Window(start=start, end=end, feats=np.zeros((1, 1), np.float32), speech_fraction=1.0,
+                  wall_time=T0 + end / SAMPLE_RATE, region_start=region, first_in_region=k == 0)
+
+
+def match(who: SpeakerRef, score: float = 0.8, margin: float = WEAK) -> Match:
+    if not who.known:
+        return Match(speaker_id=None, name=None, score=score, margin=margin, runner_up="a", known=False, nearest="a")
+    return Match(speaker_id=who.id, name=who.name, score=score, margin=margin, runner_up="z", known=True)
+
+
+class Run:
+    """Feeds regions of windows to a tracker and keeps every decision."""
+
+    def __init__(self, settings: TrackerSettings | None = None) -> None:
+        self.tracker = SpeakerTracker(settings or BASE, HOP)
+        self.decisions: list[Decision] = []
+        self.region = 0
+
+    def start(self, region: int) -> None:
+        self.region = region
+        self.decisions += self.tracker.process(SpeechStart(region, T0 + region / SAMPLE_RATE))
+
+    def window(self, k: int, who: SpeakerRef, score: float = 0.8, margin: float = WEAK) -> list[Decision]:
+        new = self.tracker.process(MatchedWindow(window(self.region, k), match(who, score, margin)))
+        self.decisions += new
+        return new
+
+    def end(self, sample: int) -> list[Decision]:
+        new = self.tracker.process(SpeechEnd(sample, T0 + sample / SAMPLE_RATE))
+        self.decisions += new
+        return new
+
+    def changes(self) -> list[SpeakerChange]:
+        return [d.payload for d in self.decisions if isinstance(d.payload, SpeakerChange)]
+
+    def segments(self) -> list[SpeakerSegment]:
+        return [d.payload for d in self.decisions if isinstance(d.payload, SpeakerSegment)]
+
+
+R1, R2 = 10 * SAMPLE_RATE, 30 * SAMPLE_RATE
+
+
+def sec(sample: int) -> float:
+    return sample / SAMPLE_RATE
+
+
+def key(payload: SpeakerChange | SpeakerSegment) -> tuple:
+    """A payload with its floats rounded, so float sums compare as the figures they stand for."""
+    if isinstance(payload, SpeakerChange):
+        return ("change", payload.speaker, payload.previous, round(payload.score, 9), round(payload.margin, 9),
+                round(payload.at, 6), payload.tentative)
+    return ("segment", round(payload.start, 6), round(payload.end, 6), payload.speaker, round(payload.score, 9), payload.windows)
+
+
+def keys(items) -> list[tuple]:
+    return [key(getattr(i, "payload", i)) for i in items]
+
+
+def Seg(start: float, end: float, speaker: SpeakerRef, score: float, windows: int) -> tuple:  # noqa: N802
+    return key(SpeakerSegment(start=start, end=end, speaker=speaker, score=score, windows=windows))
+
+
+def Chg(speaker: SpeakerRef, previous: SpeakerRef | None, score: float, margin: float, at: float,  # noqa: N802
+        tentative: bool = False) -> tuple:
+    return key(SpeakerChange(speaker=speaker, previous=previous, score=score, margin=margin, at=at, tentative=tentative))
+
+
+def test_first_known_window_names_the_speaker_at_once() -> None:
+    run = Run()
+    run.start(R1)
+    (d,) = run.window(0, A, score=0.7)
+    assert key(d.payload) == Chg(speaker=A, previous=None, score=0.7, margin=WEAK, at=sec(R1))
+    assert (d.sample, d.wall_time) == (R1 + FIRST, T0 + (R1 + FIRST) / SAMPLE_RATE)
+    assert run.tracker.current == A and run.tracker.changes == 1
+
+
+def test_confirm_windows_agreeing_windows_change_the_speaker() -> None:
+    run = Run()
+    run.start(R1)
+    for k, score in enumerate((0.7, 0.8, 0.9)):
+        run.window(k, A, score=score)
+    assert run.window(3, B, score=0.6, margin=0.01) == []
+    assert run.tracker.current == A
+    decisions = run.window(4, B, score=0.8, margin=0.03)
+    assert [type(d.payload) for d in decisions] == [SpeakerSegment, SpeakerChange]
+    first_b = window(R1, 3)  # [R1+1.0, R1+2.5): centre R1+1.75, change point 0.25 s before it
+    at = first_b.center - HOP // 2
+    assert at == R1 + 3 * SAMPLE_RATE // 2
+    segment, change = (d.payload for d in decisions)
+    assert key(segment) == Seg(start=sec(R1), end=sec(at), speaker=A, score=0.8, windows=3)
+    assert key(change) == Chg(speaker=B, previous=A, score=0.7, margin=0.02, at=sec(at))
+    assert all(d.sample == window(R1, 4).end for d in decisions)
+    run.window(5, B, score=0.9)
+    run.end(R1 + 4 * SAMPLE_RATE)
+    assert key(run.segments()[-1]) == Seg(
+        start=sec(at), end=sec(R1 + 4 * SAMPLE_RATE), speaker=B, score=(0.6 + 0.8 + 0.9) / 3, windows=3
+    )
+
+
+def test_one_odd_window_does_not_flip_the_turn() -> None:
+    run = Run()
+    run.start(R1)
+    for k in range(3):
+        run.window(k, A, score=0.8)
+    assert run.window(3, B, margin=0.049) == []
+    for k in (4, 5):
+        assert run.window(k, A, score=0.5) == []
+    assert keys(run.changes()) == [Chg(speaker=A, previous=None, score=0.8, margin=WEAK, at=sec(R1))]
+    run.end(R1 + 4 * SAMPLE_RATE)
+    (segment,) = run.segments()
+    assert key(segment) == Seg(start=sec(R1), end=sec(R1) + 4.0, speaker=A, score=0.68, windows=5)  # (3 x 0.8 + 2 x 0.5) / 5
+
+
+def test_odd_windows_of_different_speakers_do_not_add_up() -> None:
+    run = Run()
+    run.start(R1)
+    run.window(0, A)
+    C = SpeakerRef("c", None, True)
+    for k, who in enumerate((B, C, B, C), start=1):
+        assert run.window(k, who) == []
+    assert run.tracker.current == A
+
+
+@pytest.mark.parametrize("margin", [0.05, DECISIVE, 0.5])
+def test_a_decisive_window_changes_at_once(margin: float) -> None:
+    run = Run()
+    run.start(R1)
+    for k in range(3):
+        run.window(k, A)
+    decisions = run.window(3, B, score=0.65, margin=margin)
+    change = decisions[-1].payload
+    assert key(change) == Chg(speaker=B, previous=A, score=0.65, margin=margin, at=sec(R1) + 1.5)
+    assert decisions[-1].sample == window(R1, 3).end
+    assert run.tracker.current == B
+
+
+def test_unknown_needs_unknown_confirm_windows_and_is_never_decisive() -> None:
+    run = Run(TrackerSettings(unknown_confirm_windows=3, tentative_changes=False))
+    run.start(R1)
+    for k in range(3):
+        run.window(k, A)
+    assert run.window(3, UNKNOWN, score=0.2, margin=0.9) == []
+    assert run.window(4, UNKNOWN, score=0.3, margin=0.9) == []
+    decisions = run.window(5, UNKNOWN, score=0.4, margin=0.9)
+    segment, change = (d.payload for d in decisions)
+    at = window(R1, 3).center - HOP // 2
+    assert key(change) == Chg(speaker=UNKNOWN, previous=A, score=0.3, margin=0.9, at=sec(at), tentative=True)  # anonymous: may be named later
+    assert segment.end == sec(at) and segment.windows == 3
+    # and back to a known speaker: two agreeing windows (or one decisive)
+    assert run.window(6, A) == []
+    assert run.window(7, A)[-1].payload.speaker == A
+
+
+def test_stream_opening_with_unknown_speech() -> None:
+    run = Run()
+    run.start(R1)
+    assert run.window(0, UNKNOWN) == run.window(1, UNKNOWN) == []
+    (d,) = run.window(2, UNKNOWN)
+    assert key(d.payload) == Chg(speaker=UNKNOWN, previous=None, score=0.8, margin=WEAK, at=sec(R1), tentative=True)
+
+
+def test_a_new_voice_opening_a_region_changes_at_the_region_start() -> None:
+    run = Run()
+    run.start(R1)
+    run.window(0, A)
+    run.window(1, A)
+    (seg_a,) = run.end(R1 + 2 * SAMPLE_RATE)
+    assert key(seg_a.payload) == Seg(start=sec(R1), end=sec(R1) + 2.0, speaker=A, score=0.8, windows=2)
+    run.start(R2)
+    assert run.window(0, B) == []
+    (d,) = run.window(1, B)  # the previous turn was already closed by the pause
+    assert key(d.payload) == Chg(speaker=B, previous=A, score=0.8, margin=WEAK, at=sec(R2))
+    run.window(2, B)
+    (seg_b,) = run.end(R2 + 3 * SAMPLE_RATE)
+    assert key(seg_b.payload) == Seg(start=sec(R2), end=sec(R2) + 3.0, speaker=B, score=0.8, windows=3)
+
+
+def test_a_change_on_the_first_full_window_keeps_the_first_windows_turn() -> None:
+    """The first full window also starts at the region start, but the region's first window was A:
+    B did not open the region, so the change point is its centre - hop/2 and A keeps a segment."""
+    run = Run()
+    run.start(R1)
+    run.window(0, A, score=0.7)
+    decisions = run.window(1, B, margin=DECISIVE)
+    at = window(R1, 1).center - HOP // 2
+    assert at == R1 + SAMPLE_RATE // 2
+    assert keys(decisions) == [
+        Seg(start=sec(R1), end=sec(at), speaker=A, score=0.7, windows=1),
+        Chg(speaker=B, previous=A, score=0.8, margin=DECISIVE, at=sec(at)),
+    ]
+
+
+def test_change_point_is_clamped_to_the_open_turn() -> None:
+    run = Run(TrackerSettings(confirm_windows=1, tentative_changes=False))
+    run.start(R1)
+    for k in range(4):
+        run.window(k, A)
+    run.window(4, B)  # B from window 4 ([R1+1.5, R1+3.0)): at = R1+2.25-0.25 = R1+2.0
+    assert run.changes()[-1].at == sec(R1) + 2.0
+    run.window(5, A)  # A again at once: centre R1+2.75-0.25 = R1+2.5, inside B's turn
+    assert run.changes()[-1].at == sec(R1) + 2.5
+    run.window(6, B)
+    assert [s.windows for s in run.segments()] == [4, 1, 1]
+    assert [(s.start - sec(R1), s.end - sec(R1)) for s in run.segments()] == [(0.0, 2.0), (2.0, 2.5), (2.5, 3.0)]
+
+
+def test_same_speaker_after_a_pause_is_a_new_segment_without_a_change() -> None:
+    run = Run()
+    run.start(R1)
+    run.window(0, A, score=0.6)
+    run.end(R1 + SAMPLE_RATE + 100)
+    run.start(R2)
+    for k in range(3):
+        assert run.window(k, A, score=0.9) == []
+    run.end(R2 + 5 * SAMPLE_RATE // 2)
+    assert len(run.changes()) == 1
+    assert keys(run.segments()) == [
+        Seg(start=sec(R1), end=sec(R1 + SAMPLE_RATE + 100), speaker=A, score=0.6, windows=1),
+        Seg(start=sec(R2), end=sec(R2) + 2.5, speaker=A, score=0.9, windows=3),
+    ]
+
+
+def test_flush_closes_the_open_turn() -> None:
+    run = Run()
+    run.start(R1)
+    for k in range(3):
+        run.window(k, A, score=0.5 + 0.1 * k)
+    end = R1 + 5 * SAMPLE_RATE // 2 + 37
+    (d,) = run.tracker.flush(end, 123.0)
+    assert key(d.payload) == Seg(start=sec(R1), end=sec(end), speaker=A, score=0.6, windows=3)
+    assert (d.sample, d.wall_time) == (end, 123.0)
+    assert run.tracker.flush(end, 124.0) == []  # nothing left open
+
+
+def test_a_region_with_only_a_brief_new_voice_is_attributed_to_it_at_speech_end() -> None:
+    run = Run()
+    run.start(R1)
+    run.window(0, A)
+    run.end(R1 + SAMPLE_RATE)
+    run.start(R2)
+    assert run.window(0, B, score=0.7) == []
+    end = R2 + 6 * SAMPLE_RATE // 5
+    decisions = run.end(end)
+    assert keys(decisions) == [
+        Chg(speaker=B, previous=A, score=0.7, margin=WEAK, at=sec(R2)),
+        Seg(start=sec(R2), end=sec(end), speaker=B, score=0.7, windows=1),
+    ]
+    assert all((d.sample, d.wall_time) == (end, T0 + end / SAMPLE_RATE) for d in decisions)
+    # unknown speech too, below unknown_confirm_windows
+    run.start(R2 + 10 * SAMPLE_RATE)
+    run.window(0, UNKNOWN, score=0.3)
+    run.window(1, UNKNOWN, score=0.4)
+    decisions = run.end(R2 + 12 * SAMPLE_RATE)
+    assert [type(d.payload) for d in decisions] == [SpeakerChange, SpeakerSegment]
+    assert decisions[0].payload.speaker == UNKNOWN and decisions[1].payload.windows == 2
+
+
+def test_a_brief_new_voice_after_the_current_one_in_the_same_region_is_not_attributed() -> None:
+    run = Run()
+    run.start(R1)
+    run.window(0, A)
+    run.window(1, A)
+    run.window(2, B)
+    (d,) = run.end(R1 + 2 * SAMPLE_RATE)
+    assert key(d.payload) == Seg(start=sec(R1), end=sec(R1) + 2.0, speaker=A, score=0.8, windows=2)
+    assert run.tracker.current == A
+
+
+def test_segment_windows_and_scores_add_up_over_a_conversation() -> None:
+    run = Run()
+    rng = np.random.default_rng(3)
+    plan = [(R1, [A] * 4 + [B] * 5), (R2, [B] * 3 + [A] * 6 + [UNKNOWN] * 4)]
+    scores: dict[int, float] = {}
+    for region, voices in plan:
+        run.start(region)
+        for k, who in enumerate(voices):
+            scores[region + k] = float(rng.uniform(0.6, 0.95))
+            run.window(k, who, score=scores[region + k])
+        run.end(window(region, len(voices) - 1).end)
+    segs = run.segments()
+    assert [(s.speaker, s.windows) for s in segs] == [(A, 4), (B, 5), (B, 3), (A, 6), (UNKNOWN, 4)]
+    flat = [scores[r + k] for r, v in plan for k in range(len(v))]
+    i = 0
+    for seg in segs:
+        assert seg.score == pytest.approx(np.mean(flat[i : i + seg.windows]))
+        i += seg.windows
+    assert [c.speaker for c in run.changes()] == [A, B, A, UNKNOWN]
+    for a, b in zip(segs, segs[1:]):
+        assert a.end <= b.start
+
+
+# -- tentative changes (on by default) ---------------------------------------------------------------
+
+
+def test_tentative_change_then_confirmed() -> None:
+    run = Run(TrackerSettings())
+    run.start(R1)
+    for k in range(3):
+        run.window(k, A, score=0.9)
+    at = window(R1, 3).center - HOP // 2
+    assert keys(run.window(3, B, score=0.7)) == [Chg(B, A, 0.7, WEAK, sec(at), tentative=True)]
+    assert run.tracker.current == A  # announced, not yet the speaker
+    assert keys(run.window(4, B, score=0.8)) == [
+        Seg(sec(R1), sec(at), A, 0.9, 3),
+        Chg(B, A, 0.75, WEAK, sec(at)),
+    ]
+    assert run.tracker.current == B
+
+
+def test_tentative_change_withdrawn_by_the_current_speaker() -> None:
+    run = Run(TrackerSettings())
+    run.start(R1)
+    for k in range(3):
+        run.window(k, A, score=0.9)
+    (tentative,) = run.window(3, B)
+    assert tentative.payload.tentative
+    (withdrawal,) = run.window(4, A, score=0.6)
+    assert key(withdrawal.payload) == Chg(A, A, 0.9, 0.0, tentative.payload.at)  # A's turn so far, before window 4
+    assert withdrawal.sample == window(R1, 4).end
+    assert run.tracker.current == A
+    assert keys(run.end(R1 + 3 * SAMPLE_RATE)) == [Seg(sec(R1), sec(R1) + 3.0, A, (0.9 * 3 + 0.6) / 4, 4)]
+
+
+def test_unknown_windows_are_never_announced() -> None:
+    run = Run(TrackerSettings())
+    run.start(R1)
+    run.window(0, A)
+    assert run.window(1, UNKNOWN) == run.window(2, UNKNOWN) == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"confirm_windows": 0}, "tracker.confirm_windows"),
+        ({"confirm_windows": 11}, "tracker.confirm_windows"),
+        ({"unknown_confirm_windows": 0}, "tracker.unknown_confirm_windows"),
+        ({"decisive_margin": -0.1}, "tracker.decisive_margin"),
+        ({"decisive_margin": 2.5}, "tracker.decisive_margin"),
+    ],
+)
+def test_tracker_settings_validation_names_the_key(kwargs: dict, key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        TrackerSettings(**kwargs)
+    assert err.value.key == key
