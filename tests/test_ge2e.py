@@ -95,7 +95,7 @@ def test_strict_load_names_missing_and_unexpected_keys() -> None:
 def test_strict_load_names_shape_mismatch() -> None:
     state = dict(GE2EEncoder().state_dict())
     state["linear.weight"] = torch.zeros(128, 256)
-    with pytest.raises(CheckpointError, match=r"linear\.weight \(checkpoint \(128, 256\), model \(256, 256\)\)"):
+    with pytest.raises(CheckpointError, match=r"wrong shapes: linear\.weight \(128, 256\) \(model \(256, 256\)\)"):
         load_encoder(state)
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .state_dict import CheckpointError, state_dict_problems
+
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -35,8 +37,6 @@ TARGET_DBFS = -30.0
 """Resemblyzer raises (never lowers) each utterance to this level before the mel spectrogram."""
 
 
-class CheckpointError(Exception):
-    """A checkpoint does not hold exactly the tensors the encoder expects."""
 
 
 class GE2EEncoder(nn.Module):
@@ -64,21 +64,7 @@ class GE2EEncoder(nn.Module):
 
 def check_state_dict(model: nn.Module, state: Mapping[str, Any]) -> None:
     """Raise CheckpointError naming every missing, unexpected or wrongly shaped key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(
-        f"{k} (checkpoint {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(state)
-        if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {', '.join(unexpected)}")
-    if shapes:
-        problems.append(f"shape mismatch: {', '.join(shapes)}")
+    problems = state_dict_problems(model.state_dict(), state)
     if problems:
         raise CheckpointError("GE2E checkpoint does not match the encoder: " + "; ".join(problems))
 

@@ -24,7 +24,8 @@ from typing import Any, Literal
 import torch
 
 from ...bundle import FeatureRecipe
-from ...errors import SpeakerdError
+from .. import state_dict
+from ..state_dict import CheckpointError, name_keys
 from .resnet import PYANNOTE_POOLING_EPS, WESPEAKER_POOLING_EPS, ResNetSpeaker, resnet34
 
 logger = logging.getLogger(__name__)
@@ -39,13 +40,6 @@ SAMPLE_RATE = 16000
 PYANNOTE_EMBED_DIM = 256
 """pyannote stores no model_args; its WeSpeakerResNet34 is always 256-d."""
 SUPPORTED_MODELS = ("ResNet34",)
-_MAX_NAMED_KEYS = 12
-
-
-class CheckpointError(SpeakerdError):
-    """A checkpoint cannot be read or does not match the ResNet34 it claims to be."""
-
-    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -143,7 +137,7 @@ def load_pyannote_bin(path: Path) -> LoadedCheckpoint:
     raw = ckpt["state_dict"]
     outside = sorted(k for k in raw if not k.startswith(PYANNOTE_PREFIX))
     if outside:
-        raise CheckpointError(f"{path}: unexpected keys outside '{PYANNOTE_PREFIX}*': {_name_keys(outside)}")
+        raise CheckpointError(f"{path}: unexpected keys outside '{PYANNOTE_PREFIX}*': {name_keys(outside)}")
     state = {k[len(PYANNOTE_PREFIX) :]: v for k, v in raw.items()}
     hparams = ckpt.get("hyper_parameters") or {}
     hp = dict(hparams.items()) if isinstance(hparams, Mapping) else {}
@@ -210,24 +204,7 @@ def write_pyannote_bin(model: ResNetSpeaker, path: Path) -> Path:
 
 def load_strict(model: torch.nn.Module, state: Mapping[str, Any], *, source: Path) -> None:
     """``load_state_dict(strict=True)`` with an error that names every offending key."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mis_shaped = sorted(
-        f"{k} {tuple(state[k].shape)} (model {tuple(expected[k].shape)})"
-        for k in set(expected) & set(state)
-        if not isinstance(state[k], torch.Tensor) or state[k].shape != expected[k].shape
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_name_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_name_keys(unexpected)}")
-    if mis_shaped:
-        problems.append(f"wrong shapes: {_name_keys(mis_shaped)}")
-    if problems:
-        raise CheckpointError(f"{source} does not match WeSpeaker ResNet34: " + "; ".join(problems))
-    model.load_state_dict(dict(state), strict=True)
+    state_dict.load_strict(model, state, what=f"{source} does not match WeSpeaker ResNet34")
 
 
 def wespeaker_recipe(
@@ -258,12 +235,6 @@ def wespeaker_recipe(
         gain_normalize_dbfs=None,
         cmn=True,
     )
-
-
-def _name_keys(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_NAMED_KEYS])
-    more = len(keys) - _MAX_NAMED_KEYS
-    return f"{shown} (+{more} more)" if more > 0 else shown
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
