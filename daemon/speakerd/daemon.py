@@ -305,7 +305,8 @@ class Daemon:
         self.index = SpeakerIndex.from_store(self.store, s.matching)
         self.backend = self._backend_factory(self.bundle, s)
         stack.callback(self.backend.close)
-        self.publisher = EventPublisher(s.publish)
+        context, curve = self._sockets(stack)
+        self.publisher = EventPublisher(s.publish, context=context, curve=curve)
         self.publisher.start()
         stack.callback(self.publisher.close, self.timing.publisher_close_s)
         live = not isinstance(self.source, FileSource)
@@ -332,10 +333,25 @@ class Daemon:
         stack.callback(self._mark_closed)  # runs before the store, backend and publisher close
         from .control import ControlServer, ControlService
 
-        stack.enter_context(ControlServer(s.control, ControlService(self)))  # closes first
+        stack.enter_context(ControlServer(s.control, ControlService(self), context=context, curve=curve))  # closes first
         wait = s.publish.wait_for_subscriber_s
         if wait and not self.publisher.wait_for_subscriber(wait):
             logger.warning("no subscriber within %.1f s; starting anyway", wait)
+
+    def _sockets(self, stack: ExitStack) -> tuple[Any, Any]:
+        """One ZeroMQ context for both sockets, so one CURVE authenticator guards both."""
+        import zmq
+
+        from .security import CurveServer
+
+        context = zmq.Context()
+        stack.callback(context.term)  # after both sockets and the authenticator have closed
+        keys = self.settings.daemon.curve_keys
+        if not keys:
+            return context, None
+        curve = stack.enter_context(CurveServer(Path(keys).expanduser()))
+        curve.start(context)
+        return context, curve
 
     def _mark_closed(self) -> None:
         with self._lock:  # waits for a reload or enrollment in progress

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import threading
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -115,6 +116,7 @@ def listen(
     stop: threading.Event | None = None,
     max_events: int | None = None,
     context: zmq.Context | None = None,
+    curve: Any = None,
 ) -> int:
     """Subscribe to ``endpoint`` and print events until ``stop``, ``max_events`` or Ctrl-C; returns 0.
 
@@ -133,6 +135,8 @@ def listen(
             sock.setsockopt(zmq.LINGER, 0)
             for topic in topics:
                 sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+            if curve is not None:
+                curve.apply_client(sock)
             sock.connect(endpoint)
             if not as_json:
                 what = "all events" if track_loss else ", ".join(repr(t) for t in topics)
@@ -180,10 +184,20 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
         help="only events whose type starts with PREFIX, e.g. 'speaker.' (repeatable; default: all)",
     )
     parser.add_argument("--max-events", type=int, metavar="N", help="exit after N events")
+    parser.add_argument(
+        "--curve-keys",
+        metavar="DIR",
+        help="CURVE key directory holding client.key_secret and the daemon's server.key (for a daemon with daemon.curve_keys)",
+    )
 
 
 def main_listen(args: argparse.Namespace) -> int:
-    return listen(args.sub, as_json=args.json, topics=tuple(args.topic or ("",)), max_events=args.max_events)
+    curve = None
+    if args.curve_keys:
+        from .security import CurveClient
+
+        curve = CurveClient.from_dir(Path(args.curve_keys).expanduser())
+    return listen(args.sub, as_json=args.json, topics=tuple(args.topic or ("",)), max_events=args.max_events, curve=curve)
 
 
 if __name__ == "__main__":

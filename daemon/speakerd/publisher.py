@@ -56,7 +56,11 @@ def is_valid_endpoint(endpoint: str) -> bool:
 
 
 class PublishError(SpeakerdError):
-    """The publisher cannot start: the endpoint cannot be bound or events_out cannot be opened."""
+    """The publisher cannot start: the endpoint cannot be bound or events_out cannot be opened.
+
+    A set-up problem, found before any audio is read: exit code 2 like any other bad setting."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)

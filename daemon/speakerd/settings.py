@@ -37,6 +37,10 @@ class DaemonSettings:
     status_interval_s: float = 5.0
     """Seconds of audio between status events."""
     log_level: str = "INFO"
+    curve_keys: str | None = None
+    """Directory of CURVE keys (`speakerd keys generate`): when set, the publish and control sockets
+    encrypt and admit only clients whose public keys are in its authorized/ folder. Required for
+    endpoints other machines can reach."""
 
     def __post_init__(self) -> None:
         check(0.5 <= self.status_interval_s <= 3600, "daemon.status_interval_s", self.status_interval_s, "must be within 0.5 to 3600 s")
