@@ -215,6 +215,10 @@ def test_a_full_queue_drops_and_counts_and_leaves_a_seq_gap(tmp_path):
         pub.publish(SpeechStart(float(i)), stream_time=float(i), wall_time=1.0)
     assert pub.stats() == {"published": 0, "dropped_events": 3, "queue_depth": 5}
     with pub:
+        # the queue is still full until the socket thread has taken the five: wait for room
+        deadline = time.monotonic() + 10.0
+        while pub.stats()["queue_depth"] and time.monotonic() < deadline:
+            time.sleep(0.01)
         pub.publish(SpeechStart(9.0), stream_time=9.0, wall_time=1.0)
     lines = out.read_text().splitlines()
     assert [json.loads(line)["seq"] for line in lines] == [1, 2, 3, 4, 5, 9]
