@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _settings(args, source=args.source, realtime=args.realtime)
 
     settings = load()
-    if args.verbose == 0:
+    if args.verbose == 0 and not args.quiet:  # -v / -q on the command line beat daemon.log_level
         logging.getLogger().setLevel(settings.daemon.log_level.upper())
     code = Daemon(settings, store_dir=_store_dir(args, settings), load_settings=load).run()
     exit_process(code)  # a clean stop must not wait on interpreter teardown (see exit_process)
