@@ -88,27 +88,26 @@ def load_encoder(weights: Path | Mapping[str, Any]) -> GE2EEncoder:
 # --- reference features: Resemblyzer's audio.wav_to_mel_spectrogram, without librosa ---------
 
 
+# Slaney's mel scale: linear below 1 kHz, logarithmic above (librosa's default, htk=False)
+_SLANEY_HZ_PER_MEL = 200.0 / 3
+_SLANEY_MIN_LOG_HZ = 1000.0
+_SLANEY_MIN_LOG_MEL = _SLANEY_MIN_LOG_HZ / _SLANEY_HZ_PER_MEL
+_SLANEY_LOG_STEP = math.log(6.4) / 27.0
+
+
 def _hz_to_mel_slaney(hz: np.ndarray) -> np.ndarray:
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
     hz = np.asarray(hz, dtype=np.float64)
-    mel = hz / f_sp
-    high = hz >= min_log_hz
-    mel[high] = min_log_mel + np.log(hz[high] / min_log_hz) / logstep
+    mel = hz / _SLANEY_HZ_PER_MEL
+    high = hz >= _SLANEY_MIN_LOG_HZ
+    mel[high] = _SLANEY_MIN_LOG_MEL + np.log(hz[high] / _SLANEY_MIN_LOG_HZ) / _SLANEY_LOG_STEP
     return mel
 
 
 def _mel_to_hz_slaney(mel: np.ndarray) -> np.ndarray:
-    f_sp = 200.0 / 3
-    min_log_hz = 1000.0
-    min_log_mel = min_log_hz / f_sp
-    logstep = math.log(6.4) / 27.0
     mel = np.asarray(mel, dtype=np.float64)
-    hz = f_sp * mel
-    high = mel >= min_log_mel
-    hz[high] = min_log_hz * np.exp(logstep * (mel[high] - min_log_mel))
+    hz = _SLANEY_HZ_PER_MEL * mel
+    high = mel >= _SLANEY_MIN_LOG_MEL
+    hz[high] = _SLANEY_MIN_LOG_HZ * np.exp(_SLANEY_LOG_STEP * (mel[high] - _SLANEY_MIN_LOG_MEL))
     return hz
 
 
