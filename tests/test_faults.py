@@ -20,11 +20,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from fake_audio import FakeInputStream
 import sounddevice as sd
 import zmq
 from daemon_harness import Enrolled, make_conversation, popen_speakerd, read_events, score_events, speakerd
@@ -58,14 +58,12 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = WAIT_S) 
 # ---------------------------------------------------------------- a fake audio system
 
 
-class FakeStream:
-    """Stands in for sounddevice.InputStream. The test (or a player thread) calls the callback."""
+class FakeStream(FakeInputStream):
+    """Also belongs to a fake audio system that can kill it or make its state raise."""
 
     def __init__(self, world: FakeAudio, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.world = world
-        self.kwargs = kwargs
-        self.callback = kwargs["callback"]
-        self.started = self.closed = False
         self.dead = False
         self.state_error: Exception | None = None
 
@@ -74,20 +72,6 @@ class FakeStream:
         if self.state_error is not None:
             raise self.state_error
         return self.started and not self.dead
-
-    def start(self) -> None:
-        self.started = True
-
-    def stop(self) -> None:
-        self.started = False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def feed(self, block: np.ndarray, *, overflow: bool = False) -> None:
-        block = block.reshape(len(block), -1).astype(np.float32)
-        info = SimpleNamespace(inputBufferAdcTime=0.0, currentTime=0.0, outputBufferDacTime=0.0)
-        self.callback(block, len(block), info, SimpleNamespace(input_overflow=overflow))
 
 
 @dataclass

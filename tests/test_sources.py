@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 from math import gcd
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import pytest
+from fake_audio import FakeInputStream
 import soundfile as sf
 from scipy.signal import resample_poly
 
@@ -236,30 +236,14 @@ def test_stop_early_finishes(tmp_path: Path, speech: np.ndarray) -> None:
 # ---------------------------------------------------------------- microphone with a fake stream
 
 
-class FakeStream:
-    """Stands in for sounddevice.InputStream: records how it was opened; tests call the callback."""
+class FakeStream(FakeInputStream):
+    """Also keeps every stream opened, so tests can reach the one MicSource made."""
 
     instances: list[FakeStream] = []
 
     def __init__(self, **kwargs: Any) -> None:
-        self.kwargs = kwargs
-        self.callback = kwargs["callback"]
-        self.started = self.closed = False
+        super().__init__(**kwargs)
         FakeStream.instances.append(self)
-
-    def start(self) -> None:
-        self.started = True
-
-    def stop(self) -> None:
-        self.started = False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def feed(self, block: np.ndarray, *, overflow: bool = False, adc: float = 0.0, current: float = 0.0) -> None:
-        block = block.reshape(len(block), -1).astype(np.float32)
-        info = SimpleNamespace(inputBufferAdcTime=adc, currentTime=current, outputBufferDacTime=0.0)
-        self.callback(block, len(block), info, SimpleNamespace(input_overflow=overflow))
 
 
 DEVICES = [

@@ -95,6 +95,8 @@ class Pipeline:
         relabels, so a relabel event and the events after it leave in order."""
         self._recent: collections.deque[MatchedWindow] = collections.deque()
         self._last_decided = (0, 0.0)
+        self._region_start = 0
+        """Start of the speech region in progress, for the speech.end event."""
         self.worker = EmbeddingWorker(
             backend.embed,
             self._on_embedded,
@@ -204,8 +206,9 @@ class Pipeline:
                 self._region_start = item.sample
             elif isinstance(item, SpeechEnd):
                 self._emit(self.tracker.process(item))
-                start = getattr(self, "_region_start", item.sample)
-                self._publish(ev.SpeechEnd(start=seconds(start), end=seconds(item.sample)), item.sample, item.wall_time)
+                self._publish(
+                    ev.SpeechEnd(start=seconds(self._region_start), end=seconds(item.sample)), item.sample, item.wall_time
+                )
 
     def _open_set(self, mw: MatchedWindow) -> MatchedWindow:
         """Give a window no enrolled speaker matched a provisional label, relabelling as clustering says."""

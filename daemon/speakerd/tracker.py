@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 
 from .audio import SAMPLE_RATE
-from .embedding.worker import EmbeddedWindow
 from .errors import check
 from .events import SpeakerChange, SpeakerRef, SpeakerSegment
 from .matcher import Match
