@@ -1,5 +1,7 @@
-"""CURVE through the real daemon: encrypted events reach only authorised subscribers, and an
-endpoint other machines could reach is refused without keys."""
+"""CURVE through real sockets: encrypted events reach only authorised subscribers, `speakerd
+speakers --curve-keys` reaches a CURVE control socket (and fails loudly, never silently editing the
+local store, when its keys are refused), and endpoints other machines could reach are refused
+without keys."""
 
 from __future__ import annotations
 
@@ -7,17 +9,72 @@ import json
 import shutil
 import signal
 import subprocess
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
+import zmq
 from daemon_harness import Enrolled, make_conversation, popen_speakerd, read_events, speakerd
+from test_control import DIM, FakePipeline, Owner, vec
 from test_daemon_live import _free_port, _stop
 
-from speakerd.security import generate_keypair
+from speakerd.control import ControlClient, ControlServer, ControlService, ControlSettings, DaemonUnavailable
+from speakerd.matcher import SpeakerIndex
+from speakerd.security import CurveClient, CurveServer, SecurityError, generate_keypair, require_curve_to_connect
+from speakerd.store import SpeakerStore
 
-pytestmark = pytest.mark.slow
+CLIENT_TIMEOUT_S = 1.0
+"""control.client_timeout_s for the clients here: refused keys must fail within it, not hang."""
+CLI_START_S = 10.0
+"""Generous bound on starting the CLI (imports); a client that waited on a handshake would exceed it."""
 
 
+def make_keys(directory: Path, *, authorise: bool = True) -> Path:
+    """A server pair and a client pair in ``directory``, the client admitted via ``authorized/``."""
+    generate_keypair(directory, "server")
+    client_public, _ = generate_keypair(directory, "client")
+    if authorise:
+        (directory / "authorized").mkdir(mode=0o700)
+        shutil.copy(client_public, directory / "authorized" / "client.key")
+    return directory
+
+
+def client_config(tmp_path: Path, timeout_s: float = CLIENT_TIMEOUT_S) -> Path:
+    config = tmp_path / "client.toml"
+    config.write_text(f"[control]\nclient_timeout_s = {timeout_s}\n")
+    return config
+
+
+@pytest.fixture()
+def keys(tmp_path: Path) -> Path:
+    return make_keys(tmp_path / "keys")
+
+
+@pytest.fixture()
+def curve_control(keys: Path, tmp_path: Path) -> Iterator[tuple[ControlServer, Owner]]:
+    """A real ControlServer over a real store (Alice, Bob), bound on tcp with CURVE and the
+    authenticator admitting only ``keys/authorized/``, as ``Daemon`` sets it up."""
+    store = SpeakerStore(tmp_path / "daemon-store", fingerprint="test-model", dim=DIM)
+    store.enroll("Alice", vec(1, 4), source="test")
+    store.enroll("Bob", vec(2, 4), source="test")
+    owner = Owner(store, SpeakerIndex.from_store(store), FakePipeline())
+    context = zmq.Context()
+    curve = CurveServer(keys)
+    curve.start(context)
+    try:
+        settings = ControlSettings(endpoint="tcp://127.0.0.1:*")
+        with ControlServer(settings, ControlService(owner), context=context, curve=curve) as server:
+            yield server, owner
+    finally:
+        curve.close()
+        context.term()
+        store.close()
+
+
+@pytest.mark.slow
 def test_only_authorised_subscribers_hear_a_curve_daemon(enrolled: Enrolled, tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     generate_keypair(keys, "server")
@@ -47,12 +104,220 @@ def test_only_authorised_subscribers_hear_a_curve_daemon(enrolled: Enrolled, tmp
     assert overheard == []
 
 
+@pytest.mark.slow
 def test_an_endpoint_other_machines_reach_needs_keys(tmp_path: Path, default_model: Path) -> None:
-    import numpy as np
-    import soundfile as sf
-
     sf.write(tmp_path / "quiet.wav", np.zeros(16000, dtype="float32"), 16000)
     proc = speakerd("run", "--source", f"file:{tmp_path / 'quiet.wav'}", "--store", str(tmp_path / "s"),
                     "--pub", f"tcp://0.0.0.0:{_free_port()}", check=False)
     assert proc.returncode == 2
     assert "CURVE" in proc.stderr and "0.0.0.0" in proc.stderr
+
+
+# -- `speakerd speakers --curve-keys`: the control socket from another machine ---------------------
+
+
+def run_speakers(*args: str, keys: Path | None, store: Path, config: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    """``speakerd speakers ARGS`` as a user runs it, with its own (never used) store; and how long it took."""
+    curve = ("--curve-keys", str(keys)) if keys is not None else ()
+    started = time.monotonic()
+    proc = speakerd("speakers", *args, *curve, "--store", str(store), "--config", str(config), check=False)
+    return proc, time.monotonic() - started
+
+
+def test_speakers_with_curve_keys_talk_to_a_curve_control_socket(
+    curve_control: tuple[ControlServer, Owner], keys: Path, tmp_path: Path
+) -> None:
+    server, owner = curve_control
+    assert server.endpoint is not None and server.endpoint.startswith("tcp://127.0.0.1:")
+    # the socket really is CURVE-only: a plain client gets no answer
+    assert not ControlClient(server.endpoint, timeout_s=0.5).daemon_is_up()
+    local_store, config = tmp_path / "client-store", client_config(tmp_path)
+
+    listed, _ = run_speakers("list", "--control", server.endpoint, keys=keys, store=local_store, config=config)
+    assert listed.returncode == 0, listed.stderr
+    assert [line.split()[1] for line in listed.stdout.splitlines()] == ["Alice", "Bob"]
+
+    renamed, _ = run_speakers("rename", "Alice", "Alicia", "--control", server.endpoint, keys=keys, store=local_store, config=config)
+    assert renamed.returncode == 0, renamed.stderr
+    assert renamed.stdout.startswith("renamed Alice -> Alicia (spk-")
+    assert owner.store.get("Alicia") is not None and owner.store.get("Alice") is None  # the daemon's store changed
+
+    status, _ = run_speakers("status", "--control", server.endpoint, keys=keys, store=local_store, config=config)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["enrolled"] == 2
+    assert server.requests == 3
+    assert not local_store.exists()  # everything went to the daemon
+
+
+@pytest.mark.parametrize("wrong", ["client key not authorised", "not the daemon's server key"])
+def test_refused_curve_keys_time_out_with_a_clear_error_and_no_store_fallback(
+    curve_control: tuple[ControlServer, Owner], keys: Path, tmp_path: Path, wrong: str
+) -> None:
+    server, owner = curve_control
+    other = make_keys(tmp_path / "other", authorise=False)
+    if wrong == "client key not authorised":
+        shutil.copy(keys / "server.key", other / "server.key")  # right daemon, stranger's client key
+    else:
+        for name in ("client.key", "client.key_secret"):  # authorised client, another server's key
+            shutil.copy(keys / name, other / name)
+    local_store = tmp_path / "client-store"
+
+    proc, took = run_speakers("list", "--control", server.endpoint, keys=other, store=local_store, config=client_config(tmp_path))
+    assert proc.returncode == 1
+    assert f"the daemon on {server.endpoint} did not answer within 1000 ms (control.client_timeout_s)" in proc.stderr
+    assert "refused these CURVE keys" in proc.stderr
+    assert f"{other}/client.key is in the daemon's <keys>/authorized/" in proc.stderr
+    assert CLIENT_TIMEOUT_S <= took < CLIENT_TIMEOUT_S + CLI_START_S
+    assert proc.stdout == "" and not local_store.exists()  # no silent fall-back to this machine's store
+    assert server.requests == 0 and [s.name for s in owner.store.speakers()] == ["Alice", "Bob"]
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://0.0.0.0:{port}", "tcp://192.0.2.7:5561", "tcp://speakerd.example.net:5561",
+                                      "tcp://localhost.example.net:5561"])
+def test_a_non_local_control_endpoint_without_keys_exits_2_at_once(tmp_path: Path, endpoint: str) -> None:
+    endpoint = endpoint.format(port=_free_port())
+    local_store = tmp_path / "client-store"
+    config = client_config(tmp_path, timeout_s=60.0)  # a client that tried to connect would wait a minute
+    proc, took = run_speakers("list", "--control", endpoint, keys=None, store=local_store, config=config)
+    assert proc.returncode == 2
+    assert f"the control endpoint {endpoint} is not loopback or ipc" in proc.stderr
+    assert "pass --curve-keys DIR" in proc.stderr
+    assert took < CLI_START_S and proc.stdout == "" and not local_store.exists()
+
+
+def test_a_non_local_control_endpoint_from_the_config_needs_keys_too(tmp_path: Path) -> None:
+    config = tmp_path / "remote.toml"
+    config.write_text('[control]\nendpoint = "tcp://192.0.2.7:5561"\nclient_timeout_s = 60.0\n')
+    proc, took = run_speakers("status", keys=None, store=tmp_path / "client-store", config=config)
+    assert proc.returncode == 2 and "tcp://192.0.2.7:5561" in proc.stderr and "--curve-keys DIR" in proc.stderr
+    assert took < CLI_START_S
+
+
+def test_with_keys_an_absent_daemon_is_an_error_not_the_local_store(keys: Path, tmp_path: Path) -> None:
+    endpoint = f"tcp://0.0.0.0:{_free_port()}"  # nobody listens; the store must not stand in for it
+    local_store = tmp_path / "client-store"
+    proc, took = run_speakers("list", "--control", endpoint, keys=keys, store=local_store, config=client_config(tmp_path))
+    assert proc.returncode == 1
+    assert f"the daemon on {endpoint} did not answer within 1000 ms" in proc.stderr
+    assert took < CLIENT_TIMEOUT_S + CLI_START_S
+    assert proc.stdout == "" and not local_store.exists()
+
+
+def test_without_keys_a_silent_local_endpoint_still_falls_back_to_the_store(tmp_path: Path, default_model: Path) -> None:
+    local_store = tmp_path / "client-store"
+    proc, _ = run_speakers("list", "--control", f"tcp://127.0.0.1:{_free_port()}", keys=None, store=local_store,
+                           config=client_config(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"no speakers enrolled in {local_store}"
+
+
+def _break_keys(directory: Path, how: str) -> Path:
+    if how == "missing directory":
+        return directory / "nowhere"
+    if how == "a file, not a directory":
+        directory.mkdir()
+        (directory / "keys").write_text("")
+        return directory / "keys"
+    make_keys(directory)
+    if how == "no client key":
+        (directory / "client.key_secret").unlink()
+    elif how == "no server key":
+        (directory / "server.key").unlink()
+    elif how == "secret key readable by others":
+        (directory / "client.key_secret").chmod(0o644)
+    elif how == "server key is not a key":
+        (directory / "server.key").write_text("this is not a certificate\n")
+    return directory
+
+
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("missing directory", "CURVE key directory {dir} does not exist"),
+        ("a file, not a directory", "CURVE key directory {dir} is not a directory"),
+        ("no client key", "no CURVE key {dir}/client.key_secret; create it with `speakerd keys generate --dir {dir} --name client`"),
+        ("no server key", "no CURVE key {dir}/server.key; copy the daemon's server.key here"),
+        ("secret key readable by others", "CURVE secret key {dir}/client.key_secret is mode 644; it must be 0600"),
+        ("server key is not a key", "cannot read CURVE key {dir}/server.key: No public key found"),
+    ],
+)
+def test_unusable_key_directories_exit_2_naming_the_problem(tmp_path: Path, how: str, message: str) -> None:
+    bad = _break_keys(tmp_path / "bad", how)
+    local_store = tmp_path / "client-store"
+    proc, _ = run_speakers("list", "--control", f"tcp://192.0.2.7:{_free_port()}", keys=bad, store=local_store,
+                           config=client_config(tmp_path, timeout_s=60.0))
+    assert proc.returncode == 2
+    assert message.format(dir=bad) in proc.stderr
+    assert proc.stdout == "" and not local_store.exists()
+
+
+def test_listen_and_speakers_load_curve_keys_the_same_way(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    speakers, _ = run_speakers("list", "--control", "tcp://192.0.2.7:5561", keys=missing, store=tmp_path / "s",
+                               config=client_config(tmp_path))
+    listen = speakerd("listen", "--sub", f"tcp://127.0.0.1:{_free_port()}", "--curve-keys", str(missing), check=False)
+    assert speakers.returncode == listen.returncode == 2
+    message = f"CURVE key directory {missing} does not exist"
+    assert message in speakers.stderr and message in listen.stderr
+    assert speakers.stderr.split("speakerd: ", 1)[1] == listen.stderr.split("speakerd: ", 1)[1]
+
+
+def test_every_speakers_action_takes_curve_keys_and_help_explains_it() -> None:
+    from speakerd.cli import build_parser
+
+    parser = build_parser()
+    for action in (["list"], ["rename", "A", "B"], ["remove", "A"], ["enroll", "A", "--last", "5"], ["merge", "A", "B"],
+                   ["status"], ["reload"]):
+        args = parser.parse_args(["speakers", *action, "--control", "tcp://h:1", "--curve-keys", "~/k"])
+        assert (args.curve_keys, args.control) == ("~/k", "tcp://h:1")
+    shown = " ".join(speakerd("speakers", "list", "--help").stdout.split())
+    assert "--curve-keys DIR CURVE key directory holding client.key_secret and the daemon's server.key" in shown
+    assert "never a fall-back to the store" in shown
+
+
+def test_a_client_refuses_a_non_local_endpoint_without_keys_in_code(keys: Path) -> None:
+    with pytest.raises(SecurityError, match="--curve-keys DIR"):
+        require_curve_to_connect("tcp://10.1.2.3:5561", None, what="control", option="--curve-keys DIR")
+    require_curve_to_connect("tcp://10.1.2.3:5561", CurveClient.from_dir(keys), what="control", option="--curve-keys DIR")
+    for local in ("ipc:///tmp/x.sock", "tcp://127.0.0.1:5561", "tcp://localhost:5561", "tcp://[::1]:5561"):
+        require_curve_to_connect(local, None, what="control", option="--curve-keys DIR")
+
+
+@pytest.mark.slow
+def test_speakers_reach_a_real_curve_daemon_over_tcp(enrolled: Enrolled, tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys")
+    control = f"tcp://127.0.0.1:{_free_port()}"
+    config = tmp_path / "daemon.toml"
+    config.write_text(
+        f'[daemon]\ncurve_keys = "{keys}"\n[publish]\nendpoint = "tcp://127.0.0.1:{_free_port()}"\n'
+        f'[control]\nendpoint = "{control}"\n'
+    )
+    sf.write(tmp_path / "quiet.wav", np.zeros(180 * 16000, dtype="int16"), 16000)  # keeps the daemon up
+    log = tmp_path / "daemon.log"
+    with log.open("w") as err:
+        daemon = popen_speakerd("run", "--config", str(config), "--source", f"file:{tmp_path / 'quiet.wav'}", "--realtime",
+                                "--store", str(enrolled.store), stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        probe = ControlClient(control, timeout_s=1.0, curve=CurveClient.from_dir(keys))
+        deadline = time.monotonic() + 120.0
+        while True:
+            try:
+                probe.request("status")
+                break
+            except DaemonUnavailable:
+                assert daemon.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, "the daemon's control socket never answered"
+
+        local_store = tmp_path / "client-store"
+        listed, _ = run_speakers("list", "--control", control, keys=keys, store=local_store, config=client_config(tmp_path, 10.0))
+        assert listed.returncode == 0, listed.stderr
+        assert sorted(line.split()[1] for line in listed.stdout.splitlines()) == sorted(enrolled.names.values())
+
+        stranger = make_keys(tmp_path / "stranger", authorise=False)
+        shutil.copy(keys / "server.key", stranger / "server.key")
+        refused, _ = run_speakers("list", "--control", control, keys=stranger, store=local_store, config=client_config(tmp_path))
+        assert refused.returncode == 1 and "did not answer within 1000 ms" in refused.stderr and refused.stdout == ""
+        assert not local_store.exists()
+    finally:
+        code, _ = _stop(daemon)
+    assert code == 0, log.read_text()[-4000:]

@@ -124,12 +124,18 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_speakers(args: argparse.Namespace) -> int:
-    from .control import DAEMON_ONLY_ACTIONS, ControlClient, speakers_via_daemon
+    from .control import DAEMON_ONLY_ACTIONS, speakers_client, speakers_via_daemon
 
     settings = _settings(args)
     if not args.offline:  # a running daemon first: it must see the change, and it owns the stream
-        client = ControlClient(settings.control.resolved_endpoint, timeout_s=settings.control.client_timeout_s)
-        if client.daemon_is_up():
+        curve = None
+        if args.curve_keys:  # loaded exactly as `speakerd listen --curve-keys` loads them
+            from .security import CurveClient
+
+            curve = CurveClient.from_dir(Path(args.curve_keys).expanduser())
+        endpoint, timeout_s = settings.control.resolved_endpoint, settings.control.client_timeout_s
+        client = speakers_client(endpoint, timeout_s=timeout_s, curve=curve)
+        if client is not None:  # None: nothing answers on the local endpoint, so the store it is
             return speakers_via_daemon(client, args)
     if args.action in DAEMON_ONLY_ACTIONS:
         raise SpeakerdError(f"`speakers {args.action}` needs a running daemon; none answers on {settings.control.resolved_endpoint}")
@@ -257,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("--backend", choices=("auto", "onnx", "coreml"))
     enroll.set_defaults(func=cmd_enroll)
 
-    speakers = sub.add_parser("speakers", help="list, rename or remove enrolled speakers")
+    speakers = sub.add_parser(
+        "speakers",
+        help="list, rename or remove enrolled speakers",
+        description="Act on speakers through the running daemon's control socket, or on the store when "
+        "no daemon answers on the local (ipc or loopback) control endpoint. A daemon on another machine "
+        "needs --control tcp://HOST:PORT and --curve-keys DIR; it must answer then (see docs/control.md).",
+    )
     ssub = speakers.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = ssub.add_parser("list", help="list enrolled speakers")
     _add_common(p)
@@ -281,7 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
     for action, what in (("status", "the running daemon's status"), ("reload", "make the daemon re-read its settings and speakers")):
         _add_common(ssub.add_parser(action, help=what))
     for p in ssub.choices.values():
-        p.add_argument("--control", metavar="ENDPOINT", help="the daemon's control socket (default: control.endpoint)")
+        p.add_argument(
+            "--control",
+            metavar="ENDPOINT",
+            help="the daemon's control socket (default: control.endpoint); anything but ipc:// or "
+            "tcp://127.0.0.1 needs --curve-keys",
+        )
+        p.add_argument(
+            "--curve-keys",
+            metavar="DIR",
+            help="CURVE key directory holding client.key_secret and the daemon's server.key, for a daemon "
+            "with daemon.curve_keys (as `speakerd listen --curve-keys`). With keys, a daemon that does "
+            "not answer within control.client_timeout_s is an error, never a fall-back to the store",
+        )
         p.add_argument("--offline", action="store_true", help="use the store directly even if a daemon runs")
     speakers.set_defaults(func=cmd_speakers)
 

@@ -324,6 +324,15 @@ class ControlClient:
         result = reply.get("result")
         return result if isinstance(result, dict) else {}
 
+    def _unavailable(self, message: str, timeout_ms: int) -> DaemonUnavailable:
+        if self._curve is None:
+            return DaemonUnavailable(message)
+        # a refused CURVE handshake never completes the connection, so it ends here as a timeout
+        hint = getattr(self._curve, "rejection_hint", lambda: "check the CURVE keys")()
+        return DaemonUnavailable(
+            f"the daemon on {self.endpoint} did not answer within {timeout_ms} ms (control.client_timeout_s): {hint}"
+        )
+
     def send_raw(self, data: bytes, *, timeout_s: float | None = None) -> Any:
         """Send bytes as they are (tests send malformed requests this way); the decoded reply."""
         timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
@@ -335,11 +344,11 @@ class ControlClient:
                 if self._curve is not None:
                     self._curve.apply_client(sock)
                 sock.connect(self.endpoint)
-                if not sock.poll(timeout_ms, zmq.POLLOUT):
-                    raise DaemonUnavailable(f"no speakerd daemon is listening on {self.endpoint}")
+                if not sock.poll(timeout_ms, zmq.POLLOUT):  # with CURVE: until the handshake succeeds
+                    raise self._unavailable(f"no speakerd daemon is listening on {self.endpoint}", timeout_ms)
                 sock.send(data)
                 if not sock.poll(timeout_ms, zmq.POLLIN):
-                    raise DaemonUnavailable(f"the daemon on {self.endpoint} did not answer within {timeout_ms} ms")
+                    raise self._unavailable(f"the daemon on {self.endpoint} did not answer within {timeout_ms} ms", timeout_ms)
                 return json.loads(sock.recv().decode("utf-8"))
         finally:
             if self._context is None:
@@ -552,6 +561,25 @@ class ControlService:
 
 DAEMON_ONLY_ACTIONS = ("enroll", "merge", "status", "reload")
 """What only a running daemon can do (stream history, provisional speakers, its live state)."""
+
+
+def speakers_client(endpoint: str, *, timeout_s: float, curve: Any = None) -> ControlClient | None:
+    """The client ``speakerd speakers`` talks through, or None to use the store directly.
+
+    Only a local endpoint (ipc or loopback) without CURVE keys falls back to the store, and only
+    when no daemon answers there (no daemon running: the store is then the only copy). A non-local
+    endpoint without keys is refused before connecting (SecurityError, exit 2), since the daemon
+    binds one only with CURVE and the client would wait for a handshake that never comes. With keys
+    or a remote endpoint the user means one particular daemon: if it does not answer, the request
+    fails with DaemonUnavailable (exit 1) rather than quietly editing this machine's store.
+    """
+    from .security import is_local_endpoint, require_curve_to_connect
+
+    require_curve_to_connect(endpoint, curve, what="control", option="--curve-keys DIR")
+    client = ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
+    if curve is None and is_local_endpoint(endpoint):
+        return client if client.daemon_is_up() else None
+    return client
 
 
 def speakers_via_daemon(client: ControlClient, args: Any, out: Any = None) -> int:

@@ -9,6 +9,7 @@ in a 0700 directory; clients allowed in are the public keys in ``authorized/``.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import stat
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 KEY_FILE_MODE = 0o600
 SERVER = "server"
 AUTHORIZED = "authorized"
-_LOCAL_TCP_HOSTS = ("127.", "[::1]", "localhost")
 
 
 class SecurityError(SpeakerdError):
@@ -42,10 +42,22 @@ def default_keys_dir() -> Path:
 
 
 def is_local_endpoint(endpoint: str) -> bool:
-    """ipc, inproc, or tcp on a loopback address: nothing another machine can reach."""
+    """ipc, inproc, or tcp on a loopback address: nothing another machine can reach.
+
+    The tcp host must be ``localhost`` or a loopback literal (127.x.x.x, [::1]) as a whole: a
+    name that merely starts like one (``localhost.example.net``, ``127.0.0.1.example.net``) is
+    another machine."""
     if endpoint.startswith(("ipc://", "inproc://")):
         return True
-    return endpoint.startswith("tcp://") and endpoint[len("tcp://") :].startswith(_LOCAL_TCP_HOSTS)
+    if not endpoint.startswith("tcp://"):
+        return False
+    host = endpoint[len("tcp://") :].rsplit(":", 1)[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
 
 
 def secure_ipc_dir(endpoint: str) -> None:
@@ -74,6 +86,18 @@ def prepare_endpoint(endpoint: str, curve: object | None, *, what: str) -> None:
         )
 
 
+def require_curve_to_connect(endpoint: str, curve: object | None, *, what: str, option: str) -> None:
+    """Check an endpoint before connecting: a daemon binds a non-local one only with CURVE, so a
+    client without keys would wait for a handshake that never happens. Refuse at once, naming the
+    option that supplies the keys."""
+    if not is_local_endpoint(endpoint) and curve is None:
+        raise SecurityError(
+            f"the {what} endpoint {endpoint} is not loopback or ipc, so the daemon there only admits "
+            f"CURVE clients: pass {option} (a directory with this client's client.key_secret and the "
+            f"daemon's server.key; see docs/control.md)"
+        )
+
+
 def _private_file(path: Path) -> None:
     os.chmod(path, KEY_FILE_MODE)
 
@@ -87,23 +111,54 @@ def generate_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     return Path(public), Path(secret)
 
 
+def _key_dir(directory: Path) -> Path:
+    directory = Path(directory)
+    if not directory.exists():
+        raise SecurityError(
+            f"CURVE key directory {directory} does not exist (keys are made with `speakerd keys generate`; see docs/control.md)"
+        )
+    if not directory.is_dir():
+        raise SecurityError(f"CURVE key directory {directory} is not a directory")
+    if not os.access(directory, os.R_OK | os.X_OK):
+        raise SecurityError(f"CURVE key directory {directory} cannot be read by this user")
+    return directory
+
+
+def _read_certificate(path: Path, *, hint: str) -> tuple[bytes, bytes | None]:
+    """zmq.auth's (public, secret) of a key file, with SecurityError (not OSError/ValueError) for
+    a file that is missing, unreadable or not a ZeroMQ certificate."""
+    if not path.is_file():
+        raise SecurityError(f"no CURVE key {path}; {hint}")
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as e:
+        raise SecurityError(f"cannot read CURVE key {path}: {e}") from None
+    for key in (public, secret):
+        if key is not None and len(key) != 40:
+            raise SecurityError(f"CURVE key {path} is not a 40-character Z85 key; regenerate it with `speakerd keys generate`")
+    return public, secret
+
+
 def load_keypair(directory: Path, name: str) -> tuple[bytes, bytes]:
-    """(public, secret) of ``name``; SecurityError if missing or readable by others."""
-    secret_path = Path(directory) / f"{name}.key_secret"
+    """(public, secret) of ``name``; SecurityError if missing, unreadable or readable by others."""
+    secret_path = _key_dir(directory) / f"{name}.key_secret"
+    hint = f"create it with `speakerd keys generate --dir {directory}" + ("`" if name == SERVER else f" --name {name}`")
     try:
         mode = stat.S_IMODE(secret_path.stat().st_mode)
     except FileNotFoundError:
-        raise SecurityError(f"no CURVE key {secret_path}; create it with `speakerd keys generate`") from None
+        raise SecurityError(f"no CURVE key {secret_path}; {hint}") from None
+    except OSError as e:
+        raise SecurityError(f"cannot read CURVE key {secret_path}: {e.strerror}") from None
     if mode & 0o077:
         raise SecurityError(f"CURVE secret key {secret_path} is mode {mode:o}; it must be 0600")
-    public, secret = zmq.auth.load_certificate(str(secret_path))
+    public, secret = _read_certificate(secret_path, hint=hint)
     if secret is None:
         raise SecurityError(f"{secret_path} holds no secret key")
     return public, secret
 
 
 def load_public_key(path: Path) -> bytes:
-    public, _ = zmq.auth.load_certificate(str(path))
+    public, _ = _read_certificate(Path(path), hint="copy the daemon's server.key here")
     return public
 
 
@@ -145,18 +200,35 @@ class CurveServer:
 @dataclass
 class CurveClient:
     """Client side: its own key pair (its public key must be in the server's ``authorized/``) and
-    the server's public key."""
+    the server's public key. ``from_dir`` is how every client command (``speakerd listen
+    --curve-keys``, ``speakerd speakers --curve-keys``) loads them."""
 
     public: bytes
     secret: bytes
     server_public: bytes
+    keys_dir: Path | None = None
+    """Where the keys came from, for messages."""
+    name: str = "client"
 
     @classmethod
     def from_dir(cls, keys_dir: Path, name: str = "client") -> CurveClient:
+        """``name.key_secret`` (0600) and the daemon's ``server.key`` from ``keys_dir``;
+        SecurityError (exit 2) naming the file if the directory or a key is missing or unusable."""
         public, secret = load_keypair(keys_dir, name)
-        return cls(public, secret, load_public_key(Path(keys_dir) / f"{SERVER}.key"))
+        return cls(public, secret, load_public_key(Path(keys_dir) / f"{SERVER}.key"), Path(keys_dir), name)
 
     def apply_client(self, sock: zmq.Socket) -> None:
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
         sock.curve_serverkey = self.server_public
+
+    def rejection_hint(self) -> str:
+        """What to check when a CURVE server does not answer: ZeroMQ never tells the client that
+        the handshake failed, so a refused key and an absent daemon look the same."""
+        where = self.keys_dir if self.keys_dir is not None else "the key directory"
+        return (
+            "either no daemon listens there or it refused these CURVE keys (ZeroMQ does not tell a "
+            f"client that its handshake failed, so both look the same): check that {where}/{self.name}.key "
+            f"is in the daemon's <keys>/{AUTHORIZED}/, that {where}/{SERVER}.key is the daemon's, and that "
+            "the daemon runs with daemon.curve_keys"
+        )
