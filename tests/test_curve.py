@@ -1,7 +1,7 @@
 """CURVE through real sockets: encrypted events reach only authorised subscribers, `speakerd
-speakers --curve-keys` reaches a CURVE control socket (and fails loudly, never silently editing the
-local store, when its keys are refused), and endpoints other machines could reach are refused
-without keys."""
+speakers --curve-keys` (or the config's daemon.curve_keys) reaches a CURVE control socket (and fails
+loudly, never silently editing the local store, when its keys are refused or a daemon that is there
+does not answer), and endpoints other machines could reach are refused without keys."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import json
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,14 @@ from daemon_harness import Enrolled, make_conversation, popen_speakerd, read_eve
 from test_control import DIM, FakePipeline, Owner, vec
 from test_daemon_live import _free_port, _stop
 
-from speakerd.control import ControlClient, ControlServer, ControlService, ControlSettings, DaemonUnavailable
+from speakerd.control import (
+    ControlClient,
+    ControlServer,
+    ControlService,
+    ControlSettings,
+    DaemonUnavailable,
+    local_listener,
+)
 from speakerd.matcher import SpeakerIndex
 from speakerd.security import CurveClient, CurveServer, SecurityError, generate_keypair, require_curve_to_connect
 from speakerd.store import SpeakerStore
@@ -53,25 +62,34 @@ def keys(tmp_path: Path) -> Path:
     return make_keys(tmp_path / "keys")
 
 
-@pytest.fixture()
-def curve_control(keys: Path, tmp_path: Path) -> Iterator[tuple[ControlServer, Owner]]:
-    """A real ControlServer over a real store (Alice, Bob), bound on tcp with CURVE and the
-    authenticator admitting only ``keys/authorized/``, as ``Daemon`` sets it up."""
-    store = SpeakerStore(tmp_path / "daemon-store", fingerprint="test-model", dim=DIM)
+@contextmanager
+def serve_control(store_dir: Path, endpoint: str, keys: Path | None) -> Iterator[tuple[ControlServer, Owner]]:
+    """A real ControlServer over a real store (Alice, Bob) on ``endpoint``; with ``keys``, CURVE
+    with the authenticator admitting ``keys/authorized/`` (and the daemon's own key), as ``Daemon``
+    sets it up."""
+    store = SpeakerStore(store_dir, fingerprint="test-model", dim=DIM)
     store.enroll("Alice", vec(1, 4), source="test")
     store.enroll("Bob", vec(2, 4), source="test")
     owner = Owner(store, SpeakerIndex.from_store(store), FakePipeline())
     context = zmq.Context()
-    curve = CurveServer(keys)
-    curve.start(context)
+    curve = CurveServer(keys) if keys is not None else None
     try:
-        settings = ControlSettings(endpoint="tcp://127.0.0.1:*")
-        with ControlServer(settings, ControlService(owner), context=context, curve=curve) as server:
+        if curve is not None:
+            curve.start(context)
+        with ControlServer(ControlSettings(endpoint=endpoint), ControlService(owner), context=context, curve=curve) as server:
             yield server, owner
     finally:
-        curve.close()
+        if curve is not None:
+            curve.close()
         context.term()
         store.close()
+
+
+@pytest.fixture()
+def curve_control(keys: Path, tmp_path: Path) -> Iterator[tuple[ControlServer, Owner]]:
+    """A CURVE control server on tcp loopback (see serve_control)."""
+    with serve_control(tmp_path / "daemon-store", "tcp://127.0.0.1:*", keys) as served:
+        yield served
 
 
 @pytest.mark.slow
@@ -281,6 +299,164 @@ def test_a_client_refuses_a_non_local_endpoint_without_keys_in_code(keys: Path) 
     require_curve_to_connect("tcp://10.1.2.3:5561", CurveClient.from_dir(keys), what="control", option="--curve-keys DIR")
     for local in ("ipc:///tmp/x.sock", "tcp://127.0.0.1:5561", "tcp://localhost:5561", "tcp://[::1]:5561"):
         require_curve_to_connect(local, None, what="control", option="--curve-keys DIR")
+
+
+# -- without --curve-keys: the keys of daemon.curve_keys; a daemon that is there is never bypassed ----
+
+
+@pytest.fixture()
+def run_dir() -> Iterator[Path]:
+    """A short private directory for ipc sockets (AF_UNIX paths are limited to about 107 bytes)."""
+    directory = Path(tempfile.mkdtemp(prefix="sd-ctl-"))
+    directory.chmod(0o700)
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def speakers_config(
+    tmp_path: Path, endpoint: str, *, curve_keys: Path | None = None, timeout_s: float = CLIENT_TIMEOUT_S
+) -> Path:
+    """What `speakerd run --config` and a plain `speakerd speakers --config` share on one machine."""
+    config = tmp_path / "speakerd.toml"
+    daemon = f'[daemon]\ncurve_keys = "{curve_keys}"\n' if curve_keys is not None else ""
+    config.write_text(f'{daemon}[control]\nendpoint = "{endpoint}"\nclient_timeout_s = {timeout_s}\n')
+    return config
+
+
+def _config_keys(layout: str, daemon_keys: Path, tmp_path: Path) -> Path:
+    """The daemon.curve_keys a user's config names, laid out as ``layout`` says."""
+    if layout in ("the daemon's key directory (server and client pairs)", "the daemon's server pair alone"):
+        return daemon_keys
+    client = tmp_path / "client-keys"  # a client's directory: its pair, the daemon's public key, no server secret
+    client.mkdir(mode=0o700)
+    for name in ("client.key", "client.key_secret", "server.key"):
+        shutil.copy(daemon_keys / name, client / name)
+    return client
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["the daemon's key directory (server and client pairs)", "the daemon's server pair alone", "a client key directory"],
+)
+def test_config_keys_reach_a_curve_ipc_control_socket_without_curve_keys(run_dir: Path, tmp_path: Path, layout: str) -> None:
+    daemon_keys = tmp_path / "keys"
+    if layout == "the daemon's server pair alone":
+        generate_keypair(daemon_keys, "server")  # no client key made or authorised: the daemon admits its own
+    else:
+        make_keys(daemon_keys)
+    endpoint = f"ipc://{run_dir}/control.sock"
+    with serve_control(tmp_path / "daemon-store", endpoint, daemon_keys) as (server, owner):
+        assert not ControlClient(endpoint, timeout_s=0.5).daemon_is_up()  # CURVE really is on
+        config = speakers_config(tmp_path, endpoint, curve_keys=_config_keys(layout, daemon_keys, tmp_path), timeout_s=5.0)
+        local_store = tmp_path / "client-store"
+
+        renamed, _ = run_speakers("rename", "Alice", "Alicia", keys=None, store=local_store, config=config)
+        assert renamed.returncode == 0, renamed.stderr
+        assert renamed.stdout.startswith("renamed Alice -> Alicia (spk-")
+        assert owner.store.get("Alicia") is not None and owner.store.get("Alice") is None  # the daemon's store
+        [(old, new, _)] = owner.pipeline.relabels  # what makes the daemon publish speaker.renamed
+        assert (old.name, new.name, old.id) == ("Alice", "Alicia", new.id)
+
+        listed, _ = run_speakers("list", keys=None, store=local_store, config=config)
+        assert listed.returncode == 0, listed.stderr
+        assert [line.split()[1] for line in listed.stdout.splitlines()] == ["Alicia", "Bob"]
+        assert server.requests >= 2 and not local_store.exists()  # nothing went to this command's store
+
+
+@contextmanager
+def hung_socket(endpoint: str) -> Iterator[None]:
+    """Something that accepts connections on ``endpoint`` and reads requests but never answers."""
+    context = zmq.Context()
+    sock = context.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+    try:
+        yield
+    finally:
+        sock.close()
+        context.term()
+
+
+@pytest.mark.parametrize("why", ["CURVE on, asked without keys", "CURVE on, config keys of another daemon", "hung"])
+def test_a_daemon_that_is_there_but_silent_is_an_error_never_the_store(run_dir: Path, tmp_path: Path, why: str) -> None:
+    endpoint = f"ipc://{run_dir}/control.sock"
+    local_store = tmp_path / "client-store"
+    config_keys = None
+    if why == "CURVE on, config keys of another daemon":
+        config_keys = tmp_path / "other"
+        generate_keypair(config_keys, "server")
+    config = speakers_config(tmp_path, endpoint, curve_keys=config_keys)
+    if why == "hung":
+        with hung_socket(endpoint):
+            proc, took = run_speakers("rename", "Alice", "Alicia", keys=None, store=local_store, config=config)
+        owner = None
+    else:
+        with serve_control(tmp_path / "daemon-store", endpoint, make_keys(tmp_path / "keys")) as (server, owner):
+            proc, took = run_speakers("rename", "Alice", "Alicia", keys=None, store=local_store, config=config)
+            assert server.requests == 0 and [s.name for s in owner.store.speakers()] == ["Alice", "Bob"]
+            assert owner.pipeline.relabels == []
+    assert proc.returncode == 1, proc.stderr
+    assert (
+        f"a daemon seems to be running on {endpoint} (its socket accepts connections) but it did not answer "
+        "within 1000 ms (control.client_timeout_s)"
+    ) in proc.stderr
+    assert "The store was left alone" in proc.stderr
+    if config_keys is None:
+        assert "pass the daemon's --config (its daemon.curve_keys is then used), or --curve-keys DIR" in proc.stderr
+    else:
+        assert f"with the CURVE keys of daemon.curve_keys ({config_keys})" in proc.stderr
+    assert took < 2 * CLIENT_TIMEOUT_S + CLI_START_S
+    assert proc.stdout == "" and not local_store.exists()  # the store was not opened, let alone edited
+
+
+@pytest.mark.parametrize("config_keys", [None, "missing"], ids=["no keys", "daemon.curve_keys set"])
+@pytest.mark.parametrize("socket_file", ["stale (bound, then closed)", "absent"])
+def test_no_daemon_on_the_ipc_endpoint_falls_back_to_the_store(
+    run_dir: Path, tmp_path: Path, default_model: Path, socket_file: str, config_keys: str | None
+) -> None:
+    endpoint = f"ipc://{run_dir}/control.sock"
+    if socket_file.startswith("stale"):  # what a daemon that crashed leaves behind
+        context = zmq.Context()
+        with context.socket(zmq.REP) as sock:
+            sock.bind(endpoint)
+        context.term()
+        assert (run_dir / "control.sock").exists()
+    assert local_listener(endpoint) is False
+    # the keys are read only when a daemon is there: a crashed daemon's config still works offline
+    keys = tmp_path / "no-such-keys" if config_keys else None
+    config = speakers_config(tmp_path, endpoint, curve_keys=keys, timeout_s=60.0)  # no waiting on a dead socket
+    local_store = tmp_path / "client-store"
+    proc, took = run_speakers("list", keys=None, store=local_store, config=config)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"no speakers enrolled in {local_store}"
+    assert took < CLI_START_S
+
+
+def test_local_listener_tells_a_live_socket_from_a_stale_or_absent_one(run_dir: Path) -> None:
+    endpoint = f"ipc://{run_dir}/live.sock"
+    assert local_listener(endpoint) is False  # no file
+    with hung_socket(endpoint):
+        assert local_listener(endpoint) is True
+    assert local_listener(endpoint) is False  # the file is left behind, nobody listens
+    port = _free_port()
+    assert local_listener(f"tcp://127.0.0.1:{port}") is False
+    with hung_socket(f"tcp://127.0.0.1:{port}"):
+        assert local_listener(f"tcp://127.0.0.1:{port}") is True
+    assert local_listener("inproc://x") is None
+
+
+def test_daemon_keys_authenticate_the_local_client_as_the_daemon(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    generate_keypair(keys, "server")
+    client = CurveClient.for_daemon_keys(keys)
+    server = CurveServer(keys)
+    assert client.name == "server" and client.public == client.server_public == server.public
+    assert "daemon.curve_keys" in client.rejection_hint()
+    only_public = tmp_path / "public"
+    only_public.mkdir(mode=0o700)
+    shutil.copy(keys / "server.key", only_public / "server.key")
+    with pytest.raises(SecurityError, match="holds neither the daemon's server.key_secret .* nor a client.key_secret"):
+        CurveClient.for_daemon_keys(only_public)
 
 
 @pytest.mark.slow

@@ -134,8 +134,9 @@ def cmd_speakers(args: argparse.Namespace) -> int:
 
             curve = CurveClient.from_dir(Path(args.curve_keys).expanduser())
         endpoint, timeout_s = settings.control.resolved_endpoint, settings.control.client_timeout_s
-        client = speakers_client(endpoint, timeout_s=timeout_s, curve=curve)
-        if client is not None:  # None: nothing answers on the local endpoint, so the store it is
+        # without --curve-keys, the keys of daemon.curve_keys (the daemon's own, when this config is its config)
+        client = speakers_client(endpoint, timeout_s=timeout_s, curve=curve, config_keys=settings.daemon.curve_keys)
+        if client is not None:  # None: no daemon on the local endpoint, so the store it is
             return speakers_via_daemon(client, args)
     if args.action in DAEMON_ONLY_ACTIONS:
         raise SpeakerdError(f"`speakers {args.action}` needs a running daemon; none answers on {settings.control.resolved_endpoint}")
@@ -267,8 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
         "speakers",
         help="list, rename or remove enrolled speakers",
         description="Act on speakers through the running daemon's control socket, or on the store when "
-        "no daemon answers on the local (ipc or loopback) control endpoint. A daemon on another machine "
-        "needs --control tcp://HOST:PORT and --curve-keys DIR; it must answer then (see docs/control.md).",
+        "no daemon runs on the local (ipc or loopback) control endpoint; a daemon that is there but does "
+        "not answer is an error. CURVE keys come from --curve-keys DIR, else from daemon.curve_keys in "
+        "--config. A daemon on another machine needs --control tcp://HOST:PORT and keys; it must answer "
+        "then (see docs/control.md).",
     )
     ssub = speakers.add_subparsers(dest="action", required=True, metavar="ACTION")
     p = ssub.add_parser("list", help="list enrolled speakers")
@@ -297,13 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
             "--control",
             metavar="ENDPOINT",
             help="the daemon's control socket (default: control.endpoint); anything but ipc:// or "
-            "tcp://127.0.0.1 needs --curve-keys",
+            "tcp://127.0.0.1 needs CURVE keys (--curve-keys, or daemon.curve_keys in --config)",
         )
         p.add_argument(
             "--curve-keys",
             metavar="DIR",
             help="CURVE key directory holding client.key_secret and the daemon's server.key, for a daemon "
-            "with daemon.curve_keys (as `speakerd listen --curve-keys`). With keys, a daemon that does "
+            "with daemon.curve_keys (as `speakerd listen --curve-keys`); without it, the keys in "
+            "daemon.curve_keys of --config are used, if set. With --curve-keys, a daemon that does "
             "not answer within control.client_timeout_s is an error, never a fall-back to the store",
         )
         p.add_argument("--offline", action="store_true", help="use the store directly even if a daemon runs")

@@ -563,23 +563,103 @@ DAEMON_ONLY_ACTIONS = ("enroll", "merge", "status", "reload")
 """What only a running daemon can do (stream history, provisional speakers, its live state)."""
 
 
-def speakers_client(endpoint: str, *, timeout_s: float, curve: Any = None) -> ControlClient | None:
+def local_listener(endpoint: str, timeout_s: float = 1.0) -> bool | None:
+    """Whether anything accepts connections on a local endpoint, asked of the operating system
+    rather than of ZeroMQ (whose connect "succeeds" on a stale file and never tells a client that
+    a CURVE handshake failed).
+
+    ipc: False if the socket file is absent, or is stale (left by a daemon that died: a plain
+    AF_UNIX connect is refused); True if a connect succeeds. tcp on loopback: False if the
+    connection is refused, True if it is accepted. None when it cannot be told (inproc, an
+    unparsable address, permission denied, ...)."""
+    import errno
+    import socket
+
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://") :]
+        if path.startswith("@"):  # Linux abstract namespace: no file to look at
+            family, address = socket.AF_UNIX, "\0" + path[1:]
+        elif not Path(path).exists():
+            return False
+        else:
+            family, address = socket.AF_UNIX, path
+    elif endpoint.startswith("tcp://"):
+        host, _, port = endpoint[len("tcp://") :].rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not host or not port.isdigit():
+            return None
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout_s):
+                return True
+        except ConnectionRefusedError:
+            return False
+        except OSError:
+            return None
+    else:
+        return None
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout_s)
+        try:
+            probe.connect(address)
+        except OSError as e:
+            return False if e.errno in (errno.ECONNREFUSED, errno.ENOENT) else None
+    return True
+
+
+def speakers_client(
+    endpoint: str, *, timeout_s: float, curve: Any = None, config_keys: Path | str | None = None
+) -> ControlClient | None:
     """The client ``speakerd speakers`` talks through, or None to use the store directly.
 
-    Only a local endpoint (ipc or loopback) without CURVE keys falls back to the store, and only
-    when no daemon answers there (no daemon running: the store is then the only copy). A non-local
-    endpoint without keys is refused before connecting (SecurityError, exit 2), since the daemon
-    binds one only with CURVE and the client would wait for a handshake that never comes. With keys
-    or a remote endpoint the user means one particular daemon: if it does not answer, the request
-    fails with DaemonUnavailable (exit 1) rather than quietly editing this machine's store.
-    """
-    from .security import is_local_endpoint, require_curve_to_connect
+    ``curve`` is what ``--curve-keys DIR`` loaded; ``config_keys`` is ``daemon.curve_keys`` from the
+    settings, used (``CurveClient.for_daemon_keys``) when no ``--curve-keys`` was given.
 
-    require_curve_to_connect(endpoint, curve, what="control", option="--curve-keys DIR")
+    - A non-local endpoint needs keys (``--curve-keys`` or ``daemon.curve_keys``); without them it
+      is refused before connecting (SecurityError, exit 2), since the daemon binds one only with
+      CURVE. With ``--curve-keys``, or on a non-local endpoint, the user means one particular
+      daemon: the client is returned as is and no answer is DaemonUnavailable (exit 1), never the
+      store.
+    - A local endpoint otherwise falls back to the store only when no daemon is there: the ipc
+      socket file is absent or stale (nothing accepts connections on it), or the loopback port
+      refuses connections. When something does listen but does not answer within ``timeout_s``
+      (a daemon with CURVE on, asked without keys or with keys it refuses; a daemon that hangs),
+      DaemonUnavailable (exit 1) says so: editing the store behind a running daemon's back would
+      go unseen by it and publish no ``speaker.renamed``.
+    """
+    from .security import CurveClient, is_local_endpoint, require_curve_to_connect
+
+    local = is_local_endpoint(endpoint)
+    if curve is not None:
+        return ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
+    if not local:
+        if config_keys:
+            curve = CurveClient.for_daemon_keys(Path(config_keys).expanduser())
+        require_curve_to_connect(endpoint, curve, what="control", option="--curve-keys DIR")
+        return ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
+    listening = local_listener(endpoint, timeout_s=min(timeout_s, 1.0))
+    if listening is False:
+        return None  # no daemon on this machine: the store is the only copy
+    if config_keys:  # loaded only now: a daemon may be there, and it runs with these keys
+        curve = CurveClient.for_daemon_keys(Path(config_keys).expanduser())
     client = ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
-    if curve is None and is_local_endpoint(endpoint):
+    if listening is None:  # cannot tell (inproc, permission denied, ...): a short probe, as before
         return client if client.daemon_is_up() else None
-    return client
+    if client.daemon_is_up(timeout_s):
+        return client
+    ms = int(1000 * timeout_s)
+    if curve is None:
+        why = (
+            "if it runs with daemon.curve_keys, its control socket admits only CURVE clients: pass "
+            "the daemon's --config (its daemon.curve_keys is then used), or --curve-keys DIR (a "
+            "directory with client.key_secret and the daemon's server.key)"
+        )
+    else:
+        why = f"with the CURVE keys of daemon.curve_keys ({curve.keys_dir}): {curve.rejection_hint()}"
+    raise DaemonUnavailable(
+        f"a daemon seems to be running on {endpoint} (its socket accepts connections) but it did not "
+        f"answer within {ms} ms (control.client_timeout_s); {why}. The store was left alone: a change "
+        "made behind the daemon's back would not reach it (`--offline` edits the store anyway)"
+    )
 
 
 def speakers_via_daemon(client: ControlClient, args: Any, out: Any = None) -> int:

@@ -4,7 +4,8 @@ Who is speaking, and the power to rename or forget voiceprints, are private. So 
 anything but loopback or ipc must use CURVE (encryption and client authentication through
 ``zmq.auth``), and ipc sockets must sit in a directory only this user can enter (0700), since the
 socket file's own mode is not honoured everywhere. Keys are made with ``zmq.auth`` and stored 0600
-in a 0700 directory; clients allowed in are the public keys in ``authorized/``.
+in a 0700 directory; clients allowed in are the public keys in ``authorized/``, and the daemon's
+own key pair (so ``speakerd speakers`` on its machine can use ``daemon.curve_keys``).
 """
 
 from __future__ import annotations
@@ -178,7 +179,16 @@ class CurveServer:
         self._auth = ThreadAuthenticator(context)
         self._auth.start()
         self._auth.configure_curve(domain="*", location=str(self.authorized))
-        logger.info("CURVE: admitting %d client key(s) from %s", len(list(self.authorized.glob("*.key"))), self.authorized)
+        # Whoever can read server.key_secret (this user: 0600 in a 0700 directory) is admitted too, so
+        # `speakerd speakers` on this machine reaches the daemon with the keys of daemon.curve_keys
+        # (CurveClient.for_daemon_keys). It gains nothing: that user can already add keys to
+        # authorized/ and edit the store directly.
+        self._auth.certs.setdefault("*", {})[self.public] = True
+        logger.info(
+            "CURVE: admitting %d client key(s) from %s, and the daemon's own key",
+            len(list(self.authorized.glob("*.key"))),
+            self.authorized,
+        )
 
     def apply_server(self, sock: zmq.Socket) -> None:
         sock.curve_secretkey = self.secret
@@ -217,6 +227,29 @@ class CurveClient:
         public, secret = load_keypair(keys_dir, name)
         return cls(public, secret, load_public_key(Path(keys_dir) / f"{SERVER}.key"), Path(keys_dir), name)
 
+    @classmethod
+    def for_daemon_keys(cls, keys_dir: Path) -> CurveClient:
+        """The keys ``speakerd speakers`` uses without ``--curve-keys`` when the config sets
+        ``daemon.curve_keys``: that directory is the daemon's own, made by ``speakerd keys
+        generate`` (``server.key``/``server.key_secret``, clients' public keys in ``authorized/``).
+
+        If this user can read ``server.key_secret`` there, the client authenticates as the daemon's
+        own key pair, which ``CurveServer`` always admits, so no client key has to be made and
+        authorised for use on the daemon's own machine. Otherwise the directory is read as a client
+        key directory (``client.key_secret`` and ``server.key``), exactly as ``--curve-keys``."""
+        keys_dir = _key_dir(Path(keys_dir))
+        own = keys_dir / f"{SERVER}.key_secret"
+        if own.is_file() and os.access(own, os.R_OK):
+            public, secret = load_keypair(keys_dir, SERVER)
+            return cls(public, secret, public, keys_dir, SERVER)
+        if (keys_dir / "client.key_secret").is_file():
+            return cls.from_dir(keys_dir)
+        raise SecurityError(
+            f"daemon.curve_keys {keys_dir} holds neither the daemon's {SERVER}.key_secret (readable by this "
+            f"user) nor a client.key_secret, so `speakerd speakers` has no CURVE keys for the daemon: pass "
+            f"--curve-keys DIR (a directory with client.key_secret and the daemon's {SERVER}.key; see docs/control.md)"
+        )
+
     def apply_client(self, sock: zmq.Socket) -> None:
         sock.curve_secretkey = self.secret
         sock.curve_publickey = self.public
@@ -226,6 +259,12 @@ class CurveClient:
         """What to check when a CURVE server does not answer: ZeroMQ never tells the client that
         the handshake failed, so a refused key and an absent daemon look the same."""
         where = self.keys_dir if self.keys_dir is not None else "the key directory"
+        if self.name == SERVER:  # for_daemon_keys: the daemon's own pair, which a daemon using it admits
+            return (
+                f"these are the daemon keys in {where} (daemon.curve_keys), which a daemon started with that "
+                "directory always admits, so the daemon there uses other keys, no CURVE at all, or is not "
+                "there: check its daemon.curve_keys, or pass --curve-keys DIR with keys it accepts"
+            )
         return (
             "either no daemon listens there or it refused these CURVE keys (ZeroMQ does not tell a "
             f"client that its handshake failed, so both look the same): check that {where}/{self.name}.key "
