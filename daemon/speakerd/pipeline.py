@@ -192,12 +192,10 @@ class Pipeline:
         if windows:
             matches = self.matcher.match(np.stack([w.embedding for w in windows]))
             for embedded, match in zip(windows, matches, strict=True):
-                matched = MatchedWindow(embedded.window, match, embedded.embedding)
-                if not embedded.window.probe:  # probes are short-lived evidence for the tracker only
-                    matched = self._open_set(matched)
-                    self._remember(matched)
-                    if self._on_window is not None:
-                        self._on_window(matched)
+                matched = self._open_set(MatchedWindow(embedded.window, match, embedded.embedding))
+                self._remember(matched)
+                if self._on_window is not None:
+                    self._on_window(matched)
                 self._emit(self.tracker.process(matched))
             return
         for item in items:
