@@ -328,9 +328,9 @@ class ControlClient:
         if self._curve is None:
             return DaemonUnavailable(message)
         # a refused CURVE handshake never completes the connection, so it ends here as a timeout
-        hint = getattr(self._curve, "rejection_hint", lambda: "check the CURVE keys")()
         return DaemonUnavailable(
-            f"the daemon on {self.endpoint} did not answer within {timeout_ms} ms (control.client_timeout_s): {hint}"
+            f"the daemon on {self.endpoint} did not answer within {timeout_ms} ms (control.client_timeout_s): "
+            f"{self._curve.rejection_hint()}"
         )
 
     def send_raw(self, data: bytes, *, timeout_s: float | None = None) -> Any:
@@ -628,19 +628,20 @@ def speakers_client(
     """
     from .security import CurveClient, is_local_endpoint, require_curve_to_connect
 
-    local = is_local_endpoint(endpoint)
     if curve is not None:
         return ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
-    if not local:
-        if config_keys:
-            curve = CurveClient.for_daemon_keys(Path(config_keys).expanduser())
+
+    def config_curve() -> Any:
+        return CurveClient.for_daemon_keys(Path(config_keys).expanduser()) if config_keys else None
+
+    if not is_local_endpoint(endpoint):
+        curve = config_curve()
         require_curve_to_connect(endpoint, curve, what="control", option="--curve-keys DIR")
         return ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
     listening = local_listener(endpoint, timeout_s=min(timeout_s, 1.0))
     if listening is False:
         return None  # no daemon on this machine: the store is the only copy
-    if config_keys:  # loaded only now: a daemon may be there, and it runs with these keys
-        curve = CurveClient.for_daemon_keys(Path(config_keys).expanduser())
+    curve = config_curve()  # loaded only now: a daemon may be there, and it runs with these keys
     client = ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
     if listening is None:  # cannot tell (inproc, permission denied, ...): a short probe, as before
         return client if client.daemon_is_up() else None
