@@ -294,12 +294,15 @@ def test_window_frame_counts_follow_the_window_settings() -> None:
     from speakerd.models.build import GE2E_RECIPE
     from speakerd.windows import WindowSettings
 
-    assert window_frame_counts(WindowSettings(), GE2E_RECIPE) == (98, 148)
-    assert window_frame_counts(WindowSettings(), FeatureRecipe()) == (98, 148)
-    assert window_frame_counts(WindowSettings(length_s=2.0, first_length_s=1.0), GE2E_RECIPE) == (98, 198)
-    assert window_frame_counts(WindowSettings(length_s=1.5, first_length_s=1.5), GE2E_RECIPE) == (148,)
+    assert window_frame_counts(WindowSettings(), GE2E_RECIPE) == (58, 78, 98, 148)  # probes 0.6 / 0.8 s too
+    assert window_frame_counts(WindowSettings(), FeatureRecipe()) == (58, 78, 98, 148)
+    assert window_frame_counts(WindowSettings(probe_hop_s=0), GE2E_RECIPE) == (98, 148)
+    assert window_frame_counts(WindowSettings(length_s=2.0, first_length_s=1.0, probe_hop_s=0), GE2E_RECIPE) == (98, 198)
+    assert window_frame_counts(WindowSettings(length_s=1.5, first_length_s=1.5, probe_hop_s=0), GE2E_RECIPE) == (148,)
+    # probes cut at the region start: ends 0.5 and 0.75 s, then 0.8 s long
+    assert window_frame_counts(WindowSettings(probe_start_s=0.5), GE2E_RECIPE) == (48, 73, 78, 98, 148)
     # snip_edges false: one frame per 10 ms, rounded
-    assert window_frame_counts(WindowSettings(), FeatureRecipe(snip_edges=False)) == (100, 150)
+    assert window_frame_counts(WindowSettings(probe_hop_s=0), FeatureRecipe(snip_edges=False)) == (100, 150)
 
 
 def test_compute_units(package: Path, tmp_path: Path) -> None:

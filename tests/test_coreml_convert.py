@@ -43,7 +43,7 @@ from speakerd.features import FeatureExtractor  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 GE2E_WEIGHTS = REPO / "models" / "ge2e-resemblyzer" / "cache" / "pretrained.pt"
 RESNET_WINDOWS = (98, 148, 198, 298)
-GE2E_WINDOWS = (98, 148)
+GE2E_WINDOWS = (58, 78, 98, 148)  # probes 0.6 / 0.8 s, windows 1.0 / 1.5 s
 """The daemon's default windows (1.0 s first, 1.5 s after) in GE2E frames."""
 MIN_COSINE = 0.999
 FP16_MAX = 65504.0
@@ -425,7 +425,7 @@ def test_ge2e_bundle_serves_each_window_length(ge2e_bundle: ModelBundle) -> None
     served = read_package_set(ge2e_bundle.require_artifact("coreml"), feat_dim=40, embedding_dim=256)
     assert served.layout == "per-length"
     assert served.window_frames == GE2E_WINDOWS
-    assert sorted(p.name for p in served.packages) == ["frames-148.mlpackage", "frames-98.mlpackage"]
+    assert sorted(p.name for p in served.packages) == sorted(f"frames-{f}.mlpackage" for f in GE2E_WINDOWS)
 
 
 def test_unrolled_lstm_equals_nn_lstm(ge2e_model: nn.Module) -> None:

@@ -119,7 +119,7 @@ def test_manifest_describes_the_bundle(bundle: ModelBundle) -> None:
     }
     assert bundle.features == GE2E_RECIPE
     assert bundle.fingerprint == fingerprint_of(NAME, GE2E_WEIGHTS_SHA256, GE2E_RECIPE, 256)
-    assert bundle.window_frames == (98, 148)  # the daemon's 1.0 s / 1.5 s windows
+    assert bundle.window_frames == (58, 78, 98, 148)  # the daemon's 0.6 / 0.8 s probes, 1.0 / 1.5 s windows
     coreml = {"coreml": "coreml"} if importlib.util.find_spec("coremltools") else {}
     assert bundle.artifacts == {"onnx": "model.onnx", **coreml}
     assert bundle.io == {"input": "feats", "output": "embs"}
@@ -216,7 +216,7 @@ def test_build_without_coremltools_skips_coreml_with_a_warning(
         built = build_model(NAME, out, progress=False)
     assert "coremltools is not installed" in caplog.text and "macOS will use ONNX Runtime" in caplog.text
     assert built.artifacts == {"onnx": "model.onnx"}
-    assert built.window_frames == (98, 148)
+    assert built.window_frames == (58, 78, 98, 148)
     assert (out / "model.onnx").is_file() and not (out / "coreml").exists()
 
 

@@ -371,3 +371,74 @@ def test_tracker_settings_validation_names_the_key(kwargs: dict, key: str) -> No
     with pytest.raises(ConfigError) as err:
         TrackerSettings(**kwargs)
     assert err.value.key == key
+
+
+# -- probes and weak evidence: tentative changes sooner -------------------------------------------------
+
+PROBE = SAMPLE_RATE * 4 // 5  # 0.8 s probes
+
+
+def probe(region: int, end_s: float, nearest: SpeakerRef, score: float, margin: float, known: bool = False) -> MatchedWindow:
+    end = region + int(round(end_s * SAMPLE_RATE))
+    w = Window(start=end - PROBE, end=end, feats=np.zeros((1, 1), np.float32), speech_fraction=1.0,
+               wall_time=T0 + end / SAMPLE_RATE, region_start=region, first_in_region=False, probe=True)
+    m = Match(speaker_id=nearest.id if known else None, name=nearest.name if known else None, score=score,
+              margin=margin, runner_up="z", known=known, nearest=nearest.id, nearest_name=nearest.name)
+    return MatchedWindow(w, m)
+
+
+def test_a_probe_announces_a_hand_over_tentatively_and_the_regular_windows_confirm_it() -> None:
+    r = Run(TrackerSettings())
+    r.start(R1)
+    r.window(0, A, margin=DECISIVE)
+    r.window(1, A)
+    r.window(2, A)  # ends at 2.0 s
+    out = r.tracker.process(probe(R1, 2.35, B, score=0.66, margin=0.10))  # below the matcher's threshold
+    assert [(d.payload.speaker, d.payload.tentative, sec(d.sample - R1)) for d in out] == [(B, True, 2.35)]
+    # the next regular window began before the tentative change point: naming Ann there withdraws nothing
+    assert r.window(3, A) == []
+    confirmed = r.window(4, B, margin=DECISIVE)
+    assert [(c.speaker, c.tentative) for c in (d.payload for d in confirmed) if isinstance(c, SpeakerChange)] == [(B, False)]
+    assert [c.speaker for c in r.changes()] == [A, B]
+
+
+def test_a_probe_alone_never_confirms_and_a_wrong_one_is_withdrawn() -> None:
+    r = Run(TrackerSettings())
+    r.start(R1)
+    r.window(0, A, margin=DECISIVE)
+    r.tracker.process(probe(R1, 1.35, B, score=0.9, margin=0.3, known=True))
+    assert r.tracker.current == A, "a probe changes nothing but the announcement"
+    for k in range(1, 5):
+        r.window(k, A)
+    changes = [(c.speaker, c.tentative) for c in r.changes()]
+    assert changes[-1] == (A, False), "Ann's windows after the probe's change point withdraw it"
+
+
+@pytest.mark.parametrize(
+    ("score", "margin", "uncertain", "current_known", "announced"),
+    [
+        (0.66, 0.10, False, True, True),
+        (0.58, 0.10, False, True, False),  # below tentative_score
+        (0.66, 0.05, False, True, False),  # below tentative_margin
+        (0.66, 0.10, True, True, False),  # uncertain never acts alone
+        (0.66, 0.10, False, False, False),  # an unnamed voice is speaking: a near miss is most likely it
+    ],
+)
+def test_weak_evidence_rules(score: float, margin: float, uncertain: bool, current_known: bool, announced: bool) -> None:
+    r = Run(TrackerSettings())
+    r.start(R1)
+    speaker = A if current_known else UNKNOWN
+    for k in range(4):
+        r.window(k, speaker, margin=DECISIVE)
+    mw = probe(R1, 3.35, B, score, margin)
+    if uncertain:
+        mw = MatchedWindow(mw.window, Match(**{**mw.match.__dict__, "uncertain": True}))
+    out = r.tracker.process(mw)
+    assert bool(out) == announced
+
+
+def test_tentative_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="tracker.tentative_score"):
+        TrackerSettings(tentative_score=1.5)
+    with pytest.raises(ConfigError, match="tracker.tentative_margin"):
+        TrackerSettings(tentative_margin=-0.1)

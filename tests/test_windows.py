@@ -62,7 +62,12 @@ def run(windower: SpeechWindower, events) -> list:
 
 
 def windows_of(out: list) -> list[Window]:
-    return [o for o in out if isinstance(o, Window)]
+    """The regular windows (probes have tests of their own below)."""
+    return [o for o in out if isinstance(o, Window) and not o.probe]
+
+
+def probes_of(out: list) -> list[Window]:
+    return [o for o in out if isinstance(o, Window) and o.probe]
 
 
 def spans(out: list, origin: int) -> list[tuple[float, float]]:
@@ -129,11 +134,14 @@ def test_grid_properties(clips: list[np.ndarray], settings: WindowSettings) -> N
 # -- region edges -----------------------------------------------------------------------------------
 
 
-def test_region_shorter_than_first_window_yields_nothing(clips: list[np.ndarray]) -> None:
-    w = SpeechWindower(WindowSettings(), RECIPE)
+def test_region_shorter_than_first_window_yields_no_regular_window(clips: list[np.ndarray]) -> None:
+    w = SpeechWindower(WindowSettings(probe_hop_s=0), RECIPE)
     out = run(w, region_events(clips[0][: s(0.99)], R))
     assert [type(o) for o in out] == [SpeechStart, SpeechEnd]
     assert (w.windows_emitted, w.windows_rejected) == (0, 0)
+    # probes still guess who spoke it (tentatively)
+    probed = run(SpeechWindower(WindowSettings(), RECIPE), region_events(clips[0][: s(0.99)], R))
+    assert windows_of(probed) == [] and [(w.end - R) / SAMPLE_RATE for w in probes_of(probed)] == [0.6, 0.85]
 
 
 @pytest.mark.parametrize(
@@ -172,6 +180,8 @@ def test_windows_never_straddle_a_region_and_markers_keep_their_order(conversati
     out = run(SpeechWindower(WindowSettings(), RECIPE), events)
     markers_in = [e for e in events if not isinstance(e, SpeechAudio)]
     assert [o for o in out if not isinstance(o, Window)] == markers_in
+    ends = [o.end for o in out if isinstance(o, Window)]
+    assert ends == sorted(ends), "regular windows and probes leave in the order they end"
     assert len(markers_in) == 6  # three regions
     region = None
     for o in out:
@@ -309,3 +319,51 @@ def test_window_settings_validation_names_the_key(kwargs: dict, key: str) -> Non
         WindowSettings(**kwargs)
     assert err.value.key == key
     assert key in str(err.value)
+
+
+# -- probes ---------------------------------------------------------------------------------------
+
+
+def test_probes_fill_a_finer_grid_between_regular_windows() -> None:
+    audio = noise(3.0)
+    out = run(SpeechWindower(WindowSettings(), RECIPE), region_events(audio, R))
+    probes = [((w.start - R) / SAMPLE_RATE, (w.end - R) / SAMPLE_RATE) for w in probes_of(out)]
+    # the first probe is cut to the region (0.6 s), the rest are 0.8 s every 0.25 s; none ends with a regular window
+    assert probes == [(0.0, 0.6), (0.05, 0.85), (0.3, 1.1), (0.55, 1.35), (0.8, 1.6), (1.05, 1.85), (1.3, 2.1),
+                      (1.55, 2.35), (1.8, 2.6), (2.05, 2.85)]
+    assert spans(out, R) == [(0.0, 1.0), (0.0, 1.5), (0.5, 2.0), (1.0, 2.5), (1.5, 3.0)], "the regular grid is unchanged"
+    assert all(not w.first_in_region for w in probes_of(out))
+    lengths = {w.num_frames for w in probes_of(out)}
+    assert lengths == {RECIPE.num_frames(s(x), SAMPLE_RATE) for x in WindowSettings().probe_lengths()}
+
+
+def test_probe_features_equal_a_fresh_computation_of_their_samples() -> None:
+    audio = noise(2.0, seed=4)
+    out = run(SpeechWindower(WindowSettings(), RECIPE), region_events(audio, R))
+    assert probes_of(out)
+    for w in probes_of(out):
+        expected = FeatureExtractor(RECIPE, SAMPLE_RATE).compute(audio[w.start - R : w.end - R])
+        np.testing.assert_allclose(w.feats, expected, atol=1e-4)
+
+
+def test_probes_off_and_the_voiced_share_gates_them_too() -> None:
+    audio = noise(3.0)
+    off = run(SpeechWindower(WindowSettings(probe_hop_s=0), RECIPE), region_events(audio, R))
+    assert probes_of(off) == [] and len(windows_of(off)) == 5
+    voiced = np.zeros(len(audio), bool)
+    voiced[: s(0.3)] = True
+    gated = SpeechWindower(WindowSettings(), RECIPE)
+    out = run(gated, region_events(audio, R, voiced=voiced))
+    assert [((w.start - R) / SAMPLE_RATE, (w.end - R) / SAMPLE_RATE) for w in probes_of(out)] == [(0.0, 0.6)]
+    assert gated.probes_emitted == 1 and gated.windows_emitted == len(windows_of(out))
+
+
+def test_probe_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="windows.probe_hop_s"):
+        WindowSettings(probe_hop_s=0.05)
+    with pytest.raises(ConfigError, match="windows.probe_length_s"):
+        WindowSettings(probe_length_s=0.3)
+    with pytest.raises(ConfigError, match="windows.probe_start_s"):
+        WindowSettings(probe_start_s=0.2)
+    with pytest.raises(ConfigError, match="windows.probe_hop_s"):
+        SpeechWindower(WindowSettings(probe_hop_s=0.255), RECIPE)

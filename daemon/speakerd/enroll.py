@@ -50,7 +50,9 @@ class FileEmbeddings:
 
 
 def file_windows(path: Path, settings: Settings, features) -> tuple[list[Window], float]:  # noqa: ANN001
-    """Windows of a file and its seconds of speech, through the same VAD and windower as the daemon."""
+    """Windows of a file and its seconds of speech, through the same VAD and windower as the daemon.
+    Probes are left out: they serve only the tracker's early guesses, and enrolling from them too
+    moved the calibrated threshold (docs/calibration.md) for a p95 latency gain within noise."""
     source = FileSource(path, settings.audio, realtime=False)
     vad = VadSegmenter(settings.vad)
     windower = SpeechWindower(settings.windows, features)
@@ -63,7 +65,8 @@ def file_windows(path: Path, settings: Settings, features) -> tuple[list[Window]
         for event in events:
             for item in windower.process(event):
                 if isinstance(item, Window):
-                    windows.append(item)
+                    if not item.probe:
+                        windows.append(item)
                 elif isinstance(item, SpeechStart):
                     region_start = item.sample
                 elif isinstance(item, SpeechEnd):

@@ -115,6 +115,8 @@ class Match:
     known: bool
     nearest: str | None = None
     uncertain: bool = False
+    nearest_name: str | None = None
+    """The nearest speaker's name, known or not: weak evidence the tracker may act on tentatively."""
 
 
 UNKNOWN_EMPTY = Match(speaker_id=None, name=None, score=0.0, margin=0.0, runner_up=None, known=False, nearest=None)
@@ -325,6 +327,7 @@ class SpeakerIndex:
             known=known,
             nearest=best,
             uncertain=uncertain,
+            nearest_name=self._names[best],
         )
 
     def match(self, embeddings: np.ndarray, threshold: float | None = None) -> list[Match]:

@@ -192,10 +192,12 @@ class Pipeline:
         if windows:
             matches = self.matcher.match(np.stack([w.embedding for w in windows]))
             for embedded, match in zip(windows, matches, strict=True):
-                matched = self._open_set(MatchedWindow(embedded.window, match, embedded.embedding))
-                self._remember(matched)
-                if self._on_window is not None:
-                    self._on_window(matched)
+                matched = MatchedWindow(embedded.window, match, embedded.embedding)
+                if not embedded.window.probe:  # probes are short-lived evidence for the tracker only
+                    matched = self._open_set(matched)
+                    self._remember(matched)
+                    if self._on_window is not None:
+                        self._on_window(matched)
                 self._emit(self.tracker.process(matched))
             return
         for item in items:
@@ -281,6 +283,7 @@ class Pipeline:
         counters = {
             "windows": self.windower.windows_emitted,
             "windows_rejected": self.windower.windows_rejected,
+            "probes": self.windower.probes_emitted,
             **self.worker.counters,
             **self.counters,
             **{k: v for k, v in self._source_stats.items() if isinstance(v, int)},

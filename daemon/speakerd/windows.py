@@ -5,6 +5,11 @@ end-of-speech hangover. The first window of a region is shorter (``first_length_
 voice after a pause is named sooner; after that windows are ``length_s`` long every ``hop_s``.
 Window ends sit on a grid of ``hop_s`` from the region start, which keeps every window start on the
 feature frame grid: features are sliced from the region's stream, not recomputed per window.
+
+Between the regular windows, *probes* (``probe_length_s`` long, on a finer ``probe_hop_s`` grid)
+let the tracker announce a hand-over sooner: a 1.5 s window ending 0.75 s after a change is half
+the old voice, a 1.0 s probe ending there is three quarters the new one. Probes only ever raise a
+tentative change; regular windows confirm it, make turns and feed clustering and enrollment.
 """
 
 from __future__ import annotations
@@ -30,6 +35,14 @@ class WindowSettings:
     """Length of a region's first window, and the shortest region that is embedded at all."""
     min_speech: float = 0.5
     """Fraction of a window's samples the VAD must call voiced for it to be embedded."""
+    probe_hop_s: float = 0.25
+    """Grid of probe window ends, from ``probe_start_s`` into a region; a probe is made where no
+    regular window ends. 0 turns probes off."""
+    probe_length_s: float = 0.8
+    """Length of a probe window: short enough to be mostly the new voice soon after a hand-over."""
+    probe_start_s: float = 0.6
+    """End of a region's first probe, so a voice after a pause is guessed this soon; probes that
+    would start before the region are cut to begin with it."""
 
     def __post_init__(self) -> None:
         check(0.5 <= self.length_s <= 10.0, "windows.length_s", self.length_s, "must be within 0.5 to 10 s")
@@ -41,6 +54,35 @@ class WindowSettings:
             "must be within 0.5 s and length_s",
         )
         check(0.0 <= self.min_speech <= 1.0, "windows.min_speech", self.min_speech, "must be a fraction in [0, 1]")
+        check(
+            self.probe_hop_s == 0 or 0.1 <= self.probe_hop_s <= self.length_s,
+            "windows.probe_hop_s",
+            self.probe_hop_s,
+            "must be 0 (off) or within 0.1 s and length_s",
+        )
+        check(
+            0.5 <= self.probe_length_s <= self.length_s,
+            "windows.probe_length_s",
+            self.probe_length_s,
+            "must be within 0.5 s and length_s",
+        )
+        check(
+            0.5 <= self.probe_start_s <= 10.0,
+            "windows.probe_start_s",
+            self.probe_start_s,
+            "must be within 0.5 and 10 s",
+        )
+
+    def probe_lengths(self) -> tuple[float, ...]:
+        """Every length a probe can have: cut ones near the region start, then ``probe_length_s``."""
+        if not self.probe_hop_s:
+            return ()
+        cut = []
+        end = self.probe_start_s
+        while end < self.probe_length_s - 1e-9:
+            cut.append(round(end, 6))
+            end += self.probe_hop_s
+        return (*cut, self.probe_length_s)
 
 
 @dataclass(frozen=True)
@@ -55,6 +97,8 @@ class Window:
     """Capture time of the window's last sample: when the window could first be decided."""
     region_start: int
     first_in_region: bool
+    probe: bool = False
+    """A probe between regular windows: evidence for an early tentative change only."""
 
     @property
     def num_frames(self) -> int:
@@ -66,6 +110,8 @@ class Window:
 
 
 WindowerOutput = Window | SpeechStart | SpeechEnd
+NEVER = 1 << 62
+"""A sample position no stream reaches: the next probe end when probes are off."""
 
 
 class SpeechWindower:
@@ -76,11 +122,20 @@ class SpeechWindower:
         self.recipe = recipe
         self._stream = FeatureStream(recipe, sample_rate)
         shift = self._stream.frame_shift
-        for key, seconds in (("windows.hop_s", settings.hop_s), ("windows.first_length_s", settings.first_length_s)):
+        for key, seconds in (
+            ("windows.hop_s", settings.hop_s),
+            ("windows.first_length_s", settings.first_length_s),
+            ("windows.probe_hop_s", settings.probe_hop_s),
+            ("windows.probe_length_s", settings.probe_length_s),
+            ("windows.probe_start_s", settings.probe_start_s),
+        ):
             check(to_samples(seconds) % shift == 0, key, seconds, f"must be a multiple of the {recipe.frame_shift_ms} ms frame shift")
         self._hop = to_samples(settings.hop_s)
         self._full = to_samples(settings.length_s)
         self._first = to_samples(settings.first_length_s)
+        self._probe_hop = to_samples(settings.probe_hop_s)
+        self._probe = to_samples(settings.probe_length_s)
+        self._probe_start = to_samples(settings.probe_start_s)
         self.reset()
 
     def reset(self) -> None:
@@ -92,9 +147,11 @@ class SpeechWindower:
         self._audio_start = 0  # sample index of self._audio[0]
         self._anchor = (0, 0.0)  # (sample, wall time) of the latest audio, to place windows in wall time
         self._next_end = 0
+        self._next_probe = 0
         self._last_end = 0
         self.windows_emitted = 0
         self.windows_rejected = 0
+        self.probes_emitted = 0
 
     def process(self, event: VadEvent) -> list[WindowerOutput]:
         if isinstance(event, SpeechStart):
@@ -118,6 +175,7 @@ class SpeechWindower:
         self._voiced = np.zeros(0, dtype=bool)
         self._audio_start = sample
         self._next_end = sample + self._first
+        self._next_probe = sample + self._probe_start if self._probe_hop else NEVER
         self._last_end = sample
 
     def _accept(self, event: SpeechAudio) -> list[WindowerOutput]:
@@ -129,14 +187,20 @@ class SpeechWindower:
         self._anchor = (chunk.end, chunk.wall_time_of(chunk.end))
         self._stream.process(chunk.samples)
         out: list[WindowerOutput] = []
-        while self._next_end <= self._audio_start + len(self._audio) and self._frames_cover(self._next_end):
-            length = self._first if self._next_end - self._region_start == self._first else self._full
-            window = self._make(self._next_end - length, self._next_end)
+        while True:
+            end = min(self._next_end, self._next_probe)
+            probe = end < self._next_end
+            length = min(self._probe, end - self._region_start) if probe else self._length_ending(end)
+            if end > self._audio_start + len(self._audio) or not self._frames_cover(end - length, end):
+                return out
+            window = self._make(end - length, end, probe=probe)
             if window is not None:
                 out.append(window)
-            self._next_end = self._following_end(self._next_end)
-            self._trim(self._next_end - self._full - self._hop)
-        return out
+            if self._next_probe == end:
+                self._next_probe += self._probe_hop
+            if not probe:
+                self._next_end = self._following_end(end)
+                self._trim(self._next_end - self._full - self._hop)
 
     def _close(self, end_sample: int) -> list[WindowerOutput]:
         """Flush the tail: one last window aligned to the region end if the grid left speech uncovered."""
@@ -167,24 +231,31 @@ class SpeechWindower:
         count = self.recipe.num_frames(end - start, SAMPLE_RATE)
         return first, first + count
 
-    def _frames_cover(self, end: int) -> bool:
-        length = self._first if end - self._region_start == self._first else self._full
-        _, stop = self._frames_for(end - length, end)
+    def _length_ending(self, end: int) -> int:
+        return self._first if end - self._region_start == self._first else self._full
+
+    def _frames_cover(self, start: int, end: int) -> bool:
+        _, stop = self._frames_for(start, end)
         return stop <= self._stream.num_frames
 
-    def _make(self, start: int, end: int) -> Window | None:
+    def _make(self, start: int, end: int, *, probe: bool = False) -> Window | None:
         a, b = start - self._audio_start, end - self._audio_start
         samples = self._audio[a:b]
         fraction = float(self._voiced[a:b].mean()) if b > a else 0.0
-        self._last_end = end
-        if fraction < self.settings.min_speech:
-            self.windows_rejected += 1
-            return None
+        if probe:
+            if fraction < self.settings.min_speech:
+                return None
+            self.probes_emitted += 1
+        else:
+            self._last_end = end
+            if fraction < self.settings.min_speech:
+                self.windows_rejected += 1
+                return None
         first, stop = self._frames_for(start, end)
         stop = min(stop, self._stream.num_frames)
         feats = finish_window(self.recipe, self._stream.frames(first, stop), samples)
         anchor_sample, anchor_wall = self._anchor
-        self.windows_emitted += 1
+        self.windows_emitted += not probe
         return Window(
             start=start,
             end=end,
@@ -192,7 +263,8 @@ class SpeechWindower:
             speech_fraction=fraction,
             wall_time=anchor_wall - (anchor_sample - end) / SAMPLE_RATE,
             region_start=self._region_start,
-            first_in_region=start == self._region_start and end - start == self._first,
+            first_in_region=start == self._region_start and end - start == self._first and not probe,
+            probe=probe,
         )
 
     def _trim(self, keep_from: int) -> None:

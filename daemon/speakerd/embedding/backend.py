@@ -42,15 +42,19 @@ class WindowLengths(Protocol):
     @property
     def first_length_s(self) -> float: ...
 
+    def probe_lengths(self) -> tuple[float, ...]: ...
+
 
 def window_frame_counts(windows: WindowLengths, recipe: FeatureRecipe, sample_rate: int = 16000) -> tuple[int, ...]:
     """Frame counts of the windows ``SpeechWindower`` makes with these settings, sorted, distinct.
 
     A region's first window is ``first_length_s`` long, the others (and the tail window) either
-    ``length_s`` or ``first_length_s``; so 98 and 148 frames for the 1.0 / 1.5 s defaults under a
-    25 / 10 ms recipe with snip_edges. Fixed-shape backends (CoreML) must serve exactly these.
+    ``length_s`` or ``first_length_s``, and probes ``WindowSettings.probe_lengths()``; so 58, 78, 98
+    and 148 frames for the defaults (probes 0.6 / 0.8 s, windows 1.0 / 1.5 s) under a 25 / 10 ms
+    recipe with snip_edges. Fixed-shape backends (CoreML) must serve exactly these.
     """
-    counts = {recipe.num_frames(int(round(s * sample_rate)), sample_rate) for s in (windows.first_length_s, windows.length_s)}
+    lengths = (windows.first_length_s, windows.length_s, *windows.probe_lengths())
+    counts = {recipe.num_frames(int(round(s * sample_rate)), sample_rate) for s in lengths}
     return tuple(sorted(counts))
 
 
