@@ -249,6 +249,57 @@ def test_same_speaker_after_a_pause_is_a_new_segment_without_a_change() -> None:
     ]
 
 
+@pytest.mark.parametrize(("pause_s", "bridged"), [(0.5, True), (0.75, True), (0.8, False)])
+def test_a_short_pause_inside_a_turn_is_bridged(pause_s: float, bridged: bool) -> None:
+    """The VAD ends a region at a breath; the next segment of the same voice starts where the last ended."""
+    run = Run()
+    run.start(R1)
+    for k in range(3):
+        run.window(k, A)
+    first_end = R1 + 2 * SAMPLE_RATE
+    run.end(first_end)
+    resume = first_end + round(pause_s * SAMPLE_RATE)
+    run.start(resume)
+    for k in range(2):
+        assert run.window(k, A) == []
+    run.end(resume + 2 * SAMPLE_RATE)
+    starts = [s.start for s in run.segments()]
+    assert starts == [sec(R1), sec(first_end) if bridged else sec(resume)]
+    assert len(run.changes()) == 1
+
+
+def test_a_pause_with_another_voice_in_it_is_not_bridged() -> None:
+    run = Run()
+    run.start(R1)
+    for k in range(3):
+        run.window(k, A)
+    run.end(R1 + 2 * SAMPLE_RATE)
+    run.start(R1 + 2 * SAMPLE_RATE + 8_000)
+    run.window(0, B, margin=DECISIVE)
+    run.end(R1 + 3 * SAMPLE_RATE + 8_000)
+    back = R1 + 3 * SAMPLE_RATE + 16_000
+    run.start(back)
+    for k in range(2):
+        run.window(k, A, margin=DECISIVE)
+    run.end(back + 2 * SAMPLE_RATE)
+    assert [(s.speaker, s.start) for s in run.segments()] == [
+        (A, sec(R1)), (B, sec(R1 + 2 * SAMPLE_RATE + 8_000)), (A, sec(back)),
+    ]
+
+
+def test_bridge_pause_zero_keeps_segments_to_the_regions() -> None:
+    run = Run(TrackerSettings(tentative_changes=False, bridge_pause_s=0.0))
+    run.start(R1)
+    run.window(0, A)
+    run.end(R1 + SAMPLE_RATE)
+    run.start(R1 + SAMPLE_RATE + 1_600)
+    run.window(0, A)
+    run.end(R1 + 2 * SAMPLE_RATE + 1_600)
+    assert [s.start for s in run.segments()] == [sec(R1), sec(R1 + SAMPLE_RATE + 1_600)]
+    with pytest.raises(ConfigError, match="tracker.bridge_pause_s"):
+        TrackerSettings(bridge_pause_s=-1.0)
+
+
 def test_flush_closes_the_open_turn() -> None:
     run = Run()
     run.start(R1)
@@ -415,26 +466,35 @@ def test_a_probe_alone_never_confirms_and_a_wrong_one_is_withdrawn() -> None:
 
 
 @pytest.mark.parametrize(
-    ("score", "margin", "uncertain", "current_known", "announced"),
+    ("score", "margin", "uncertain", "current_known", "is_probe", "announced"),
     [
-        (0.66, 0.10, False, True, True),
-        (0.58, 0.10, False, True, False),  # below tentative_score
-        (0.66, 0.05, False, True, False),  # below tentative_margin
-        (0.66, 0.10, True, True, False),  # uncertain never acts alone
-        (0.66, 0.10, False, False, False),  # an unnamed voice is speaking: a near miss is most likely it
+        (0.66, 0.10, False, True, True, True),
+        (0.58, 0.10, False, True, True, False),  # below tentative_score
+        (0.66, 0.05, False, True, True, False),  # below tentative_margin
+        (0.66, 0.10, True, True, True, True),  # a probe is judged by the tentative bar, not the threshold band
+        (0.66, 0.10, True, True, False, False),  # an uncertain regular window never acts alone
+        (0.66, 0.10, False, True, False, True),  # a regular window the matcher left unnamed is evidence too
+        (0.66, 0.10, False, False, True, False),  # an unnamed voice is speaking: a near miss is most likely it
     ],
 )
-def test_weak_evidence_rules(score: float, margin: float, uncertain: bool, current_known: bool, announced: bool) -> None:
+def test_weak_evidence_rules(
+    score: float, margin: float, uncertain: bool, current_known: bool, is_probe: bool, announced: bool
+) -> None:
     r = Run(TrackerSettings())
     r.start(R1)
     speaker = A if current_known else UNKNOWN
     for k in range(4):
         r.window(k, speaker, margin=DECISIVE)
     mw = probe(R1, 3.35, B, score, margin)
+    if not is_probe:
+        mw = MatchedWindow(window(R1, 4), mw.match)
     if uncertain:
         mw = MatchedWindow(mw.window, Match(**{**mw.match.__dict__, "uncertain": True}))
     out = r.tracker.process(mw)
     assert bool(out) == announced
+    if announced:
+        (d,) = out
+        assert d.payload.tentative and d.payload.speaker == B
 
 
 def test_tentative_settings_are_checked() -> None:

