@@ -10,7 +10,9 @@ import pytest
 from speakerd.evaluation.conversation import ConversationSettings, Turn, build_conversation, room_response
 from speakerd.evaluation.der import diarization_error, speech_share_labelled
 from speakerd.evaluation.eer import equal_error_rate, error_rates, threshold_table
+from speakerd.evaluation.evaluate import reported_changes
 from speakerd.evaluation.metrics import Segment, attribution_accuracy, change_scores
+from speakerd.evaluation.runner import FileRun
 
 # -- DER -------------------------------------------------------------------------------------------
 
@@ -122,6 +124,25 @@ def test_change_scores_tolerance_and_latency() -> None:
     late = change_scores(truth, reported, before=0.5, after=3.0)  # the daemon's window takes 31.0 too
     assert (late.precision, late.recall) == (pytest.approx(3 / 4), 1.0)
     assert late.median_latency == pytest.approx(0.3)
+
+
+def _change(name: str | None, at: float, decided: float, tentative: bool = False) -> dict:
+    speaker = {"id": name, "name": name, "known": name is not None}
+    return {"type": "speaker.change", "speaker": speaker, "at": at, "stream_time": decided, "tentative": tentative}
+
+
+def test_reported_changes_decide_at_the_first_announcement_and_place_at_the_confirmation() -> None:
+    events = [
+        _change("Ann", 0.0, 1.0),
+        _change("Bob", 10.6, 11.0, tentative=True),  # a probe: early, change point guessed late
+        _change("Bob", 10.1, 11.5),  # the confirmation moves the change point back
+        _change("Bob", 9.0, 12.0),  # a later repeat is no refinement of the announcement
+        _change("Ann", 20.2, 20.8, tentative=True),
+        _change("Bob", 20.2, 21.3),  # withdrawn: a change back, at the first decision time
+    ]
+    at, decided = reported_changes(FileRun(events, [], {}))
+    assert at == [10.1, 20.2, 20.2]
+    assert decided == [11.0, 20.8, 21.3]
 
 
 # -- EER ------------------------------------------------------------------------------------------

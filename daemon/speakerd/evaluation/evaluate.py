@@ -163,12 +163,14 @@ def reported_changes(run: FileRun) -> tuple[list[float], list[float]]:
     """(estimated change points ``at``, decision times ``stream_time``) of every announced change of label.
 
     The first announcement of the stream is no change; an event that repeats the current label (a
-    confirmation of a tentative change) is no new one. Provisional speakers all count as unknown,
-    as in ``true_changes``.
+    confirmation of a tentative change) is no new one, but its ``at`` is the estimate a subscriber
+    ends up with (it supersedes the tentative one's), so it is the one scored; the decision time
+    stays the first announcement's. Provisional speakers all count as unknown, as in ``true_changes``.
     """
     at: list[float] = []
     decided: list[float] = []
     current: str | None = None
+    confirmable = False  # the last event announced a change that a confirmation may refine
     for e in run.events:
         if e["type"] != "speaker.change":
             continue
@@ -176,6 +178,10 @@ def reported_changes(run: FileRun) -> tuple[list[float], list[float]]:
         if current is not None and label != current:
             at.append(float(e["at"]))
             decided.append(float(e["stream_time"]))
+            confirmable = bool(e["tentative"])
+        elif confirmable and label == current and not e["tentative"]:
+            at[-1] = float(e["at"])
+            confirmable = False
         current = label
     return at, decided
 
