@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from speakerd.evaluation.conversation import ConversationSettings, Turn, build_conversation, room_response
+from speakerd.evaluation.conversation import ConversationSettings, Turn, build_conversation, room_response, speech_intervals
 from speakerd.evaluation.der import diarization_error, speech_share_labelled
 from speakerd.evaluation.eer import equal_error_rate, error_rates, threshold_table
 from speakerd.evaluation.evaluate import reported_changes
@@ -172,6 +172,25 @@ def test_false_accept_reject_table_counts_at_or_above() -> None:
 
 
 # -- conversations ------------------------------------------------------------------------------------
+
+
+def _tone(seconds: float, dbfs: float, rng: np.random.Generator) -> np.ndarray:
+    t = np.arange(int(seconds * 16_000)) / 16_000
+    voiced = np.sin(2 * np.pi * 180 * t) * (1 + 0.3 * np.sin(2 * np.pi * 4 * t))  # a syllable-rate hum
+    return (voiced * 10 ** (dbfs / 20) * np.sqrt(2) + rng.normal(0, 1e-4, len(t))).astype(np.float32)
+
+
+@pytest.mark.parametrize("floor_dbfs", [-80.0, -50.0])
+def test_reference_speech_skips_room_tone_pauses_and_clicks(floor_dbfs: float) -> None:
+    """Room tone 30 dB under the voice is not speech (it was, for every frame, before the noise-floor
+    rule), and neither is a 20 ms click; a 0.6 s pause between two phrases stays a pause."""
+    rng = np.random.default_rng(0)
+    room = lambda s: rng.normal(0, 10 ** (floor_dbfs / 20), int(s * 16_000)).astype(np.float32)  # noqa: E731
+    click = room(1.0)
+    click[8_000:8_320] += np.float32(10 ** (-30 / 20))  # 20 ms, 0.5 s after the last phrase
+    piece = np.concatenate([room(0.8), _tone(1.5, -20, rng), room(0.6), _tone(1.0, -20, rng), click])
+    got = speech_intervals(piece, 10.0)
+    assert [(round(a, 2), round(b, 2)) for a, b in got] == [(10.8, 12.3), (12.9, 13.9)]
 
 
 def test_room_response_decays_by_60_db_over_rt60() -> None:

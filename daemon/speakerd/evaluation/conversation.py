@@ -165,8 +165,14 @@ def _load(path: Path) -> np.ndarray:
 SPEECH_FRAME_S = 0.02
 SPEECH_FLOOR_DB = 40.0
 """Frames more than this below the turn's loudest frames are not speech."""
+SPEECH_ABOVE_NOISE_DB = 6.0
+"""Frames less than this above the turn's noise floor (its quietest 5 %) are room tone, not speech.
+Without it, readers recorded with a -45 to -55 dB floor (1688, 1998, 533) had every frame within
+40 dB of their loudest, so whole turns, pauses and silent lead-ins included, counted as speech."""
 SPEECH_BRIDGE_S = 0.3
 """Pauses shorter than this inside a turn count as speech (nobody hears them as a break)."""
+SPEECH_MIN_S = 0.1
+"""A stretch shorter than this, after bridging, is a click or a lip noise, not speech."""
 
 
 def speech_intervals(piece: np.ndarray, offset_s: float) -> tuple[tuple[float, float], ...]:
@@ -177,7 +183,8 @@ def speech_intervals(piece: np.ndarray, offset_s: float) -> tuple[tuple[float, f
         return ()
     frames = piece[: n * hop].reshape(n, hop)
     db = 10 * np.log10(np.mean(np.square(frames, dtype=np.float64), axis=1) + 1e-12)
-    active = db > np.percentile(db, 95) - SPEECH_FLOOR_DB
+    loud, floor = np.percentile(db, [95, 5])
+    active = db > max(loud - SPEECH_FLOOR_DB, floor + SPEECH_ABOVE_NOISE_DB)
     intervals: list[list[float]] = []
     for i in np.flatnonzero(active):
         start, end = i * SPEECH_FRAME_S, (i + 1) * SPEECH_FRAME_S
@@ -185,7 +192,7 @@ def speech_intervals(piece: np.ndarray, offset_s: float) -> tuple[tuple[float, f
             intervals[-1][1] = end
         else:
             intervals.append([start, end])
-    return tuple((offset_s + a, offset_s + b) for a, b in intervals)
+    return tuple((offset_s + a, offset_s + b) for a, b in intervals if b - a >= SPEECH_MIN_S - 1e-9)
 
 
 def _rms(x: np.ndarray) -> float:
