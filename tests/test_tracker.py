@@ -465,6 +465,40 @@ def test_a_probe_alone_never_confirms_and_a_wrong_one_is_withdrawn() -> None:
     assert changes[-1] == (A, False), "Ann's windows after the probe's change point withdraw it"
 
 
+def test_a_new_voice_heard_only_in_a_probe_stands_until_the_next_region_decides() -> None:
+    """A new voice's short first phrase (too short for a regular window) is announced by a probe;
+    the pause after it is no evidence for the old voice, so the announcement is not withdrawn, and
+    the confirmation in the next region keeps its change point."""
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A, margin=DECISIVE)
+    r.end(R1 + 3 * SAMPLE_RATE)
+    short = R1 + 4 * SAMPLE_RATE
+    r.start(short)
+    r.decisions += r.tracker.process(probe(short, 0.6, B, score=0.75, margin=0.2))
+    r.end(short + 7 * SAMPLE_RATE // 10)
+    r.start(short + SAMPLE_RATE)
+    r.window(0, B, margin=DECISIVE)
+    assert [(c.speaker, c.previous, c.at, c.tentative) for c in r.changes()] == [
+        (A, None, sec(R1), False),
+        (B, A, sec(short), True),
+        (B, A, sec(short), False),
+    ]
+    r.end(short + 3 * SAMPLE_RATE)
+    assert [(s.speaker, s.start) for s in r.segments()] == [(A, sec(R1)), (B, sec(short))]
+
+
+def test_a_probe_guess_in_a_region_the_old_voice_spoke_in_is_withdrawn_at_its_end() -> None:
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(3):
+        r.window(k, A, margin=DECISIVE)
+    r.decisions += r.tracker.process(probe(R1, 2.25, B, score=0.75, margin=0.2))
+    r.end(R1 + 5 * SAMPLE_RATE // 2)
+    assert [(c.speaker, c.previous, c.tentative) for c in r.changes()] == [(A, None, False), (B, A, True), (A, A, False)]
+
+
 @pytest.mark.parametrize(
     ("score", "margin", "uncertain", "current_known", "is_probe", "announced"),
     [

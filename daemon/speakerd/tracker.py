@@ -276,7 +276,7 @@ class SpeakerTracker:
 
     def _change(self, sample: int, wall_time: float) -> list[Decision]:
         pending, self._pending = self._pending, []
-        self._tentative = None
+        tentative, self._tentative = self._tentative, None
         new = pending[-1].ref
         lead = self._lead_in(new)
         swallowed = self.current is not None and is_anonymous(self.current) and self._turn is not None and bool(lead)
@@ -287,6 +287,9 @@ class SpeakerTracker:
             self.current = self._turn.previous
         first = (lead or pending)[0].window
         at = self._change_point(first)
+        if tentative is not None and tentative.speaker == new and not swallowed:
+            # announced earlier and nothing has spoken for the old voice since: it began then
+            at = min(at, round(tentative.at * SAMPLE_RATE))
         out = self._close_turn(at, sample, wall_time)
         self._paused_at = None
         previous = self.current
@@ -369,7 +372,9 @@ class SpeakerTracker:
         if self._pending and not self._region_has_current and not all(p.uncertain for p in self._pending):
             # the region held only the new voice, too briefly to confirm it: it spoke the region
             out.extend(self._change(end, wall_time))
-        out.extend(self._withdraw(end, wall_time))
+        if self._region_has_current:
+            # the old voice spoke in this region; a new voice heard here only in a probe was a guess
+            out.extend(self._withdraw(end, wall_time))
         self._pending = []
         if self._turn is not None:
             self._paused_at = end
