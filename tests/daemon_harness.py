@@ -17,7 +17,9 @@ from speakerd.evaluation.conversation import (
     librispeech_speakers,
     split_enrollment,
 )
+from speakerd.evaluation.evaluate import reported_changes
 from speakerd.evaluation.metrics import Segment, attribution_accuracy, change_scores
+from speakerd.evaluation.runner import FileRun
 
 REPO = Path(__file__).resolve().parents[1]
 CLI_TIMEOUT_S = 300.0
@@ -78,8 +80,11 @@ class Scores:
     precision: float
     recall: float
     median_latency: float
+    """Of confirmed changes."""
     true_changes: int
     reported_changes: int
+    median_first: float
+    """From the true change to the first announcement, tentative or confirmed (the eval's latency)."""
 
 
 def score_events(conv: Conversation, events: list[dict[str, Any]], names: dict[str, str], offset: float = 0.0) -> Scores:
@@ -97,7 +102,11 @@ def score_events(conv: Conversation, events: list[dict[str, Any]], names: dict[s
         if e["type"] == "speaker.change" and e["previous"] is not None and not e["tentative"]
         and e["speaker"] != e["previous"]
     ]
-    cs = change_scores([t for t, _, _ in conv.changes()], changes, before=0.5, after=3.0)
+    truth = [t for t, _, _ in conv.changes()]
+    cs = change_scores(truth, changes, before=0.5, after=3.0)
+    shifted = [{**e, "stream_time": e["stream_time"] - offset, "at": e["at"] - offset} if "at" in e else e for e in events]
+    _, decided = reported_changes(FileRun(shifted, [], {}))
+    first = change_scores(truth, decided, before=0.5, after=3.0)
     return Scores(
         attribution_accuracy(conv.turns, segments, names, conv.duration),
         cs.precision,
@@ -105,4 +114,5 @@ def score_events(conv: Conversation, events: list[dict[str, Any]], names: dict[s
         cs.median_latency,
         cs.true_changes,
         cs.reported_changes,
+        first.median_latency,
     )

@@ -195,6 +195,21 @@ def speech_intervals(piece: np.ndarray, offset_s: float) -> tuple[tuple[float, f
     return tuple((offset_s + a, offset_s + b) for a, b in intervals if b - a >= SPEECH_MIN_S - 1e-9)
 
 
+def _speech_only(piece: np.ndarray) -> tuple[np.ndarray, tuple[tuple[float, float], ...]]:
+    """The piece from its first to its last speech, and that speech (seconds into the result).
+
+    A cut from a clip often begins or ends in the reader's pause, and every clip begins with its
+    own silent lead-in; trimmed, a hand-over with no pause is direct in speech too. The speech is
+    found on the whole cut: the trimmed piece's own quietest frames are speech, not the room.
+    """
+    speech = speech_intervals(piece, 0.0)
+    if not speech:
+        return piece.copy(), ()
+    first = speech[0][0]
+    trimmed = piece[int(round(first * SAMPLE_RATE)) : int(round(speech[-1][1] * SAMPLE_RATE))].copy()
+    return trimmed, tuple((a - first, b - first) for a, b in speech)
+
+
 def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if len(x) else 0.0
 
@@ -226,14 +241,14 @@ def build_conversation(
         want = int(rng.uniform(*s.turn_s) * SAMPLE_RATE)
         want = min(want, len(audio))
         offset = int(rng.integers(0, len(audio) - want + 1))
-        piece = audio[offset : offset + want].copy()
+        piece, speech = _speech_only(audio[offset : offset + want])
         piece *= np.float32(10 ** (rng.uniform(*s.level_db) / 20) * 0.1 / max(_rms(piece), 1e-6))  # -20 dBFS, then the turn's level
         if i > 0 and rng.random() < s.pause_probability:
             gap = int(rng.uniform(*s.pause_s) * SAMPLE_RATE)
             pieces.append(np.zeros(gap, dtype=np.float32))
             cursor += gap
         start = cursor / SAMPLE_RATE
-        turns.append(Turn(speaker, start, start + len(piece) / SAMPLE_RATE, clip.name, speech_intervals(piece, start)))
+        turns.append(Turn(speaker, start, start + len(piece) / SAMPLE_RATE, clip.name, tuple((start + a, start + b) for a, b in speech)))
         turn_pieces.append(len(pieces))
         pieces.append(piece)
         cursor += len(piece)
