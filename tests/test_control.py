@@ -255,5 +255,5 @@ def test_endpoints_that_would_expose_the_control_plane_are_refused(owner: Owner,
 def test_a_second_server_on_a_live_ipc_socket_is_refused(server: ControlServer, owner: Owner) -> None:
     from speakerd.errors import SpeakerdError
 
-    with pytest.raises(SpeakerdError, match="another speakerd"):
+    with pytest.raises(SpeakerdError, match="another speakerd listens"):
         ControlServer(ControlSettings(endpoint=server.endpoint), ControlService(owner)).start()

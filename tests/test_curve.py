@@ -445,6 +445,20 @@ def test_local_listener_tells_a_live_socket_from_a_stale_or_absent_one(run_dir: 
     assert local_listener("inproc://x") is None
 
 
+def test_a_second_server_on_a_curve_daemons_live_ipc_socket_is_refused(keys: Path, run_dir: Path, tmp_path: Path) -> None:
+    """A CURVE daemon never answers a plain status request; it must not look stale to a second one."""
+    from speakerd.errors import SpeakerdError
+
+    endpoint = f"ipc://{run_dir}/control.sock"
+    with serve_control(tmp_path / "store", endpoint, keys) as (server, owner):
+        with pytest.raises(SpeakerdError, match="another speakerd listens"):
+            ControlServer(ControlSettings(endpoint=endpoint), ControlService(owner)).start()
+        assert local_listener(endpoint) is True, "the first daemon keeps its socket"
+    # once it is gone, its socket file is stale and a new server may take the endpoint
+    with serve_control(tmp_path / "store2", endpoint, keys):
+        assert local_listener(endpoint) is True
+
+
 def test_daemon_keys_authenticate_the_local_client_as_the_daemon(tmp_path: Path) -> None:
     keys = tmp_path / "keys"
     generate_keypair(keys, "server")

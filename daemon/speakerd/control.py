@@ -227,9 +227,10 @@ class ControlServer:
 
         endpoint = self.settings.resolved_endpoint
         prepare_endpoint(endpoint, self._curve, what="control")
-        if endpoint.startswith("ipc://") and ControlClient(endpoint, curve=None).daemon_is_up(STALE_CHECK_S):
-            # binding ipc over a live socket file would silently steal it from the other daemon
-            raise SpeakerdError(f"another speakerd answers on the control socket {endpoint}")
+        if endpoint.startswith("ipc://") and local_listener(endpoint, STALE_CHECK_S):
+            # binding ipc over a live socket file would silently steal it from the other daemon; the
+            # operating system is asked, since a CURVE daemon never answers a plain status request
+            raise SpeakerdError(f"another speakerd listens on the control socket {endpoint}")
         if self._context is None:
             self._context = zmq.Context()
         ready: Future[str] = Future()
