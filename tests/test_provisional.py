@@ -137,3 +137,15 @@ def test_settings_validation_names_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         ProvisionalSettings(**kwargs)
     assert err.value.key == key
+
+
+def test_nearest_scores_a_probe_against_provisional_speakers_without_clustering_it() -> None:
+    f = Feed()
+    assert f.p.nearest(voice(1)) == (None, 0.0), "nobody minted yet: no evidence"
+    f.turn(voice(1), 6)
+    before = [(s.id, s.windows) for s in f.p.speakers()]
+    ref, score = f.p.nearest(window_of(voice(1), f.rng))
+    assert ref == SpeakerRef("unknown-1", None, False) and score > 0.9
+    other, low = f.p.nearest(voice(2))
+    assert other == ref and low < 0.5, "the nearest is reported with its (low) score; the bar is the tracker's"
+    assert [(s.id, s.windows) for s in f.p.speakers()] == before, "a probe never joins a cluster"

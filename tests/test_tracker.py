@@ -499,6 +499,31 @@ def test_a_probe_guess_in_a_region_the_old_voice_spoke_in_is_withdrawn_at_its_en
     assert [(c.speaker, c.previous, c.tentative) for c in r.changes()] == [(A, None, False), (B, A, True), (A, A, False)]
 
 
+GUEST = SpeakerRef("unknown-1", None, False)
+
+
+@pytest.mark.parametrize(
+    ("label_score", "label_margin", "current_known", "announced"),
+    [
+        (0.70, 0.15, True, True),
+        (0.58, 0.15, True, False),  # below tentative_score
+        (0.70, 0.05, True, False),  # not clearly nearer the guest than any enrolled voice
+        (0.70, 0.15, False, False),  # an unnamed voice is speaking already
+    ],
+)
+def test_a_probe_near_a_provisional_speaker_announces_that_voice_returning(
+    label_score: float, label_margin: float, current_known: bool, announced: bool
+) -> None:
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A if current_known else UNKNOWN, margin=DECISIVE)
+    mw = probe(R1, 3.35, A, score=0.55, margin=0.02)  # the matcher names nobody
+    mw = MatchedWindow(mw.window, mw.match, label=GUEST, label_score=label_score, label_margin=label_margin)
+    out = r.tracker.process(mw)
+    assert [(d.payload.speaker, d.payload.tentative) for d in out] == ([(GUEST, True)] if announced else [])
+
+
 @pytest.mark.parametrize(
     ("score", "margin", "uncertain", "current_known", "is_probe", "announced"),
     [

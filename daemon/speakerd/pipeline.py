@@ -193,7 +193,9 @@ class Pipeline:
             matches = self.matcher.match(np.stack([w.embedding for w in windows]))
             for embedded, match in zip(windows, matches, strict=True):
                 matched = MatchedWindow(embedded.window, match, embedded.embedding)
-                if not embedded.window.probe:  # probes are short-lived evidence for the tracker only
+                if embedded.window.probe:  # probes are short-lived evidence for the tracker only
+                    matched = self._nearest_provisional(matched)
+                else:
                     matched = self._open_set(matched)
                     self._remember(matched)
                     if self._on_window is not None:
@@ -227,6 +229,15 @@ class Pipeline:
             self._apply(r)
         margin = found.margin if found.label.known else found.score - mw.match.score  # runner-up: best enrolled
         return replace(mw, label=found.label, label_score=found.score, label_margin=margin)
+
+    def _nearest_provisional(self, mw: MatchedWindow) -> MatchedWindow:
+        """A probe's nearest provisional speaker, as evidence beside its enrolled match."""
+        if mw.match.known or mw.embedding is None:
+            return mw
+        ref, score = self.provisional.nearest(mw.embedding)
+        if ref is None:
+            return mw
+        return replace(mw, label=ref, label_score=score, label_margin=score - mw.match.score)
 
     def _score_enrolled(self, embedding: np.ndarray) -> Any:
         return self.matcher.match(embedding.reshape(1, -1))[0]

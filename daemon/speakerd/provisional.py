@@ -241,6 +241,17 @@ class ProvisionalSpeakers:
                 return Assignment(ref, escore, emargin)
             return self._maybe_mint(cand)
 
+    def nearest(self, embedding: np.ndarray) -> tuple[SpeakerRef | None, float]:
+        """The provisional speaker whose centroid is nearest ``embedding``, and the cosine; nothing
+        changes (a probe's evidence, not a window to cluster)."""
+        if not self.settings.enabled:
+            return None, 0.0
+        vector = np.asarray(embedding, dtype=np.float64).reshape(-1)
+        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        with self._lock:
+            best, score = self._nearest(vector, self._joinable())
+            return (None, 0.0) if best is None else (self._resolve(best.id), score)  # type: ignore[arg-type]
+
     def _joinable(self) -> list[_Group]:
         """Provisional speakers a window may join: not merged away or forgotten (folded and
         promoted ones stay: their label resolves to the enrolled speaker)."""
