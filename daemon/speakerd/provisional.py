@@ -147,7 +147,7 @@ class _Group:
 
     @property
     def centroid(self) -> np.ndarray:
-        return self.total / max(float(np.linalg.norm(self.total)), 1e-12)
+        return _unit(self.total)
 
     @property
     def speech_samples(self) -> int:
@@ -175,6 +175,11 @@ class _Group:
             _add_span(self.spans, a, b)
         self.first = min(self.first, other.first)
         self.last = max(self.last, other.last)
+
+
+def _unit(embedding: np.ndarray) -> np.ndarray:
+    vector = np.asarray(embedding, dtype=np.float64).reshape(-1)
+    return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
 
 def _add_span(spans: list[list[int]], start: int, end: int) -> None:
@@ -219,8 +224,7 @@ class ProvisionalSpeakers:
         """Place one window that matched no enrolled speaker; returns its label, if it has one yet."""
         if not self.settings.enabled:
             return Assignment(None, 0.0)
-        vector = np.asarray(embedding, dtype=np.float64).reshape(-1)
-        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        vector = _unit(embedding)
         with self._lock:
             self._expire(start)
             best, score = self._nearest(vector, self._joinable())
@@ -246,8 +250,7 @@ class ProvisionalSpeakers:
         changes (a probe's evidence, not a window to cluster)."""
         if not self.settings.enabled:
             return None, 0.0
-        vector = np.asarray(embedding, dtype=np.float64).reshape(-1)
-        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        vector = _unit(embedding)
         with self._lock:
             best, score = self._nearest(vector, self._joinable())
             return (None, 0.0) if best is None else (self._resolve(best.id), score)  # type: ignore[arg-type]

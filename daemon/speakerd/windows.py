@@ -8,7 +8,7 @@ feature frame grid: features are sliced from the region's stream, not recomputed
 
 Between the regular windows, *probes* (``probe_length_s`` long, on a finer ``probe_hop_s`` grid)
 let the tracker announce a hand-over sooner: a 1.5 s window ending 0.75 s after a change is half
-the old voice, a 1.0 s probe ending there is three quarters the new one. Probes only ever raise a
+the old voice, a 0.8 s probe ending there is almost all the new one. Probes only ever raise a
 tentative change; regular windows confirm it, make turns and feed clustering and enrollment.
 """
 
@@ -242,20 +242,19 @@ class SpeechWindower:
         a, b = start - self._audio_start, end - self._audio_start
         samples = self._audio[a:b]
         fraction = float(self._voiced[a:b].mean()) if b > a else 0.0
-        if probe:
-            if fraction < self.settings.min_speech:
-                return None
-            self.probes_emitted += 1
-        else:
-            self._last_end = end
-            if fraction < self.settings.min_speech:
-                self.windows_rejected += 1
-                return None
+        if not probe:
+            self._last_end = end  # the tail window covers what the regular grid left, not the probes
+        if fraction < self.settings.min_speech:
+            self.windows_rejected += not probe
+            return None
         first, stop = self._frames_for(start, end)
         stop = min(stop, self._stream.num_frames)
         feats = finish_window(self.recipe, self._stream.frames(first, stop), samples)
         anchor_sample, anchor_wall = self._anchor
-        self.windows_emitted += not probe
+        if probe:
+            self.probes_emitted += 1
+        else:
+            self.windows_emitted += 1
         return Window(
             start=start,
             end=end,
