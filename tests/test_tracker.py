@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -522,6 +524,28 @@ def test_a_probe_near_a_provisional_speaker_announces_that_voice_returning(
     mw = MatchedWindow(mw.window, mw.match, label=GUEST, label_score=label_score, label_margin=label_margin)
     out = r.tracker.process(mw)
     assert [(d.payload.speaker, d.payload.tentative) for d in out] == ([(GUEST, True)] if announced else [])
+
+
+@pytest.mark.parametrize(
+    ("guest", "label_score", "announced"),
+    [
+        (GUEST, 0.60, True),  # Bob's voiceprint leads every provisional centroid by tentative_margin
+        (GUEST, 0.70, False),  # by less: most likely the guest, near Bob
+        (UNKNOWN, 0.60, False),  # the voice speaking has no centroid yet to be compared with
+    ],
+)
+def test_a_probe_nearer_an_enrolled_voice_than_the_speaking_guest_announces_it(
+    guest: SpeakerRef, label_score: float, announced: bool
+) -> None:
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        w = MatchedWindow(window(R1, k), match(UNKNOWN, score=0.5))
+        r.decisions += r.tracker.process(w if guest == UNKNOWN else replace(w, label=guest, label_score=0.85, label_margin=0.3))
+    assert r.tracker.current == guest
+    mw = probe(R1, 3.35, B, score=0.75, margin=0.2, known=True)
+    out = r.tracker.process(replace(mw, label=GUEST, label_score=label_score, label_margin=label_score - 0.75))
+    assert [(d.payload.speaker, d.payload.tentative) for d in out] == ([(B, True)] if announced else [])
 
 
 @pytest.mark.parametrize(

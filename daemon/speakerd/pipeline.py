@@ -231,8 +231,9 @@ class Pipeline:
         return replace(mw, label=found.label, label_score=found.score, label_margin=margin)
 
     def _nearest_provisional(self, mw: MatchedWindow) -> MatchedWindow:
-        """A probe's nearest provisional speaker, as evidence beside its enrolled match."""
-        if mw.match.known or mw.embedding is None:
+        """A probe's nearest provisional speaker, as evidence beside its enrolled match (even a known
+        one: the tracker weighs the two)."""
+        if mw.embedding is None:
             return mw
         ref, score = self.provisional.nearest(mw.embedding)
         if ref is None:

@@ -60,9 +60,9 @@ class TrackerSettings:
     whose nearest provisional speaker does ..."""
     tentative_margin: float = 0.08
     """... and leads the runner-up by at least this, is evidence enough for a tentative change to
-    that speaker, never for a confirmed one, and never while an unnamed voice is speaking (a near
-    miss on an enrolled voice is then most likely that voice: measured, it halved change precision
-    on eval's open meetings)."""
+    that speaker, never for a confirmed one. While an unnamed voice is speaking, a near miss on an
+    enrolled voice is most likely that voice (measured, it halved change precision on eval's open
+    meetings): only a probe that also leads every provisional centroid by this much counts."""
 
     def __post_init__(self) -> None:
         check(1 <= self.confirm_windows <= 10, "tracker.confirm_windows", self.confirm_windows, "must be within 1 to 10")
@@ -194,7 +194,7 @@ class SpeakerTracker:
         # a probe is judged by the tentative bar alone: the matcher's threshold band is for full windows
         if not self.settings.tentative_changes or mw.uncertain and not mw.window.probe:
             return None
-        if self.current is not None and not self.current.known:
+        if self.current is not None and not self.current.known and not self._nearer_enrolled(mw):
             return None  # an unnamed voice is speaking: a near miss on an enrolled one is most likely it
         if self._returning(mw):
             return mw.label
@@ -203,6 +203,18 @@ class SpeakerTracker:
         if not (m.known or m.score >= self.settings.tentative_score) or m.margin < self.settings.tentative_margin:
             return None
         return SpeakerRef(id=m.nearest, name=m.nearest_name, known=True)
+
+    def _nearer_enrolled(self, mw: MatchedWindow) -> bool:
+        """A probe nearer an enrolled voiceprint than every provisional centroid (so than the
+        current unnamed voice's), by the margin a runner-up must be beaten by, is evidence against
+        that voice."""
+        return (
+            mw.window.probe
+            and self.current is not None
+            and not is_anonymous(self.current)
+            and mw.label is not None
+            and mw.match.score - mw.label_score >= self.settings.tentative_margin
+        )
 
     def _returning(self, mw: MatchedWindow) -> bool:
         """A probe nearest a provisional speaker's centroid, by the same bar an enrolled voiceprint
