@@ -108,18 +108,27 @@ def test_only_authorised_subscribers_hear_a_curve_daemon(enrolled: Enrolled, tmp
     make_conversation(enrolled, ["1688", "2033"], tmp_path / "m.wav", turns=2, turn_s=(3.0, 3.5), seed=2)
 
     trusted = popen_speakerd("listen", "--sub", endpoint, "--json", "--curve-keys", str(keys), stdout=subprocess.PIPE)
+    # the daemon's own config is enough on its machine: its endpoint, and its keys
+    owner = popen_speakerd("listen", "--config", str(config), "--json", stdout=subprocess.PIPE)
     stranger = popen_speakerd("listen", "--sub", endpoint, "--json", stdout=subprocess.PIPE)
     try:
         out = tmp_path / "events.jsonl"
         speakerd("run", "--config", str(config), "--source", f"file:{tmp_path / 'm.wav'}", "--realtime",
                  "--store", str(enrolled.store), "--events-out", str(out))
     finally:
-        _stop(trusted, signal.SIGINT)
-        _stop(stranger, signal.SIGINT)
-    heard = [json.loads(line) for line in trusted.stdout.read().splitlines() if line.strip()]
+        for proc in (trusted, owner, stranger):
+            _stop(proc, signal.SIGINT)
+    heard, by_config = ([json.loads(line) for line in p.stdout.read().splitlines() if line.strip()] for p in (trusted, owner))
     overheard = [line for line in stranger.stdout.read().splitlines() if line.strip()]
     assert heard == read_events(out) and len(heard) > 5
+    assert by_config == heard
     assert overheard == []
+
+
+def test_listen_refuses_an_endpoint_other_machines_reach_without_keys(tmp_path: Path) -> None:
+    proc = speakerd("listen", "--sub", f"tcp://192.0.2.1:{_free_port()}", "--max-events", "1", check=False)
+    assert proc.returncode == 2
+    assert "--curve-keys" in proc.stderr and "192.0.2.1" in proc.stderr
 
 
 @pytest.mark.slow

@@ -171,10 +171,14 @@ def listen(
 def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``speakerd listen``; the CLI owns the sub-command itself."""
     parser.add_argument(
+        "--config",
+        metavar="F",
+        help="the daemon's TOML settings: its publish.endpoint, and the keys of daemon.curve_keys when set",
+    )
+    parser.add_argument(
         "--sub",
         metavar="ENDPOINT",
-        default=PublishSettings().endpoint,
-        help="the daemon's publish endpoint (default: %(default)s)",
+        help=f"the daemon's publish endpoint (default: publish.endpoint of --config, else {PublishSettings().endpoint})",
     )
     parser.add_argument("--json", action="store_true", help="print each event as its raw JSON line")
     parser.add_argument(
@@ -187,17 +191,24 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--curve-keys",
         metavar="DIR",
-        help="CURVE key directory holding client.key_secret and the daemon's server.key (for a daemon with daemon.curve_keys)",
+        help="CURVE key directory holding client.key_secret and the daemon's server.key, for a daemon with "
+        "daemon.curve_keys; without it, the keys in daemon.curve_keys of --config are used, if set",
     )
 
 
 def main_listen(args: argparse.Namespace) -> int:
+    from .security import CurveClient, require_curve_to_connect
+    from .settings import load_settings
+
+    settings = load_settings(Path(args.config) if args.config else None)
+    endpoint = args.sub or settings.publish.endpoint
     curve = None
     if args.curve_keys:
-        from .security import CurveClient
-
         curve = CurveClient.from_dir(Path(args.curve_keys).expanduser())
-    return listen(args.sub, as_json=args.json, topics=tuple(args.topic or ("",)), max_events=args.max_events, curve=curve)
+    elif settings.daemon.curve_keys:  # as `speakerd speakers` does: the daemon's own keys, or a client's
+        curve = CurveClient.for_daemon_keys(Path(settings.daemon.curve_keys).expanduser())
+    require_curve_to_connect(endpoint, curve, what="publish", option="--curve-keys DIR")
+    return listen(endpoint, as_json=args.json, topics=tuple(args.topic or ("",)), max_events=args.max_events, curve=curve)
 
 
 if __name__ == "__main__":
