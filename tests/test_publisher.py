@@ -32,7 +32,7 @@ from speakerd.events import (
     make_event,
     parse_event,
 )
-from speakerd.listen import SeqTracker, add_listen_arguments, format_event, listen, main_listen
+from speakerd.listen import SeqTracker, add_listen_arguments, format_event, listen, listen_target, main_listen
 from speakerd.publisher import EventPublisher, PublishError, PublishSettings
 
 DEADLINE_S = 10.0
@@ -497,11 +497,16 @@ def test_listen_returns_after_max_events_and_main_listen_wires_the_cli(capsys):
     assert len(lines) == 3 and all(json.loads(line)["type"] == "status" for line in lines)
 
 
-def test_listen_arguments_defaults():
+def test_listen_arguments_defaults(tmp_path):
     parser = argparse.ArgumentParser()
     add_listen_arguments(parser)
     args = parser.parse_args([])
-    assert (args.sub, args.json, args.topic, args.max_events) == (PublishSettings().endpoint, False, None, None)
+    assert (args.json, args.topic, args.max_events) == (False, None, None)
+    assert listen_target(args) == (PublishSettings().endpoint, None)
+    config = tmp_path / "d.toml"
+    config.write_text('[publish]\nendpoint = "tcp://127.0.0.1:6001"\n')
+    assert listen_target(parser.parse_args(["--config", str(config)])) == ("tcp://127.0.0.1:6001", None)
+    assert listen_target(parser.parse_args(["--config", str(config), "--sub", "ipc:///tmp/x"])) == ("ipc:///tmp/x", None)
 
 
 def test_listen_rejects_a_bad_endpoint():

@@ -196,7 +196,9 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def main_listen(args: argparse.Namespace) -> int:
+def listen_target(args: argparse.Namespace) -> tuple[str, Any]:
+    """The endpoint and CURVE client keys (or None) the options ask for: ``--sub`` and
+    ``--curve-keys`` first, then ``--config``'s ``publish.endpoint`` and ``daemon.curve_keys``."""
     from .security import CurveClient, require_curve_to_connect
     from .settings import load_settings
 
@@ -208,6 +210,11 @@ def main_listen(args: argparse.Namespace) -> int:
     elif settings.daemon.curve_keys:  # as `speakerd speakers` does: the daemon's own keys, or a client's
         curve = CurveClient.for_daemon_keys(Path(settings.daemon.curve_keys).expanduser())
     require_curve_to_connect(endpoint, curve, what="publish", option="--curve-keys DIR")
+    return endpoint, curve
+
+
+def main_listen(args: argparse.Namespace) -> int:
+    endpoint, curve = listen_target(args)
     return listen(endpoint, as_json=args.json, topics=tuple(args.topic or ("",)), max_events=args.max_events, curve=curve)
 
 
