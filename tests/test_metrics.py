@@ -126,9 +126,13 @@ def test_change_scores_tolerance_and_latency() -> None:
     assert late.median_latency == pytest.approx(0.3)
 
 
-def _change(name: str | None, at: float, decided: float, tentative: bool = False) -> dict:
-    speaker = {"id": name, "name": name, "known": name is not None}
-    return {"type": "speaker.change", "speaker": speaker, "at": at, "stream_time": decided, "tentative": tentative}
+def _ref(name: str | None) -> dict:
+    return {"id": name, "name": name, "known": name is not None}
+
+
+def _change(name: str | None, at: float, decided: float, tentative: bool = False, previous: str | None = None) -> dict:
+    return {"type": "speaker.change", "speaker": _ref(name), "previous": _ref(previous), "at": at,
+            "stream_time": decided, "tentative": tentative}
 
 
 def test_reported_changes_decide_at_the_first_announcement_and_place_at_the_confirmation() -> None:
@@ -138,11 +142,25 @@ def test_reported_changes_decide_at_the_first_announcement_and_place_at_the_conf
         _change("Bob", 10.1, 11.5),  # the confirmation moves the change point back
         _change("Bob", 9.0, 12.0),  # a later repeat is no refinement of the announcement
         _change("Ann", 20.2, 20.8, tentative=True),
-        _change("Bob", 20.2, 21.3),  # withdrawn: a change back, at the first decision time
+        _change("Bob", 20.2, 21.3, previous="Bob"),  # withdrawn: a change back, at the first decision time
     ]
     at, decided = reported_changes(FileRun(events, [], {}))
     assert at == [10.1, 20.2, 20.2]
     assert decided == [11.0, 20.8, 21.3]
+
+
+def test_a_change_at_the_same_point_as_a_tentative_one_names_it_and_is_no_new_change() -> None:
+    events = [
+        _change("Ann", 0.0, 1.0),
+        _change(None, 10.2, 10.8, tentative=True, previous="Ann"),  # a voice fell away from Ann's
+        _change("Bob", 10.2, 11.3, tentative=True, previous="Ann"),  # ... and it is Bob's
+        _change("Bob", 10.1, 11.8, previous="Ann"),  # confirmed, a little earlier
+        _change(None, 20.0, 20.5, tentative=True, previous="Bob"),
+        _change("Ann", 20.6, 21.2, previous="Bob"),  # another point: a second change
+    ]
+    at, decided = reported_changes(FileRun(events, [], {}))
+    assert at == [10.1, 20.0, 20.6]
+    assert decided == [10.8, 20.5, 21.2]
 
 
 # -- EER ------------------------------------------------------------------------------------------

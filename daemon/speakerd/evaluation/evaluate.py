@@ -165,7 +165,9 @@ def reported_changes(run: FileRun) -> tuple[list[float], list[float]]:
     The first announcement of the stream is no change; an event that repeats the current label (a
     confirmation of a tentative change) is no new one, but its ``at`` is the estimate a subscriber
     ends up with (it supersedes the tentative one's), so it is the one scored; the decision time
-    stays the first announcement's. Provisional speakers all count as unknown, as in ``true_changes``.
+    stays the first announcement's. Nor is an event that names someone else at the very ``at`` of
+    a tentative change just announced: it revises who that change is to (a subscriber relabels the
+    line it began). Provisional speakers all count as unknown, as in ``true_changes``.
     """
     at: list[float] = []
     decided: list[float] = []
@@ -175,7 +177,10 @@ def reported_changes(run: FileRun) -> tuple[list[float], list[float]]:
         if e["type"] != "speaker.change":
             continue
         label = named_label(e["speaker"])
-        if current is not None and label != current:
+        revises = confirmable and float(e["at"]) == at[-1] and e.get("previous") is not None
+        if revises and label != current and label != named_label(e["previous"]):
+            confirmable = bool(e["tentative"])  # the same change, now to ``label``
+        elif current is not None and label != current:
             at.append(float(e["at"]))
             decided.append(float(e["stream_time"]))
             confirmable = bool(e["tentative"])
