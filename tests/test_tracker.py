@@ -580,8 +580,47 @@ def test_weak_evidence_rules(
         assert d.payload.tentative and d.payload.speaker == B
 
 
+def _after_own_probes(n: int) -> Run:
+    """Ann speaking, with ``n`` probes of hers scoring 0.75: her own level."""
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A, margin=DECISIVE)
+    for i in range(n):
+        r.decisions += r.tracker.process(probe(R1, 2.6 + 0.25 * i, A, score=0.75, margin=0.2, known=True))
+    return r
+
+
+@pytest.mark.parametrize(
+    ("own", "nearest", "score", "margin", "announced"),
+    [
+        (3, A, 0.50, 0.05, True),  # near no enrolled voice, 0.25 below Ann's level
+        (2, A, 0.50, 0.05, False),  # too few of Ann's probes for a level
+        (3, A, 0.59, 0.05, False),  # 0.16 below her level: within departure_drop
+        (3, B, 0.61, 0.05, False),  # near Bob (>= tentative_score), though not clearly enough to name him
+    ],
+)
+def test_a_probe_falling_away_from_the_speakers_own_level_announces_an_unnamed_voice(
+    own: int, nearest: SpeakerRef, score: float, margin: float, announced: bool
+) -> None:
+    r = _after_own_probes(own)
+    out = r.tracker.process(probe(R1, 4.1, nearest, score, margin))
+    assert [(d.payload.speaker, d.payload.tentative) for d in out] == ([(UNKNOWN, True)] if announced else [])
+
+
+def test_a_voice_that_fell_away_and_is_then_named_keeps_the_change_point() -> None:
+    r = _after_own_probes(3)
+    (fell,) = r.tracker.process(probe(R1, 4.1, A, score=0.50, margin=0.05))
+    (named,) = r.tracker.process(probe(R1, 4.6, B, score=0.72, margin=0.2))
+    assert (named.payload.speaker, named.payload.tentative, named.payload.at) == (B, True, fell.payload.at)
+    confirmed = [d.payload for d in r.window(7, B, margin=DECISIVE) if isinstance(d.payload, SpeakerChange)]
+    assert [(c.speaker, c.tentative, c.at) for c in confirmed] == [(B, False, fell.payload.at)]
+
+
 def test_tentative_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="tracker.tentative_score"):
         TrackerSettings(tentative_score=1.5)
     with pytest.raises(ConfigError, match="tracker.tentative_margin"):
         TrackerSettings(tentative_margin=-0.1)
+    with pytest.raises(ConfigError, match="tracker.departure_drop"):
+        TrackerSettings(departure_drop=-0.1)
