@@ -10,8 +10,8 @@ open-set clustering may soon give that voice a provisional id (``relabel`` then 
 under that id). A probe near no enrolled voice that falls well below the current enrolled
 speaker's own level announces such a change sooner; a later change at the same ``at`` names the
 voice if it turns out to be someone known. Uncertain windows (score near the threshold, small
-margin) never change the speaker on their own. A turn closes at a change or at the end of speech, emitting
-``speaker.segment``.
+margin) never change the speaker on their own. A turn closes at a change or at the end of speech,
+emitting ``speaker.segment``.
 """
 
 from __future__ import annotations
