@@ -29,8 +29,10 @@ from .vad import SpeechEnd, SpeechStart
 from .windows import Window
 
 UNKNOWN = SpeakerRef(id=None, name=None, known=False)
-OWN_LEVEL_PROBES = (3, 8)
-"""The current speaker's own level: the median of their latest 8 probes, once there are 3."""
+OWN_LEVEL_PROBES = 8
+"""The current speaker's own level is the median of their latest 8 probes ..."""
+OWN_LEVEL_MIN_PROBES = 3
+"""... once there are at least 3."""
 MAX_LEAD_WINDOWS = 4
 """Weak windows before a change that may move its change point back (2 s at the default hop)."""
 
@@ -140,6 +142,11 @@ class Decision:
     wall_time: float
 
 
+def _at_sample(change: SpeakerChange) -> int:
+    """A change's estimated start (seconds in the event) on the sample clock."""
+    return round(change.at * SAMPLE_RATE)
+
+
 def is_anonymous(ref: SpeakerRef) -> bool:
     """Unknown speech that clustering has not (yet) given a provisional id."""
     return not ref.known and ref.id is None
@@ -200,7 +207,7 @@ class SpeakerTracker:
         """A probe between regular windows can only announce a tentative change."""
         target = self._evidence(mw) or self._departure(mw)
         if self.current is not None and self.current.known and mw.match.nearest == self.current.id:
-            self._own = [*self._own[-OWN_LEVEL_PROBES[1] + 1 :], mw.match.score]
+            self._own = [*self._own[-OWN_LEVEL_PROBES + 1 :], mw.match.score]
         if target is None or target == self.current or not self._tentative_for(target):
             return []
         return self._announce(mw, target)
@@ -227,7 +234,7 @@ class SpeakerTracker:
         current, m = self.current, mw.match
         if not self.settings.tentative_changes or current is None or not current.known:
             return None
-        if len(self._own) < OWN_LEVEL_PROBES[0] or m.score >= self.settings.tentative_score:
+        if len(self._own) < OWN_LEVEL_MIN_PROBES or m.score >= self.settings.tentative_score:
             return None
         # the runner-up's score bounds the current speaker's when it is not the nearest
         to_current = m.score if m.nearest == current.id else m.score - m.margin
@@ -263,7 +270,7 @@ class SpeakerTracker:
         if self.current is not None and ref == self.current:
             # a window that began before a tentative change point is expected to name the old voice
             t = self._tentative
-            out = [] if t is not None and mw.window.start < round(t.at * SAMPLE_RATE) else self._withdraw(mw.window.end, mw.window.wall_time)
+            out = [] if t is not None and mw.window.start < _at_sample(t) else self._withdraw(mw.window.end, mw.window.wall_time)
             self._pending = []
             self._extend(mw)
             return out
@@ -299,7 +306,7 @@ class SpeakerTracker:
         """A tentative change on one window: shown early, confirmed or withdrawn later. After an
         anonymous one (a voice fell away from the current speaker) it names that same change."""
         t = self._tentative
-        at = self._change_point(mw.window) if t is None or not is_anonymous(t.speaker) else round(t.at * SAMPLE_RATE)
+        at = self._change_point(mw.window) if t is None or not is_anonymous(t.speaker) else _at_sample(t)
         change = SpeakerChange(
             speaker=target, previous=self.current, score=mw.score, margin=mw.margin, at=at / SAMPLE_RATE, tentative=True
         )
@@ -349,7 +356,7 @@ class SpeakerTracker:
         if tentative is not None and (tentative.speaker == new or is_anonymous(tentative.speaker)) and not swallowed:
             # announced earlier (or a voice fell away from the old one then), and nothing has
             # spoken for the old voice since: it began then
-            at = min(at, round(tentative.at * SAMPLE_RATE))
+            at = min(at, _at_sample(tentative))
         out = self._close_turn(at, sample, wall_time)
         self._paused_at = None
         previous = self.current
