@@ -501,6 +501,17 @@ def test_a_probe_guess_in_a_region_the_old_voice_spoke_in_is_withdrawn_at_its_en
     assert [(c.speaker, c.previous, c.tentative) for c in r.changes()] == [(A, None, False), (B, A, True), (A, A, False)]
 
 
+def test_decisions_at_a_regions_end_are_dated_when_the_vad_knew() -> None:
+    """The VAD hears end_silence_ms of quiet before it ends a region: what is decided then is
+    stamped there, not at the region's end."""
+    r = Run(TrackerSettings())
+    r.start(R1)
+    r.window(0, A, margin=DECISIVE)
+    end, lag = R1 + 2 * SAMPLE_RATE, SAMPLE_RATE // 4
+    (seg,) = r.tracker.process(SpeechEnd(end, T0 + end / SAMPLE_RATE, lag=lag))
+    assert (seg.payload.end, seg.sample, seg.wall_time) == (sec(end), end + lag, T0 + sec(end) + 0.25)
+
+
 GUEST = SpeakerRef("unknown-1", None, False)
 
 

@@ -182,6 +182,28 @@ def test_reset_starts_a_new_stream(conversation: Conversation) -> None:
     assert fresh[0].start > 48_000  # the grid starts at the first chunk, wherever that is
 
 
+def test_boundaries_are_dated_by_the_audio_the_vad_needed(conversation: Conversation) -> None:
+    """A region's start is known start_frames of speech later, its end after the closing silence:
+    each event's ``decided`` lies in the chunk that produced it, ``lag`` past its own sample."""
+    settings, size = VadSettings(), 1_600
+    seg = VadSegmenter(settings)
+    audio = conversation.audio
+    frame, pad = settings.frame_samples, SAMPLE_RATE * settings.padding_ms // 1000
+    closing = -(-SAMPLE_RATE * settings.end_silence_ms // 1000 // frame) * frame  # whole frames of quiet
+    seen = 0
+    for i in range(0, len(audio), size):
+        for e in seg.process(AudioChunk(audio[i : i + size], i, T0 + i / SAMPLE_RATE)):
+            if isinstance(e, SpeechAudio):
+                continue
+            decided, wall = e.decided
+            assert i < decided <= i + size and wall == pytest.approx(T0 + decided / SAMPLE_RATE, abs=1e-6)
+            assert e.lag == (settings.start_frames * frame + pad if isinstance(e, SpeechStart) else closing - pad)
+            seen += 1
+    (piece, end) = seg.flush()  # the last region runs into the end of the audio: closed when it ends
+    assert isinstance(end, SpeechEnd) and len(audio) - frame < end.decided[0] <= len(audio)
+    assert seen == 2 * len(conversation.speech) - 1
+
+
 def test_flush_closes_an_open_region(conversation: Conversation) -> None:
     seg = VadSegmenter(VadSettings())
     cut = conversation.speech[0][0] + 2 * SAMPLE_RATE  # in the middle of the first utterance

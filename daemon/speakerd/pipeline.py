@@ -203,28 +203,28 @@ class Pipeline:
                 self._emit(self.tracker.process(matched))
             return
         for item in items:
-            self._last_decided = (item.sample, item.wall_time)
+            self._last_decided = item.decided
             if isinstance(item, SpeechStart):
-                self._publish(ev.SpeechStart(start=seconds(item.sample)), item.sample, item.wall_time)
+                self._publish(ev.SpeechStart(start=seconds(item.sample)), *item.decided)
                 self.tracker.process(item)
                 self._region_start = item.sample
             elif isinstance(item, SpeechEnd):
                 self._emit(self.tracker.process(item))
                 self._publish(
-                    ev.SpeechEnd(start=seconds(self._region_start), end=seconds(item.sample)), item.sample, item.wall_time
+                    ev.SpeechEnd(start=seconds(self._region_start), end=seconds(item.sample)), *item.decided
                 )
 
     def _open_set(self, mw: MatchedWindow) -> MatchedWindow:
         """Give a window no enrolled speaker matched a provisional label, relabelling as clustering says."""
         w = mw.window
-        self._last_decided = (w.end, w.wall_time)
+        self._last_decided = w.decided
         if mw.match.known or mw.embedding is None:
             return mw
         found = self.provisional.observe(mw.embedding, w.start, w.end)
         if found.label is None:
             return mw
         if found.minted:
-            self._emit(self.tracker.relabel(UNKNOWN, found.label, w.end, w.wall_time))
+            self._emit(self.tracker.relabel(UNKNOWN, found.label, *w.decided))
         for r in found.relabels:
             self._apply(r)
         margin = found.margin if found.label.known else found.score - mw.match.score  # runner-up: best enrolled

@@ -188,7 +188,7 @@ class SpeakerTracker:
             self._lead = []
             return []
         if isinstance(item, SpeechEnd):
-            return self._end_of_speech(item.sample, item.wall_time)
+            return self._end_of_speech(item.sample, *item.decided)
         return self._window(item)
 
     # -- windows ---------------------------------------------------------------------------------
@@ -270,7 +270,7 @@ class SpeakerTracker:
         if self.current is not None and ref == self.current:
             # a window that began before a tentative change point is expected to name the old voice
             t = self._tentative
-            out = [] if t is not None and mw.window.start < _at_sample(t) else self._withdraw(mw.window.end, mw.window.wall_time)
+            out = [] if t is not None and mw.window.start < _at_sample(t) else self._withdraw(*mw.window.decided)
             self._pending = []
             self._extend(mw)
             return out
@@ -284,7 +284,7 @@ class SpeakerTracker:
         # weak windows just before, nearest to this same enrolled voice, vote for it too
         votes = len(self._pending) + len(self._lead_in(ref))
         if votes >= needed or decisive or self.current is None and ref.known:
-            return self._change(mw.window.end, mw.window.wall_time)
+            return self._change(*mw.window.decided)
         target = ref if not is_anonymous(ref) else self._evidence(mw)
         if self.settings.tentative_changes and target is not None and target != self.current and self._tentative_for(target):
             return self._announce(mw, target)
@@ -311,7 +311,7 @@ class SpeakerTracker:
             speaker=target, previous=self.current, score=mw.score, margin=mw.margin, at=at / SAMPLE_RATE, tentative=True
         )
         self._tentative = change
-        return [Decision(change, mw.window.end, mw.window.wall_time)]
+        return [Decision(change, *mw.window.decided)]
 
     def _withdraw(self, sample: int, wall_time: float) -> list[Decision]:
         """The tentative change did not hold: a confirmed change to the current speaker supersedes it."""
@@ -435,20 +435,21 @@ class SpeakerTracker:
 
     # -- boundaries ------------------------------------------------------------------------------
 
-    def _end_of_speech(self, end: int, wall_time: float) -> list[Decision]:
+    def _end_of_speech(self, end: int, sample: int, wall_time: float) -> list[Decision]:
+        """The region ended at ``end``; the VAD knew at ``sample``."""
         out: list[Decision] = []
         if self._pending and not self._region_has_current and not all(p.uncertain for p in self._pending):
             # the region held only the new voice, too briefly to confirm it: it spoke the region
-            out.extend(self._change(end, wall_time))
+            out.extend(self._change(sample, wall_time))
         if self._region_has_current:
             # the old voice spoke in this region; a new voice heard here only in a probe was a guess
-            out.extend(self._withdraw(end, wall_time))
+            out.extend(self._withdraw(sample, wall_time))
         self._pending = []
         if self._turn is not None:
             self._paused_at = end
-        out.extend(self._close_turn(end, end, wall_time))
+        out.extend(self._close_turn(end, sample, wall_time))
         return out
 
     def flush(self, end: int, wall_time: float) -> list[Decision]:
         """End of stream: close whatever turn is open."""
-        return self._end_of_speech(end, wall_time)
+        return self._end_of_speech(end, end, wall_time)

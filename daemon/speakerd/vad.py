@@ -65,6 +65,13 @@ class VadSettings:
 class SpeechStart:
     sample: int
     wall_time: float
+    lag: int = 0
+    """Samples of audio past ``sample`` the VAD needed to decide (``start_frames`` and the padding)."""
+
+    @property
+    def decided(self) -> tuple[int, float]:
+        """Audio position and capture time at which the VAD knew."""
+        return self.sample + self.lag, self.wall_time + self.lag / SAMPLE_RATE
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,14 @@ class SpeechAudio:
 class SpeechEnd:
     sample: int
     wall_time: float
+    lag: int = 0
+    """Samples of audio past ``sample`` the VAD needed to decide: the closing silence it heard
+    beyond the padding it kept."""
+
+    @property
+    def decided(self) -> tuple[int, float]:
+        """Audio position and capture time at which the VAD knew."""
+        return self.sample + self.lag, self.wall_time + self.lag / SAMPLE_RATE
 
 
 VadEvent = SpeechStart | SpeechAudio | SpeechEnd
@@ -148,7 +163,7 @@ class VadSegmenter:
         """End of stream: close an open region (with what padding is held), then reset."""
         events: list[VadEvent] = []
         if self._open:
-            self._close(self._voiced_end + min(self.padding, self._frames_end - self._voiced_end), events)
+            self._close(self._voiced_end + min(self.padding, self._frames_end - self._voiced_end), self._frames_end, events)
         self.reset()
         return events
 
@@ -170,16 +185,16 @@ class VadSegmenter:
                 self._open = True
                 self._emitted = start
                 self._voiced_end = end
-                events.append(SpeechStart(start, self._wall(start)))
+                events.append(SpeechStart(start, self._wall(start), lag=end - start))
         elif voiced:
             self._voiced_end = end
         elif end - self._voiced_end >= self.end_silence:
-            self._close(self._voiced_end + min(self.padding, end - self._voiced_end), events)
+            self._close(self._voiced_end + min(self.padding, end - self._voiced_end), end, events)
 
-    def _close(self, end: int, events: list[VadEvent]) -> None:
+    def _close(self, end: int, decided: int, events: list[VadEvent]) -> None:
         if end > self._emitted:
             events.append(self._piece(self._emitted, end))
-        events.append(SpeechEnd(end, self._wall(end)))
+        events.append(SpeechEnd(end, self._wall(end), lag=decided - end))
         self._open = False
         self._run = 0
         self._floor = self._emitted = end

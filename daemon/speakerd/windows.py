@@ -99,6 +99,14 @@ class Window:
     first_in_region: bool
     probe: bool = False
     """A probe between regular windows: evidence for an early tentative change only."""
+    lag: int = 0
+    """Samples past ``end`` before the window could be made: a region's tail windows wait for the
+    VAD to decide that the region ended."""
+
+    @property
+    def decided(self) -> tuple[int, float]:
+        """Audio position and capture time at which the window could first be decided."""
+        return self.end + self.lag, self.wall_time + self.lag / SAMPLE_RATE
 
     @property
     def num_frames(self) -> int:
@@ -161,7 +169,7 @@ class SpeechWindower:
             return self._accept(event)
         out: list[WindowerOutput] = []
         if self._in_region:
-            out.extend(self._close(event.sample))
+            out.extend(self._close(event))
         out.append(event)
         return out
 
@@ -202,22 +210,30 @@ class SpeechWindower:
                 self._next_end = self._following_end(end)
                 self._trim(self._next_end - self._full - self._hop)
 
-    def _close(self, end_sample: int) -> list[WindowerOutput]:
-        """Flush the tail: one last window aligned to the region end if the grid left speech uncovered."""
+    def _close(self, end: SpeechEnd) -> list[WindowerOutput]:
+        """Flush the tail: one last window aligned to the region end if the grid left speech uncovered,
+        and a probe ending there, where a new voice's first words before a pause are."""
         self._stream.finish()
         self._in_region = False
-        region_end = min(end_sample, self._audio_start + len(self._audio))
+        region_end = min(end.sample, self._audio_start + len(self._audio))
+        decided = end.sample + end.lag
         duration = region_end - self._region_start
-        uncovered = region_end - self._last_end
-        if duration < self._first or uncovered < self._hop // 2:
-            return []
-        length = self._full if duration >= self._full else self._first
-        # snap the start onto the frame grid of the region's stream
+        out: list[Window | None] = []
+        if duration >= self._first and region_end - self._last_end >= self._hop // 2:
+            length = self._full if duration >= self._full else self._first
+            start = self._snapped_start(region_end, length)
+            out.append(self._make(start, start + length, decided=decided))
+        probed = self._next_probe - self._probe_hop  # the last probe's end
+        if self._probe_hop and duration >= self._probe and region_end - probed >= self._probe_hop // 2:
+            start = self._snapped_start(region_end, self._probe)
+            out.append(self._make(start, start + self._probe, decided=decided, probe=True))
+        return [w for w in out if w is not None]
+
+    def _snapped_start(self, region_end: int, length: int) -> int:
+        """Start of a window of ``length`` ending at ``region_end``, on the region's frame grid."""
         shift = self._stream.frame_shift
         start = self._region_start + ((region_end - length - self._region_start) // shift) * shift
-        start = max(start, self._region_start)
-        window = self._make(start, start + length)
-        return [window] if window is not None else []
+        return max(start, self._region_start)
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -238,7 +254,9 @@ class SpeechWindower:
         _, stop = self._frames_for(start, end)
         return stop <= self._stream.num_frames
 
-    def _make(self, start: int, end: int, *, probe: bool = False) -> Window | None:
+    def _make(self, start: int, end: int, *, probe: bool = False, decided: int | None = None) -> Window | None:
+        """The window [start, end) if enough of it is voiced; ``decided``: when it can be made, if later
+        than its end."""
         a, b = start - self._audio_start, end - self._audio_start
         samples = self._audio[a:b]
         fraction = float(self._voiced[a:b].mean()) if b > a else 0.0
@@ -264,6 +282,7 @@ class SpeechWindower:
             region_start=self._region_start,
             first_in_region=start == self._region_start and end - start == self._first and not probe,
             probe=probe,
+            lag=max(0, decided - end) if decided is not None else 0,
         )
 
     def _trim(self, keep_from: int) -> None:
