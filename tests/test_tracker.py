@@ -497,8 +497,99 @@ def test_a_probe_guess_in_a_region_the_old_voice_spoke_in_is_withdrawn_at_its_en
     for k in range(3):
         r.window(k, A, margin=DECISIVE)
     r.decisions += r.tracker.process(probe(R1, 2.25, B, score=0.75, margin=0.2))
-    r.end(R1 + 5 * SAMPLE_RATE // 2)
+    r.end(R1 + 3 * SAMPLE_RATE)  # 0.75 s of the region after the guess, with nothing for Bob
     assert [(c.speaker, c.previous, c.tentative) for c in r.changes()] == [(A, None, False), (B, A, True), (A, A, False)]
+    assert [(s.speaker, s.end) for s in r.segments()] == [(A, sec(R1 + 3 * SAMPLE_RATE))]
+
+
+def _ann_then_bob_in_her_region_tail(settings: TrackerSettings | None = None) -> tuple[Run, float]:
+    """Ann speaks 3 s; the region's last probe (ending at its end) announces Bob. Returns the run
+    and the announced change point."""
+    r = Run(settings or TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A, margin=DECISIVE)
+    (d,) = r.tracker.process(probe(R1, 3.0, B, score=0.75, margin=0.2))
+    r.decisions.append(d)
+    r.end(R1 + 3 * SAMPLE_RATE)
+    return r, d.payload.at
+
+
+def test_a_new_voice_whose_first_words_end_a_region_begins_there() -> None:
+    """Bob's first words end Ann's region, before a pause: the announcement stands over the pause,
+    Ann's segment ends where it said Bob began, and Bob's confirmed change keeps that point."""
+    r, at = _ann_then_bob_in_her_region_tail()
+    assert [(c.speaker, c.tentative) for c in r.changes()] == [(A, False), (B, True)], "not withdrawn at the pause"
+    assert [(s.speaker, s.start, s.end) for s in r.segments()] == [(A, sec(R1), at)]
+    nxt = R1 + 7 * SAMPLE_RATE // 2  # a 0.5 s pause
+    r.start(nxt)
+    r.window(0, B, margin=DECISIVE)
+    r.end(nxt + 2 * SAMPLE_RATE)
+    assert [(c.speaker, c.previous, c.at, c.tentative) for c in r.changes()][-1] == (B, A, at, False)
+    assert [(s.speaker, s.start, s.end) for s in r.segments()] == [(A, sec(R1), at), (B, at, sec(nxt) + 2)]
+
+
+def test_the_old_voice_going_on_after_the_pause_withdraws_it_and_keeps_its_words() -> None:
+    r, at = _ann_then_bob_in_her_region_tail()
+    nxt = R1 + 7 * SAMPLE_RATE // 2
+    r.start(nxt)
+    r.window(0, A, margin=DECISIVE)
+    r.end(nxt + 2 * SAMPLE_RATE)
+    assert [(c.speaker, c.previous, c.tentative) for c in r.changes()] == [(A, None, False), (B, A, True), (A, A, False)]
+    assert [(s.speaker, s.start, s.end) for s in r.segments()] == [(A, sec(R1), at), (A, at, sec(nxt) + 2)]
+
+
+def test_after_a_long_pause_the_held_words_are_the_old_voices() -> None:
+    r, at = _ann_then_bob_in_her_region_tail()
+    late = R1 + 5 * SAMPLE_RATE  # 2 s of silence: longer than bridge_pause_s
+    r.start(late)
+    assert [(c.speaker, c.tentative, sec(c_d.sample)) for c_d in r.decisions[-2:] for c in [c_d.payload]
+            if isinstance(c, SpeakerChange)] == [(A, False, sec(late))]
+    assert [(s.speaker, s.start, s.end) for s in r.segments()] == [(A, sec(R1), at), (A, at, sec(R1) + 3)]
+    r.window(0, B, margin=DECISIVE)
+    assert r.changes()[-1].at == sec(late), "Bob began after the pause, not before it"
+
+
+def tail_probe(region: int, end_s: float, nearest: SpeakerRef, score: float, runner_up: SpeakerRef,
+               margin: float) -> MatchedWindow:
+    mw = probe(region, end_s, nearest, score, margin, known=True)
+    return replace(mw, match=replace(mw.match, runner_up=runner_up.id))
+
+
+def test_a_region_whose_last_probes_score_another_voice_at_the_threshold_is_cut_there() -> None:
+    """Too mixed to announce anyone, but the last two probes score Bob at least tail_score as the
+    runner-up: if the next region brings Bob, he began at the first of them."""
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A, margin=DECISIVE)
+    for end_s, bob in ((2.5, 0.62), (2.75, 0.70), (3.0, 0.72)):
+        r.decisions += r.tracker.process(tail_probe(R1, end_s, A, 0.76, B, margin=0.76 - bob))
+    r.end(R1 + 3 * SAMPLE_RATE)
+    first = R1 + round(2.75 * SAMPLE_RATE) - PROBE // 2  # the centre of the first probe at the bar
+    assert [(s.speaker, s.end) for s in r.segments()] == [(A, sec(first))]
+    nxt = R1 + 7 * SAMPLE_RATE // 2
+    r.start(nxt)
+    r.window(0, B, margin=DECISIVE)
+    assert [(c.speaker, c.at) for c in r.changes()][-1] == (B, sec(first))
+
+
+def test_a_short_region_a_probe_names_as_the_current_voice_continues_the_turn() -> None:
+    """A region too short for a regular window, after a short pause: a probe naming the current
+    voice continues the turn over it."""
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(3):
+        r.window(k, A, margin=DECISIVE)
+    r.end(R1 + 2 * SAMPLE_RATE)
+    short = R1 + 5 * SAMPLE_RATE // 2
+    r.start(short)
+    r.decisions += r.tracker.process(probe(short, 0.6, A, score=0.75, margin=0.2, known=True))
+    r.end(short + 9 * SAMPLE_RATE // 10)
+    assert [(s.speaker, s.start, s.end) for s in r.segments()] == [
+        (A, sec(R1), sec(R1) + 2), (A, sec(R1) + 2, sec(short) + 0.9),
+    ]
+    assert len(r.changes()) == 1
 
 
 def test_decisions_at_a_regions_end_are_dated_when_the_vad_knew() -> None:

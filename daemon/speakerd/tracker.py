@@ -9,9 +9,11 @@ start an unknown turn; a change to anonymous unknown speech is always tentative,
 open-set clustering may soon give that voice a provisional id (``relabel`` then confirms it
 under that id). A probe near no enrolled voice that falls well below the current enrolled
 speaker's own level announces such a change sooner; a later change at the same ``at`` names the
-voice if it turns out to be someone known. Uncertain windows (score near the threshold, small
-margin) never change the speaker on their own. A turn closes at a change or at the end of speech,
-emitting ``speaker.segment``.
+voice if it turns out to be someone known. A new voice's first words often end the old voice's
+speech region, before a pause: when the region's last probes announced or scored another voice,
+the old turn is cut there and the next region decides whose those words were. Uncertain windows
+(score near the threshold, small margin) never change the speaker on their own. A turn closes at a
+change or at the end of speech, emitting ``speaker.segment``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ OWN_LEVEL_MIN_PROBES = 3
 """... once there are at least 3."""
 MAX_LEAD_WINDOWS = 4
 """Weak windows before a change that may move its change point back (2 s at the default hop)."""
+TAIL_PROBES = 2
+"""A region's last probes that may show a new voice's first words before a pause."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,13 @@ class TrackerSettings:
     speaker, 0-4 % of another enrolled speaker's, and 43-58 % of a never-enrolled voice's; 0.15
     was faster on open meetings but cost change precision on enrolled ones (seed 2: F1 0.92 -> 0.91)."""
 
+    tail_score: float = 0.70
+    """When a region's last probes score another enrolled voice at least this (as nearest or
+    runner-up), that voice's first words most likely ended the region: the old turn is cut where
+    they began, and if the next region (after a pause of at most ``bridge_pause_s``) brings that
+    voice, its change starts there. Below the matcher's threshold (0.70) this reached the old voice
+    on pure tail probes of the open-set conversations (the highest scored 0.69)."""
+
     def __post_init__(self) -> None:
         check(1 <= self.confirm_windows <= 10, "tracker.confirm_windows", self.confirm_windows, "must be within 1 to 10")
         check(
@@ -94,6 +105,7 @@ class TrackerSettings:
         check(-1.0 <= self.tentative_score <= 1.0, "tracker.tentative_score", self.tentative_score, "must be a cosine in [-1, 1]")
         check(0.0 <= self.tentative_margin <= 2.0, "tracker.tentative_margin", self.tentative_margin, "must be within 0 to 2")
         check(0.0 <= self.departure_drop <= 2.0, "tracker.departure_drop", self.departure_drop, "must be within 0 to 2")
+        check(-1.0 <= self.tail_score <= 1.0, "tracker.tail_score", self.tail_score, "must be a cosine in [-1, 1]")
 
 
 @dataclass(frozen=True)
@@ -153,6 +165,21 @@ def is_anonymous(ref: SpeakerRef) -> bool:
 
 
 @dataclass
+class _Cut:
+    """The end of the current speaker's turn, held back at a pause: from ``at`` to ``end`` it may
+    have been ``to``'s first words. The next region decides (see ``SpeakerTracker._cut_turn``)."""
+
+    at: int
+    end: int
+    to: SpeakerRef
+    score: float
+    """The score of the region's last window, which covered the held end."""
+
+    def goes_to(self, new: SpeakerRef) -> bool:
+        return self.to.id == new.id and self.to.known == new.known
+
+
+@dataclass
 class _Turn:
     speaker: SpeakerRef
     start: int
@@ -178,15 +205,24 @@ class SpeakerTracker:
         self._lead: list[MatchedWindow] = []
         self._paused_at: int | None = None  # where the current speaker's last turn ended at a pause
         self._own: list[float] = []  # the current enrolled speaker's latest probe scores
+        self._tail: list[MatchedWindow] = []  # this region's latest probes
+        self._announced_at = 0  # end of the window that announced the standing tentative change
+        self._cut: _Cut | None = None
         self.changes = 0
 
     def process(self, item: MatchedWindow | SpeechStart | SpeechEnd) -> list[Decision]:
         if isinstance(item, SpeechStart):
+            out: list[Decision] = []
+            cut = self._cut
+            if cut is not None and item.sample - cut.end > self._bridge:
+                # too long a pause for the words before it to have begun the next turn
+                out += self._withdraw(*item.decided) + self._uncut(*item.decided)
             self._region_start = item.sample
             self._region_has_current = False
             self._pending = []
             self._lead = []
-            return []
+            self._tail = []
+            return out
         if isinstance(item, SpeechEnd):
             return self._end_of_speech(item.sample, *item.decided)
         return self._window(item)
@@ -195,6 +231,7 @@ class SpeakerTracker:
 
     def _window(self, mw: MatchedWindow) -> list[Decision]:
         if mw.window.probe:
+            self._tail = [*self._tail[-TAIL_PROBES + 1 :], mw]
             return self._probe(mw)
         out = self._decide(mw)
         if mw.uncertain or is_anonymous(mw.ref):
@@ -208,9 +245,22 @@ class SpeakerTracker:
         target = self._evidence(mw) or self._departure(mw)
         if self.current is not None and self.current.known and mw.match.nearest == self.current.id:
             self._own = [*self._own[-OWN_LEVEL_PROBES + 1 :], mw.match.score]
+        if self._turn is None and not self._region_has_current and self._speaks_for_current(mw):
+            # a short region after a pause, with no full window yet: the current voice goes on
+            self._extend(mw)
         if target is None or target == self.current or not self._tentative_for(target):
             return []
         return self._announce(mw, target)
+
+    def _speaks_for_current(self, mw: MatchedWindow) -> bool:
+        """A probe the matcher names as the current enrolled speaker, or that returns to the current
+        provisional one."""
+        current = self.current
+        if current is None or is_anonymous(current):
+            return False
+        if current.known:
+            return mw.match.known and mw.match.speaker_id == current.id and not mw.uncertain
+        return self._returning(mw) and mw.label == current
 
     def _evidence(self, mw: MatchedWindow) -> SpeakerRef | None:
         """The speaker a probe, or a window the matcher left unnamed, is evidence for, if enough for
@@ -296,7 +346,9 @@ class SpeakerTracker:
     def _extend(self, mw: MatchedWindow) -> None:
         if self._turn is None:  # same speaker as before a pause: a new turn, no change event
             start = max(self._region_start, mw.window.start)
-            if self._paused_at is not None and start - self._paused_at <= self._bridge:
+            if self._cut is not None:
+                start, self._cut = self._cut.at, None  # the words before the pause were theirs after all
+            elif self._paused_at is not None and start - self._paused_at <= self._bridge:
                 start = self._paused_at  # a short pause inside the turn: the segments meet across it
             self._turn = _Turn(self.current, start, previous=self._previous)  # type: ignore[arg-type]
         self._turn.scores.append(mw.score)
@@ -306,11 +358,12 @@ class SpeakerTracker:
         """A tentative change on one window: shown early, confirmed or withdrawn later. After an
         anonymous one (a voice fell away from the current speaker) it names that same change."""
         t = self._tentative
-        at = self._change_point(mw.window) if t is None or not is_anonymous(t.speaker) else _at_sample(t)
+        at = self._change_point(mw.window, target) if t is None or not is_anonymous(t.speaker) else _at_sample(t)
         change = SpeakerChange(
             speaker=target, previous=self.current, score=mw.score, margin=mw.margin, at=at / SAMPLE_RATE, tentative=True
         )
         self._tentative = change
+        self._announced_at = mw.window.end
         return [Decision(change, *mw.window.decided)]
 
     def _withdraw(self, sample: int, wall_time: float) -> list[Decision]:
@@ -352,12 +405,14 @@ class SpeakerTracker:
             self._turn.scores = []
             self.current = self._turn.previous
         first = (lead or pending)[0].window
-        at = self._change_point(first)
+        at = self._change_point(first, new)
         if tentative is not None and (tentative.speaker == new or is_anonymous(tentative.speaker)) and not swallowed:
             # announced earlier (or a voice fell away from the old one then), and nothing has
             # spoken for the old voice since: it began then
             at = min(at, _at_sample(tentative))
-        out = self._close_turn(at, sample, wall_time)
+        if self._cut is not None and self._cut.goes_to(new):
+            self._cut = None  # the held end of the old turn was this voice's start
+        out = self._uncut(sample, wall_time) + self._close_turn(at, sample, wall_time)
         self._paused_at = None
         previous = self.current
         self.current = new
@@ -374,14 +429,16 @@ class SpeakerTracker:
         out.append(Decision(change, sample, wall_time))
         return out
 
-    def _change_point(self, first: Window) -> int:
+    def _change_point(self, first: Window, new: SpeakerRef) -> int:
         """Where the new voice most likely began.
 
-        A voice that opens the region (nobody named in it yet) began with the region. Otherwise the
-        first window whose majority is the new voice has its centre at most one hop past the change.
+        A voice that opens the region (nobody named in it yet) began with the region, or before the
+        pause if the last one ended with its words. Otherwise the first window whose majority is the
+        new voice has its centre at most one hop past the change.
         """
         if not self._region_has_current:
-            return self._region_start
+            cut = self._cut
+            return cut.at if cut is not None and cut.goes_to(new) else self._region_start
         turn_start = self._turn.start if self._turn is not None else self._region_start
         return max(first.center - self._half_hop, turn_start, self._region_start)
 
@@ -416,6 +473,8 @@ class SpeakerTracker:
             self._turn.previous = new
         if self._tentative is not None and self._tentative.speaker == old:
             self._tentative = replace(self._tentative, speaker=new)
+        if self._cut is not None and self._cut.goes_to(old):
+            self._cut.to = new
         if self.current != old:
             return out
         self.current = new
@@ -441,15 +500,59 @@ class SpeakerTracker:
         if self._pending and not self._region_has_current and not all(p.uncertain for p in self._pending):
             # the region held only the new voice, too briefly to confirm it: it spoke the region
             out.extend(self._change(sample, wall_time))
-        if self._region_has_current:
+        out.extend(self._uncut(sample, wall_time))  # the region between said nothing about it
+        cut = self._cut_turn(end) if self._region_has_current else None
+        if self._region_has_current and cut is None:
             # the old voice spoke in this region; a new voice heard here only in a probe was a guess
             out.extend(self._withdraw(sample, wall_time))
         self._pending = []
         if self._turn is not None:
             self._paused_at = end
-        out.extend(self._close_turn(end, sample, wall_time))
+        out.extend(self._close_turn(end if cut is None else cut.at, sample, wall_time))
+        self._cut = cut
         return out
+
+    def _cut_turn(self, end: int) -> _Cut | None:
+        """The region ended with another voice's first words, by a tentative change its last probes
+        announced or by their scores: the turn ends where those words began, and the rest is held."""
+        turn, t = self._turn, self._tentative
+        if turn is None or not turn.scores:
+            return None
+        if t is not None and end - self._announced_at <= self._half_hop:
+            at, to = _at_sample(t), t.speaker
+        else:
+            at, to = self._tail_start(end, turn.speaker)
+        return _Cut(at, end, to, turn.scores[-1]) if to is not None and at > turn.start else None
+
+    def _tail_start(self, end: int, speaking: SpeakerRef) -> tuple[int, SpeakerRef | None]:
+        """The earliest of the probes ending the region from which on another enrolled voice scores
+        at least ``tail_score``, and that voice."""
+        at, to = 0, None
+        if not self._tail or end - self._tail[-1].window.end > self._half_hop:
+            return at, to
+        for mw in reversed(self._tail):
+            m = mw.match
+            other = m.nearest if m.nearest != speaking.id else m.runner_up
+            score = m.score if other == m.nearest else m.score - m.margin
+            name = m.nearest_name if other == m.nearest else None
+            if other is None or score < self.settings.tail_score or (to is not None and other != to.id):
+                break
+            at, to = mw.window.center, to or SpeakerRef(id=other, name=name, known=True)
+        return at, to
+
+    def _uncut(self, sample: int, wall_time: float) -> list[Decision]:
+        """The held end of the turn was the old voice's after all: its own segment."""
+        cut, self._cut = self._cut, None
+        if cut is None or self.current is None:
+            return []
+        segment = SpeakerSegment(
+            start=cut.at / SAMPLE_RATE, end=cut.end / SAMPLE_RATE, speaker=self.current, score=cut.score, windows=1
+        )
+        return [Decision(segment, sample, wall_time)]
 
     def flush(self, end: int, wall_time: float) -> list[Decision]:
         """End of stream: close whatever turn is open."""
-        return self._end_of_speech(end, end, wall_time)
+        out = self._end_of_speech(end, end, wall_time)
+        if self._cut is not None:  # no next region will decide: the old voice had it
+            out += self._withdraw(end, wall_time) + self._uncut(end, wall_time)
+        return out
