@@ -119,6 +119,9 @@ def test_never_enrolled_voices_get_stable_provisional_labels(
     relabelled = {e["old"]["id"] for e in events if e["type"] in ("speaker.renamed", "speaker.merged")}
     live = {who["id"] for _, _, who in final_labels(events)}
     assert ids <= live | relabelled
+    # segments are the final attribution: one voice at a time, even where a turn was cut at a pause
+    spans = sorted((e["start"], e["end"]) for e in events if e["type"] == "speaker.segment")
+    assert all(a_end <= b_start + 1e-6 for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans
 
 
 def free_port() -> int:
