@@ -104,6 +104,7 @@ def test_verdicts_equal_brute_force(rng: np.random.Generator, mode: str) -> None
         ranked = brute(embs, q, mode)
         (best, score), (second, second_score) = ranked[0], ranked[1]
         assert m.nearest == best and m.runner_up == second
+        assert (m.nearest_name, m.runner_up_name) == (f"name{int(best[4:], 16)}", f"name{int(second[4:], 16)}")
         assert m.score == pytest.approx(score, abs=1e-5)
         assert m.margin == pytest.approx(score - second_score, abs=1e-5)
         assert m.known == (score >= 0.5)
@@ -127,7 +128,7 @@ def test_top_k_limits_candidates_like_brute_force(rng: np.random.Generator) -> N
         assert m.nearest == ranked[0][0] and m.score == pytest.approx(ranked[0][1], abs=1e-5)
         if len(ranked) == 1:  # no runner-up among the candidates: margin is the score itself
             saw_single += 1
-            assert m.runner_up is None and m.margin == pytest.approx(m.score)
+            assert m.runner_up is None and m.runner_up_name is None and m.margin == pytest.approx(m.score)
         else:
             assert m.runner_up == ranked[1][0]
             assert m.margin == pytest.approx(ranked[0][1] - ranked[1][1], abs=1e-5)

@@ -553,7 +553,7 @@ def test_after_a_long_pause_the_held_words_are_the_old_voices() -> None:
 def tail_probe(region: int, end_s: float, nearest: SpeakerRef, score: float, runner_up: SpeakerRef,
                margin: float) -> MatchedWindow:
     mw = probe(region, end_s, nearest, score, margin, known=True)
-    return replace(mw, match=replace(mw.match, runner_up=runner_up.id))
+    return replace(mw, match=replace(mw.match, runner_up=runner_up.id, runner_up_name=runner_up.name))
 
 
 def test_a_region_whose_last_probes_score_another_voice_at_the_threshold_is_cut_there() -> None:

@@ -116,6 +116,7 @@ class Match:
     nearest: str | None = None
     uncertain: bool = False
     nearest_name: str | None = None
+    runner_up_name: str | None = None
     """The nearest speaker's name, known or not: weak evidence the tracker may act on tentatively."""
 
 
@@ -328,6 +329,7 @@ class SpeakerIndex:
             nearest=best,
             uncertain=uncertain,
             nearest_name=self._names[best],
+            runner_up_name=self._names[runner_up] if runner_up is not None else None,
         )
 
     def match(self, embeddings: np.ndarray, threshold: float | None = None) -> list[Match]:

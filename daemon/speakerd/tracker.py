@@ -534,7 +534,7 @@ class SpeakerTracker:
             m = mw.match
             other = m.nearest if m.nearest != speaking.id else m.runner_up
             score = m.score if other == m.nearest else m.score - m.margin
-            name = m.nearest_name if other == m.nearest else None
+            name = m.nearest_name if other == m.nearest else m.runner_up_name
             if other is None or score < self.settings.tail_score or (to is not None and other != to.id):
                 break
             at, to = mw.window.center, to or SpeakerRef(id=other, name=name, known=True)
