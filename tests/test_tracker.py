@@ -565,13 +565,31 @@ def test_a_region_whose_last_probes_score_another_voice_at_the_threshold_is_cut_
         r.window(k, A, margin=DECISIVE)
     for end_s, bob in ((2.5, 0.62), (2.75, 0.70), (3.0, 0.72)):
         r.decisions += r.tracker.process(tail_probe(R1, end_s, A, 0.76, B, margin=0.76 - bob))
-    r.end(R1 + 3 * SAMPLE_RATE)
+    (segment, heard) = r.end(R1 + 3 * SAMPLE_RATE)
     first = R1 + round(2.75 * SAMPLE_RATE) - PROBE // 2  # the centre of the first probe at the bar
     assert [(s.speaker, s.end) for s in r.segments()] == [(A, sec(first))]
+    # announced when the region ends, not after the pause; score and margin are the last probe's
+    c = heard.payload
+    assert (c.speaker, c.previous, c.at, c.tentative, heard.sample) == (B, A, sec(first), True, R1 + 3 * SAMPLE_RATE)
+    assert (c.score, c.margin) == (pytest.approx(0.72), pytest.approx(-0.04))
     nxt = R1 + 7 * SAMPLE_RATE // 2
     r.start(nxt)
     r.window(0, B, margin=DECISIVE)
-    assert [(c.speaker, c.at) for c in r.changes()][-1] == (B, sec(first))
+    assert [(c.speaker, c.at, c.tentative) for c in r.changes()][-2:] == [(B, sec(first), True), (B, sec(first), False)]
+
+
+def test_a_voice_announced_earlier_in_the_region_is_not_announced_again_at_its_end() -> None:
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A, margin=DECISIVE)
+    (early,) = r.tracker.process(probe(R1, 2.0, B, score=0.75, margin=0.2))
+    for end_s in (2.75, 3.0):
+        r.decisions += r.tracker.process(tail_probe(R1, end_s, A, 0.76, B, margin=0.04))
+    r.decisions.append(early)
+    r.end(R1 + 3 * SAMPLE_RATE)
+    assert [(c.speaker, c.tentative) for c in r.changes()] == [(A, False), (B, True)], "one announcement"
+    assert [(s.speaker, s.end) for s in r.segments()] == [(A, early.payload.at)], "cut at the earlier point"
 
 
 def test_a_short_region_a_probe_names_as_the_current_voice_continues_the_turn() -> None:

@@ -501,7 +501,7 @@ class SpeakerTracker:
             # the region held only the new voice, too briefly to confirm it: it spoke the region
             out.extend(self._change(sample, wall_time))
         out.extend(self._uncut(sample, wall_time))  # the region between said nothing about it
-        cut = self._cut_turn(end) if self._region_has_current else None
+        cut, heard = self._cut_turn(end) if self._region_has_current else (None, None)
         if self._region_has_current and cut is None:
             # the old voice spoke in this region; a new voice heard here only in a probe was a guess
             out.extend(self._withdraw(sample, wall_time))
@@ -510,35 +510,53 @@ class SpeakerTracker:
             self._paused_at = end
         out.extend(self._close_turn(end if cut is None else cut.at, sample, wall_time))
         self._cut = cut
+        if heard is not None and self.settings.tentative_changes:
+            # announced now, not after the pause: the words are as much evidence as a probe
+            self._tentative, self._announced_at = heard, end
+            out.append(Decision(heard, sample, wall_time))
         return out
 
-    def _cut_turn(self, end: int) -> _Cut | None:
+    def _cut_turn(self, end: int) -> tuple[_Cut | None, SpeakerChange | None]:
         """The region ended with another voice's first words, by a tentative change its last probes
-        announced or by their scores: the turn ends where those words began, and the rest is held."""
+        announced or by their scores: the turn ends where those words began, and the rest is held.
+        Also the tentative change to announce for that voice, if none was."""
         turn, t = self._turn, self._tentative
         if turn is None or not turn.scores:
-            return None
+            return None, None
         if t is not None and end - self._announced_at <= self._half_hop:
-            at, to = _at_sample(t), t.speaker
-        else:
-            at, to = self._tail_start(end, turn.speaker)
-        return _Cut(at, end, to, turn.scores[-1]) if to is not None and at > turn.start else None
+            at = _at_sample(t)
+            return (_Cut(at, end, t.speaker, turn.scores[-1]), None) if at > turn.start else (None, None)
+        tail = self._tail_voice(end, turn.speaker)
+        if tail is None:
+            return None, None
+        at, heard = _at_sample(tail), tail
+        if t is not None and t.speaker == tail.speaker:  # announced earlier in the region already
+            at, heard = min(at, _at_sample(t)), None
+        return (_Cut(at, end, tail.speaker, turn.scores[-1]), heard) if at > turn.start else (None, None)
 
-    def _tail_start(self, end: int, speaking: SpeakerRef) -> tuple[int, SpeakerRef | None]:
-        """The earliest of the probes ending the region from which on another enrolled voice scores
-        at least ``tail_score``, and that voice."""
-        at, to = 0, None
+    def _tail_voice(self, end: int, speaking: SpeakerRef) -> SpeakerChange | None:
+        """Another enrolled voice the probes ending the region score at least ``tail_score``, as a
+        tentative change from the earliest of them on (score and margin: the latest's)."""
         if not self._tail or end - self._tail[-1].window.end > self._half_hop:
-            return at, to
+            return None
+        found: SpeakerChange | None = None
         for mw in reversed(self._tail):
             m = mw.match
             other = m.nearest if m.nearest != speaking.id else m.runner_up
-            score = m.score if other == m.nearest else m.score - m.margin
-            name = m.nearest_name if other == m.nearest else m.runner_up_name
-            if other is None or score < self.settings.tail_score or (to is not None and other != to.id):
+            if other is None or found is not None and other != found.speaker.id:
                 break
-            at, to = mw.window.center, to or SpeakerRef(id=other, name=name, known=True)
-        return at, to
+            nearest = other == m.nearest
+            score = m.score if nearest else m.score - m.margin
+            if score < self.settings.tail_score:
+                break
+            at = mw.window.center / SAMPLE_RATE
+            if found is None:
+                who = SpeakerRef(id=other, name=m.nearest_name if nearest else m.runner_up_name, known=True)
+                margin = m.margin if nearest else -m.margin  # behind the nearest when the runner-up
+                found = SpeakerChange(speaker=who, previous=speaking, score=score, margin=margin, at=at, tentative=True)
+            else:
+                found = replace(found, at=at)
+        return found
 
     def _uncut(self, sample: int, wall_time: float) -> list[Decision]:
         """The held end of the turn was the old voice's after all: its own segment."""
