@@ -700,6 +700,47 @@ def test_weak_evidence_rules(
         assert d.payload.tentative and d.payload.speaker == B
 
 
+def test_a_probe_the_matcher_names_needs_only_the_decisive_margin() -> None:
+    """0.06 ahead of the runner-up: enough when the probe clears the matcher's threshold (known),
+    as for a regular window acting alone; not for a near miss."""
+    for known, announced in ((True, True), (False, False)):
+        r = Run(TrackerSettings())
+        r.start(R1)
+        for k in range(4):
+            r.window(k, A, margin=DECISIVE)
+        out = r.tracker.process(probe(R1, 3.35, B, score=0.75 if known else 0.66, margin=0.06, known=known))
+        assert [(d.payload.speaker, d.payload.tentative) for d in out] == ([(B, True)] if announced else [])
+
+
+def test_a_narrow_announcement_is_early_but_a_firmer_probe_places_the_change() -> None:
+    """A change announced on a narrow margin comes early, from a probe that is still partly the old
+    voice: its change point is not trusted. A later probe for the same voice that clears
+    tentative_margin announces it again, and the confirmed change keeps that point."""
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A, margin=DECISIVE)
+    (narrow,) = r.tracker.process(probe(R1, 3.35, B, score=0.74, margin=0.06, known=True))
+    (firm,) = r.tracker.process(probe(R1, 3.6, B, score=0.78, margin=0.2, known=True))
+    assert (firm.payload.speaker, firm.payload.tentative) == (B, True)
+    assert firm.payload.at > narrow.payload.at
+    assert r.tracker.process(probe(R1, 3.85, B, score=0.8, margin=0.25, known=True)) == [], "once is enough"
+    confirmed = [d.payload for d in r.window(6, B, margin=DECISIVE) if isinstance(d.payload, SpeakerChange)]
+    assert [(c.speaker, c.tentative, c.at) for c in confirmed] == [(B, False, firm.payload.at)]
+
+
+def test_a_narrow_announcement_alone_does_not_place_the_change() -> None:
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A, margin=DECISIVE)
+    (narrow,) = r.tracker.process(probe(R1, 3.35, B, score=0.74, margin=0.06, known=True))
+    confirmed = [d.payload for d in r.window(6, B, margin=DECISIVE) if isinstance(d.payload, SpeakerChange)]
+    first_b = window(R1, 6)
+    assert [(c.speaker, c.at) for c in confirmed] == [(B, sec(first_b.center - HOP // 2))]
+    assert confirmed[0].at > narrow.payload.at
+
+
 def _after_own_probes(n: int) -> Run:
     """Ann speaking, with ``n`` probes of hers scoring 0.75: her own level."""
     r = Run(TrackerSettings())
