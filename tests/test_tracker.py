@@ -574,6 +574,7 @@ def test_a_region_whose_last_probes_score_another_voice_at_the_threshold_is_cut_
     assert (c.score, c.margin) == (pytest.approx(0.72), pytest.approx(-0.04))
     nxt = R1 + 7 * SAMPLE_RATE // 2
     r.start(nxt)
+    assert r.tracker.process(probe(nxt, 0.6, B, score=0.8, margin=0.2, known=True)) == [], "placed already"
     r.window(0, B, margin=DECISIVE)
     assert [(c.speaker, c.at, c.tentative) for c in r.changes()][-2:] == [(B, sec(first), True), (B, sec(first), False)]
 
