@@ -543,8 +543,9 @@ def test_after_a_long_pause_the_held_words_are_the_old_voices() -> None:
     r, at = _ann_then_bob_in_her_region_tail()
     late = R1 + 5 * SAMPLE_RATE  # 2 s of silence: longer than bridge_pause_s
     r.start(late)
-    assert [(c.speaker, c.tentative, sec(c_d.sample)) for c_d in r.decisions[-2:] for c in [c_d.payload]
-            if isinstance(c, SpeakerChange)] == [(A, False, sec(late))]
+    withdrawn = [(d.payload.speaker, d.payload.tentative, sec(d.sample)) for d in r.decisions[-2:]
+                 if isinstance(d.payload, SpeakerChange)]
+    assert withdrawn == [(A, False, sec(late))]
     assert [(s.speaker, s.start, s.end) for s in r.segments()] == [(A, sec(R1), at), (A, at, sec(R1) + 3)]
     r.window(0, B, margin=DECISIVE)
     assert r.changes()[-1].at == sec(late), "Bob began after the pause, not before it"

@@ -116,8 +116,8 @@ class Match:
     nearest: str | None = None
     uncertain: bool = False
     nearest_name: str | None = None
-    runner_up_name: str | None = None
     """The nearest speaker's name, known or not: weak evidence the tracker may act on tentatively."""
+    runner_up_name: str | None = None
 
 
 UNKNOWN_EMPTY = Match(speaker_id=None, name=None, score=0.0, margin=0.0, runner_up=None, known=False, nearest=None)

@@ -165,6 +165,12 @@ def _at_sample(change: SpeakerChange) -> int:
     return round(change.at * SAMPLE_RATE)
 
 
+def _score_of(m: Match, speaker_id: str | None) -> float:
+    """``speaker_id``'s score in a match: exact for the nearest and the runner-up, an upper bound
+    (the runner-up's) for anyone else."""
+    return m.score if m.nearest == speaker_id else m.score - m.margin
+
+
 def is_anonymous(ref: SpeakerRef) -> bool:
     """Unknown speech that clustering has not (yet) given a provisional id."""
     return not ref.known and ref.id is None
@@ -309,9 +315,8 @@ class SpeakerTracker:
             return None
         if len(self._own) < OWN_LEVEL_MIN_PROBES or m.score >= self.settings.tentative_score:
             return None
-        # the runner-up's score bounds the current speaker's when it is not the nearest
-        to_current = m.score if m.nearest == current.id else m.score - m.margin
-        return UNKNOWN if float(np.median(self._own)) - to_current > self.settings.departure_drop else None
+        drop = float(np.median(self._own)) - _score_of(m, current.id)
+        return UNKNOWN if drop > self.settings.departure_drop else None
 
     def _nearer_enrolled(self, mw: MatchedWindow) -> bool:
         """A probe nearer an enrolled voiceprint than every provisional centroid (so than the
@@ -548,16 +553,19 @@ class SpeakerTracker:
         turn, t = self._turn, self._tentative
         if turn is None or not turn.scores:
             return None, None
+        heard: SpeakerChange | None
         if t is not None and end - self._announced_at <= self._half_hop:
-            at = _at_sample(t)
-            return (_Cut(at, end, t.speaker, turn.scores[-1]), None) if at > turn.start else (None, None)
-        tail = self._tail_voice(end, turn.speaker)
-        if tail is None:
+            at, to, heard = _at_sample(t), t.speaker, None
+        else:
+            heard = self._tail_voice(end, turn.speaker)
+            if heard is None:
+                return None, None
+            at, to = _at_sample(heard), heard.speaker
+            if t is not None and t.speaker == to:  # announced earlier in the region already
+                at, heard = min(at, _at_sample(t)), None
+        if at <= turn.start:
             return None, None
-        at, heard = _at_sample(tail), tail
-        if t is not None and t.speaker == tail.speaker:  # announced earlier in the region already
-            at, heard = min(at, _at_sample(t)), None
-        return (_Cut(at, end, tail.speaker, turn.scores[-1]), heard) if at > turn.start else (None, None)
+        return _Cut(at, end, to, turn.scores[-1]), heard
 
     def _tail_voice(self, end: int, speaking: SpeakerRef) -> SpeakerChange | None:
         """Another enrolled voice the probes ending the region score at least ``tail_score``, as a
@@ -571,7 +579,7 @@ class SpeakerTracker:
             if other is None or found is not None and other != found.speaker.id:
                 break
             nearest = other == m.nearest
-            score = m.score if nearest else m.score - m.margin
+            score = _score_of(m, other)
             if score < self.settings.tail_score:
                 break
             at = mw.window.center / SAMPLE_RATE

@@ -62,16 +62,22 @@ class VadSettings:
 
 
 @dataclass(frozen=True)
-class SpeechStart:
+class _Boundary:
     sample: int
     wall_time: float
     lag: int = 0
-    """Samples of audio past ``sample`` the VAD needed to decide (``start_frames`` and the padding)."""
+    """Samples of audio past ``sample`` the VAD needed to decide: ``start_frames`` of speech and the
+    padding for a start, the closing silence beyond the padding it kept for an end."""
 
     @property
     def decided(self) -> tuple[int, float]:
         """Audio position and capture time at which the VAD knew."""
         return self.sample + self.lag, self.wall_time + self.lag / SAMPLE_RATE
+
+
+@dataclass(frozen=True)
+class SpeechStart(_Boundary):
+    pass
 
 
 @dataclass(frozen=True)
@@ -83,17 +89,8 @@ class SpeechAudio:
 
 
 @dataclass(frozen=True)
-class SpeechEnd:
-    sample: int
-    wall_time: float
-    lag: int = 0
-    """Samples of audio past ``sample`` the VAD needed to decide: the closing silence it heard
-    beyond the padding it kept."""
-
-    @property
-    def decided(self) -> tuple[int, float]:
-        """Audio position and capture time at which the VAD knew."""
-        return self.sample + self.lag, self.wall_time + self.lag / SAMPLE_RATE
+class SpeechEnd(_Boundary):
+    pass
 
 
 VadEvent = SpeechStart | SpeechAudio | SpeechEnd
