@@ -13,6 +13,7 @@ they are chmod-ed as well in case the folder was made by something else.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -45,8 +46,9 @@ STAMP_FORMAT = 1
 FILE_MODE = 0o600
 BUSY_TIMEOUT_MS = 10_000
 """How long a writer waits for another process's transaction before SQLite reports 'locked'."""
-STALE_TEMP_SECONDS = 60.0
-"""Leftover index temp files older than this are from a killed writer and are deleted on open."""
+TEMP_GRACE_SECONDS = 1.0
+"""An index temp file nobody holds locked and older than this is a killed writer's; deleted on open.
+(The grace covers the instant between a writer creating its temp file and locking it.)"""
 TEMP_PREFIX = ".index-"
 SPEAKER_ID_PREFIX = "spk-"
 _SPEAKER_ID_RE = re.compile(r"^spk-[0-9a-f]{8}$")
@@ -78,6 +80,13 @@ CREATE TABLE IF NOT EXISTS retired_speakers (id TEXT PRIMARY KEY, removed REAL);
 
 class StoreError(SpeakerdError):
     """A speaker store problem the user can act on (wrong model, unknown name, duplicate name...)."""
+
+
+class StoreUnusable(StoreError):
+    """The store cannot be opened as it is (missing, damaged, or its database lost while its index
+    remains). Opening changed nothing; the message says what to do. Exit 2, before anything starts."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -119,15 +128,19 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(directory: Path, target: Path, data: bytes) -> None:
-    """Write ``data`` to ``target`` via a 0600 temp file in the same folder, fsync, then rename."""
+    """Write ``data`` to ``target`` via a 0600 temp file in the same folder, fsync, then rename.
+
+    The temp file is flock-ed until renamed, so a cleaner in another process can tell it from a
+    killed writer's leftover (see ``SpeakerStore._remove_abandoned_temps``)."""
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=directory)  # mkstemp is 0600
     try:
         with os.fdopen(fd, "wb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, target)
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -137,12 +150,14 @@ def _atomic_write(directory: Path, target: Path, data: bytes) -> None:
 class SpeakerStore:
     """Enrolled speakers and their embeddings for one model fingerprint, in ``directory``.
 
-    Opening creates the store if needed, refuses a store made with another model, and loads (or
-    rebuilds) the faiss index. Methods may be called from any thread, one at a time (a lock guards
-    the connection).
+    Opening creates the store if needed (unless ``create`` is False: reading commands never create),
+    refuses a store made with another model, and loads (or rebuilds) the faiss index. It refuses,
+    changing nothing, a damaged database and a folder whose database is gone but whose index still
+    holds voiceprints (``speakerd speakers recover`` restores from it). Methods may be called from
+    any thread, one at a time (a lock guards the connection).
     """
 
-    def __init__(self, directory: Path, *, fingerprint: str, dim: int) -> None:
+    def __init__(self, directory: Path, *, fingerprint: str, dim: int, create: bool = True) -> None:
         if not fingerprint:
             raise ValueError("fingerprint must be non-empty")
         if dim <= 0:
@@ -157,11 +172,17 @@ class SpeakerStore:
         """Times the index was rebuilt from SQLite."""
         self.last_rebuild_reason: str | None = None
 
+        self._refuse_if_lost()
+        if not create and not self._has_database():
+            raise StoreUnusable(
+                f"there is no speaker store in {self.directory}; check --store (or daemon.store), or "
+                f"enroll someone first: `speakerd enroll NAME AUDIO...` creates it"
+            )
         ensure_private_dir(self.directory)
-        self._remove_stale_temps()
+        self._remove_abandoned_temps()
         self._conn = self._connect()
         try:
-            self._init_schema()
+            self._init_schema(create)
             self._index = self._open_index()
         except BaseException:
             self._conn.close()
@@ -183,14 +204,67 @@ class SpeakerStore:
 
     # -- opening ----------------------------------------------------------------------------------
 
-    def _remove_stale_temps(self) -> None:
+    def _has_database(self) -> bool:
+        try:
+            return self.db_path.stat().st_size > 0
+        except FileNotFoundError:
+            return False
+
+    def earlier_data(self) -> list[str]:
+        """Files in the folder that show it held voiceprints: an index or stamp that is not empty,
+        a non-empty SQLite ``-wal``/``-journal``. What a lost database must not be recreated over."""
+        found = []
+        for suffix in ("-wal", "-journal"):
+            side = self.db_path.with_name(self.db_path.name + suffix)
+            with suppress(FileNotFoundError):
+                if side.stat().st_size > 0:
+                    found.append(side.name)
+        if self.index_path.exists():
+            try:
+                empty = faiss.deserialize_index(np.fromfile(self.index_path, dtype=np.uint8)).ntotal == 0
+            except (RuntimeError, OSError):
+                empty = False  # unreadable: it may still hold vectors
+            if not empty:
+                found.append(INDEX_NAME)
+        if self.stamp_path.exists():
+            try:
+                empty = json.loads(self.stamp_path.read_text()).get("count") == 0
+            except (OSError, ValueError, AttributeError):
+                empty = False
+            if not empty:
+                found.append(STAMP_NAME)
+        return found
+
+    def _lost_database(self, traces: list[str]) -> StoreUnusable:
+        return StoreUnusable(
+            f"the speaker store in {self.directory} has lost its database ({DB_NAME} is missing or "
+            f"empty) but still holds earlier data ({', '.join(traces)}); refusing to start a new, empty "
+            f"store over it. `speakerd speakers recover --store {self.directory}` rebuilds the database "
+            f"from the index's voiceprints (names are kept only in the database, so it says what is "
+            f"lost); to start afresh instead, move the folder aside"
+        )
+
+    def _refuse_if_lost(self) -> None:
+        if not self._has_database() and (traces := self.earlier_data()):
+            raise self._lost_database(traces)
+
+    def _remove_abandoned_temps(self) -> None:
+        """Delete index temp files left by a killed writer: only those no live writer holds locked."""
         now = time.time()
         for tmp in self.directory.glob(f"{TEMP_PREFIX}*.tmp"):
             try:
-                if now - tmp.stat().st_mtime > STALE_TEMP_SECONDS:
+                fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if now - os.fstat(fd).st_mtime > TEMP_GRACE_SECONDS:
                     tmp.unlink()
-            except FileNotFoundError:
-                pass
+                    logger.info("removed %s, left by an index write that was interrupted", tmp.name)
+            except (BlockingIOError, FileNotFoundError):
+                pass  # a live writer holds it, or it has just been renamed into place
+            finally:
+                os.close(fd)
 
     def _connect(self) -> sqlite3.Connection:
         db = self.db_path
@@ -205,7 +279,7 @@ class SpeakerStore:
             conn.execute("PRAGMA synchronous = FULL")  # a committed enrollment survives power loss
             conn.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{db} is not a usable speaker store: {exc}") from None
+            raise self._damaged(exc) from None
         self._chmod_sidecars()
         return conn
 
@@ -227,12 +301,26 @@ class SpeakerStore:
                 raise
             self._conn.execute("COMMIT")
 
-    def _init_schema(self) -> None:
+    def _damaged(self, problem: object) -> StoreUnusable:
+        return StoreUnusable(
+            f"{self.db_path} is not a usable speaker store: {problem}. Nothing was changed. `speakerd "
+            f"speakers recover --store {self.directory}` salvages what it can into a new database, "
+            f"keeping this one aside"
+        )
+
+    def _init_schema(self, create: bool = True) -> None:
         try:
             with self._write() as conn:
                 tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
                 if tables and "meta" not in tables:
                     raise StoreError(f"{self.db_path} is an SQLite database but not a speaker store")
+                if not tables and (traces := self.earlier_data()):
+                    raise self._lost_database(traces)
+                if not tables and not create:
+                    raise StoreUnusable(f"{self.db_path} is empty: there is no speaker store in {self.directory}")
+                problems = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
+                if problems != ["ok"]:
+                    raise self._damaged("; ".join(problems))
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     conn.execute(statement)
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
@@ -249,7 +337,7 @@ class SpeakerStore:
                     logger.info("created speaker store %s for model %s", self.directory, self.fingerprint)
                     return
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.db_path} is not a usable speaker store: {exc}") from None
+            raise self._damaged(exc) from None
         self._check_meta(meta)
 
     def _check_meta(self, meta: dict[str, str]) -> None:
