@@ -6,6 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,9 @@ from . import __version__
 from .errors import ConfigError, SpeakerdError
 
 logger = logging.getLogger("speakerd")
+
+STORE_LOCK_WAIT_S = 10.0
+"""How long an offline edit waits for another short one on the same store (a daemon: not at all)."""
 
 EXAMPLES = """\
 examples:
@@ -57,12 +61,13 @@ def _store_dir(args: argparse.Namespace, settings) -> Path:  # noqa: ANN001
     return Path(chosen).expanduser() if chosen else default_store_dir()
 
 
-def _open_store(args: argparse.Namespace, settings):  # noqa: ANN001, ANN202
+def _open_store(args: argparse.Namespace, settings, *, create: bool = True):  # noqa: ANN001, ANN202
     from .bundle import resolve_bundle
     from .store import SpeakerStore
 
     bundle = resolve_bundle(settings.embedding.model)
-    return bundle, SpeakerStore(_store_dir(args, settings), fingerprint=bundle.fingerprint, dim=bundle.embedding_dim)
+    store = SpeakerStore(_store_dir(args, settings), fingerprint=bundle.fingerprint, dim=bundle.embedding_dim, create=create)
+    return bundle, store
 
 
 def _backend(bundle, settings):  # noqa: ANN001, ANN202
@@ -102,14 +107,14 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from .enroll import prepare_enrollment
+    from .enroll import enroll_beside_daemon, prepare_enrollment
 
     settings = _settings(args)
     bundle, store = _open_store(args, settings)
     with store:
         backend = _backend(bundle, settings)
         report = prepare_enrollment(args.name, [Path(p) for p in args.audio], settings, bundle.features, backend.embed)
-        speaker = store.enroll(args.name, report.embeddings_matrix(), source=",".join(str(p) for p in args.audio))
+        speaker, daemon = enroll_beside_daemon(store, args.name, report.embeddings_matrix(), ",".join(map(str, args.audio)))
         backend.close()
     print(f"enrolled {speaker.name} ({speaker.id}): {report.total_speech_s:.1f} s of speech, "
           f"{report.num_embeddings} window embeddings from {len(report.files)} file(s); "
@@ -120,6 +125,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         worst = min(report.consistency)
         verdict = "consistent" if worst >= 0.6 else "INCONSISTENT: check that every file is the same person"
         print(f"  consistency: min {worst:.2f}, mean {sum(report.consistency) / len(report.consistency):.2f} ({verdict})")
+    if daemon is not None:
+        print(f"{daemon} serves this store: asked it to reload (SIGHUP), so it names {speaker.name} from now on")
     return 0
 
 
@@ -140,8 +147,14 @@ def cmd_speakers(args: argparse.Namespace) -> int:
             return speakers_via_daemon(client, args)
     if args.action in DAEMON_ONLY_ACTIONS:
         raise SpeakerdError(f"`speakers {args.action}` needs a running daemon; none answers on {settings.control.resolved_endpoint}")
-    _, store = _open_store(args, settings)
-    with store:
+    from .storelock import StoreLock
+
+    _, store = _open_store(args, settings, create=False)  # reading commands never create a store
+    with ExitStack() as held:
+        held.enter_context(store)
+        if args.action != "list":  # an edit: never behind the back of a daemon serving this store
+            lock = StoreLock(store.directory, f"speakerd speakers {args.action}")
+            held.enter_context(lock.acquire(wait_s=STORE_LOCK_WAIT_S))
         if args.action == "list":
             speakers = store.speakers()
             if not speakers:
@@ -154,6 +167,21 @@ def cmd_speakers(args: argparse.Namespace) -> int:
         elif args.action == "remove":
             s = store.remove(args.name)
             print(f"removed {s.name} ({s.id}) and its {s.num_embeddings} embeddings")
+    return 0
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    from .bundle import resolve_bundle
+    from .recover import recover_store
+
+    settings = _settings(args)
+    bundle = resolve_bundle(settings.embedding.model)
+    directory = _store_dir(args, settings)
+    report = recover_store(directory, fingerprint=bundle.fingerprint, dim=bundle.embedding_dim)
+    if report is None:
+        print(f"the speaker store in {directory} opens fine: nothing to recover, nothing changed")
+        return 0
+    print("\n".join(report.lines()))
     return 0
 
 
@@ -295,7 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     for action, what in (("status", "the running daemon's status"), ("reload", "make the daemon re-read its settings and speakers")):
         _add_common(ssub.add_parser(action, help=what))
-    for p in ssub.choices.values():
+    p = ssub.add_parser(
+        "recover",
+        help="rebuild a lost or damaged store database from its index (offline; keeps the old files)",
+        description="Rebuild speakers.sqlite3 from what is left: the rows a damaged database still yields, "
+        "and every voiceprint in index.faiss. Names live only in the database: voices whose names are lost "
+        "come back as recovered-1, recovered-2, ... grouped by similarity, and the command says what was "
+        "lost. The old files are kept in before-recover-<time>/ in the store folder.",
+    )
+    _add_common(p)
+    p.set_defaults(func=cmd_recover)
+    for action, p in ssub.choices.items():
+        if action == "recover":  # the store itself, never through a daemon
+            continue
         p.add_argument(
             "--control",
             metavar="ENDPOINT",

@@ -52,9 +52,11 @@ class LifecycleTiming:
     """When a file source ends by itself: every queued window is embedded (bounded only as a guard)."""
     publisher_close_s: float = 0.5
     """How long closing waits for queued events to reach the socket and ``events_out``."""
+    store_lock_wait_s: float = 10.0
+    """How long start-up waits for an offline store edit to finish (another daemon: not at all)."""
 
     def __post_init__(self) -> None:
-        for name in ("stop_drain_s", "end_drain_s", "publisher_close_s"):
+        for name in ("stop_drain_s", "end_drain_s", "publisher_close_s", "store_lock_wait_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0")
 
@@ -293,12 +295,16 @@ class Daemon:
         from .matcher import SpeakerIndex
         from .pipeline import Pipeline
         from .publisher import EventPublisher
+        from .paths import ensure_private_dir
         from .store import SpeakerStore
+        from .storelock import RUN_COMMAND, StoreLock
 
         s = self.settings
         self.bundle = resolve_bundle(s.embedding.model)
         self.source = self._source_factory(s)
         stack.callback(self._close_source_if_unused)
+        ensure_private_dir(self.store_dir)  # one daemon per store, held until the process ends
+        stack.enter_context(StoreLock(self.store_dir, RUN_COMMAND).acquire(wait_s=self.timing.store_lock_wait_s))
         self.store = stack.enter_context(
             SpeakerStore(self.store_dir, fingerprint=self.bundle.fingerprint, dim=self.bundle.embedding_dim)
         )

@@ -7,6 +7,8 @@ the same kind of windows it will later be matched against.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,10 +19,15 @@ from .audio import seconds
 from .errors import SpeakerdError, check
 from .settings import Settings
 from .sources import FileSource
+from .store import Speaker, SpeakerStore
+from .storelock import Holder, StoreBusy, StoreLock
 from .vad import SpeechEnd, SpeechStart, VadSegmenter
 from .windows import SpeechWindower, Window
 
 logger = logging.getLogger(__name__)
+
+LOCK_WAIT_S = 10.0
+"""How long an enrollment waits for a short offline edit of the same store to finish."""
 
 
 @dataclass(frozen=True)
@@ -157,3 +164,30 @@ def prepare_enrollment(
             half = len(embs) // 2
             consistency.append(float(_centroid(embs[:half]) @ _centroid(embs[half:])))
     return EnrollReport(name=name, files=files, consistency=consistency, total_speech_s=total)
+
+
+def enroll_beside_daemon(store: SpeakerStore, name: str, embeddings: np.ndarray, source: str) -> tuple[Speaker, Holder | None]:
+    """Write an enrollment so that a daemon serving the store sees it; returns the speaker and that daemon.
+
+    With no daemon, under the store lock (a daemon starting meanwhile waits, then reads it). With a
+    daemon holding the store, beside it (SQLite takes a second writer) and then SIGHUP to that
+    daemon, which re-reads its speakers: an addition is safe to make beside a daemon, unlike a
+    rename or a forget, which go through its control socket.
+    """
+    lock = StoreLock(store.directory, "speakerd enroll")
+    try:
+        lock.acquire(wait_s=LOCK_WAIT_S)
+    except StoreBusy as busy:
+        if busy.holder is None or not busy.holder.is_daemon:
+            raise
+        speaker = store.enroll(name, embeddings, source=source)
+        try:
+            os.kill(busy.holder.pid, signal.SIGHUP)
+        except OSError as exc:
+            raise EnrollError(
+                f"enrolled {name}, but could not ask {busy.holder} to reload ({exc}); run `speakerd "
+                f"speakers reload` so it names {name}"
+            ) from None
+        return speaker, busy.holder
+    with lock:
+        return store.enroll(name, embeddings, source=source), None

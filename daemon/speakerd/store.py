@@ -54,7 +54,7 @@ SPEAKER_ID_PREFIX = "spk-"
 _SPEAKER_ID_RE = re.compile(r"^spk-[0-9a-f]{8}$")
 MAX_NAME_CHARS = 200
 
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS speakers (
     id TEXT PRIMARY KEY,
@@ -321,7 +321,7 @@ class SpeakerStore:
                 problems = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
                 if problems != ["ok"]:
                     raise self._damaged("; ".join(problems))
-                for statement in filter(str.strip, _SCHEMA.split(";")):
+                for statement in filter(str.strip, SCHEMA.split(";")):
                     conn.execute(statement)
                 meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
                 if not meta:
