@@ -109,13 +109,26 @@ def cmd_service(args: argparse.Namespace) -> int:
 def cmd_enroll(args: argparse.Namespace) -> int:
     from .enroll import enroll_beside_daemon, prepare_enrollment
 
+    from .store import DB_NAME
+
     settings = _settings(args)
-    bundle, store = _open_store(args, settings)
-    with store:
+    # an existing store is opened first, so a wrong model is said before the work; a new one is
+    # created only for an enrollment that is accepted
+    exists = (_store_dir(args, settings) / DB_NAME).exists()
+    with ExitStack() as held:
+        bundle, store = _open_store(args, settings) if exists else (None, None)
+        if store is not None:
+            held.enter_context(store)
+        else:
+            from .bundle import resolve_bundle
+
+            bundle = resolve_bundle(settings.embedding.model)
         backend = _backend(bundle, settings)
+        held.callback(backend.close)
         report = prepare_enrollment(args.name, [Path(p) for p in args.audio], settings, bundle.features, backend.embed)
+        if store is None:
+            store = held.enter_context(_open_store(args, settings)[1])
         speaker, daemon = enroll_beside_daemon(store, args.name, report.embeddings_matrix(), ",".join(map(str, args.audio)))
-        backend.close()
     print(f"enrolled {speaker.name} ({speaker.id}): {report.total_speech_s:.1f} s of speech, "
           f"{report.num_embeddings} window embeddings from {len(report.files)} file(s); "
           f"{speaker.num_embeddings} embeddings stored in all")

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,8 @@ from .settings import Settings
 from .sources import FileSource
 from .store import Speaker, SpeakerStore
 from .storelock import Holder, StoreBusy, StoreLock
-from .vad import SpeechEnd, SpeechStart, VadSegmenter
+from .speechcheck import SpeechCheckSettings, speech_evidence
+from .vad import SpeechAudio, SpeechEnd, SpeechStart, VadSegmenter
 from .windows import SpeechWindower, Window
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ class EnrollSettings:
     """Speech needed in every single file, so a silent or broken file is named, not averaged away."""
     inconsistent_below: float = 0.6
     """A file whose voice is less similar than this to the rest is reported as inconsistent."""
+    speech_check: SpeechCheckSettings = field(default_factory=SpeechCheckSettings)
+    """What tells a voice from noise, hum or music that the VAD let through (speechcheck.py)."""
 
     def __post_init__(self) -> None:
         check(self.min_speech_s >= 1.0, "enroll.min_speech_s", self.min_speech_s, "must be at least 1 s")
@@ -60,16 +63,25 @@ def file_windows(path: Path, settings: Settings, features) -> tuple[list[Window]
     """Windows of a file and its seconds of speech, through the same VAD and windower as the daemon.
     Probes are left out: they serve only the tracker's early guesses, and enrolling from them too
     moved the calibrated threshold (docs/calibration.md) for a p95 latency gain within noise."""
+    windows, speech_s, _ = file_speech(path, settings, features)
+    return windows, speech_s
+
+
+def file_speech(path: Path, settings: Settings, features) -> tuple[list[Window], float, np.ndarray]:  # noqa: ANN001
+    """As ``file_windows``, and the audio the VAD kept (for the speech check)."""
     source = FileSource(path, settings.audio, realtime=False)
     vad = VadSegmenter(settings.vad)
     windower = SpeechWindower(settings.windows, features)
     windows: list[Window] = []
+    kept: list[np.ndarray] = []
     speech = 0
     region_start = 0
 
     def take(events) -> None:  # noqa: ANN001
         nonlocal speech, region_start
         for event in events:
+            if isinstance(event, SpeechAudio):
+                kept.append(event.chunk.samples)
             for item in windower.process(event):
                 if isinstance(item, Window):
                     if not item.probe:
@@ -85,7 +97,7 @@ def file_windows(path: Path, settings: Settings, features) -> tuple[list[Window]
             if chunk is not None:
                 take(vad.process(chunk))
     take(vad.flush())
-    return windows, seconds(speech)
+    return windows, seconds(speech), np.concatenate(kept) if kept else np.zeros(0, dtype=np.float32)
 
 
 def embed_windows(windows: Sequence[Window], embed: Callable[[np.ndarray], np.ndarray], batch: int = 16) -> np.ndarray:
@@ -137,13 +149,18 @@ def prepare_enrollment(
     es = enroll_settings or EnrollSettings()
     files: list[FileEmbeddings] = []
     for path in paths:
-        windows, speech_s = file_windows(Path(path), settings, features)
+        windows, speech_s, audio = file_speech(Path(path), settings, features)
         if speech_s < es.min_file_speech_s or not windows:
             raise EnrollError(
                 f"{path}: only {speech_s:.1f} s of speech found ({len(windows)} usable windows); "
                 f"each file needs at least {es.min_file_speech_s:.1f} s of clear speech"
             )
-        files.append(FileEmbeddings(Path(path), embed_windows(windows, embed), speech_s, windows))
+        embeddings = embed_windows(windows, embed)
+        refusal = speech_evidence(audio, embeddings, es.speech_check).refusal(es.speech_check)
+        if refusal is not None:
+            raise EnrollError(f"{path} does not sound like a person speaking: {refusal}. Nothing was enrolled; "
+                              f"use a recording of {name} talking alone")
+        files.append(FileEmbeddings(Path(path), embeddings, speech_s, windows))
         if progress is not None:
             progress(Path(path))
     total = sum(f.speech_s for f in files)
