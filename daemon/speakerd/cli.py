@@ -160,14 +160,14 @@ def cmd_speakers(args: argparse.Namespace) -> int:
             return speakers_via_daemon(client, args)
     if args.action in DAEMON_ONLY_ACTIONS:
         raise SpeakerdError(f"`speakers {args.action}` needs a running daemon; none answers on {settings.control.resolved_endpoint}")
+    from .store import DB_NAME
     from .storelock import StoreLock
 
-    _, store = _open_store(args, settings, create=False)  # reading commands never create a store
+    directory = _store_dir(args, settings)
     with ExitStack() as held:
-        held.enter_context(store)
-        if args.action != "list":  # an edit: never behind the back of a daemon serving this store
-            lock = StoreLock(store.directory, f"speakerd speakers {args.action}")
-            held.enter_context(lock.acquire(wait_s=STORE_LOCK_WAIT_S))
+        if args.action != "list" and (directory / DB_NAME).exists():  # an edit: never behind a serving daemon's back
+            held.enter_context(StoreLock(directory, f"speakerd speakers {args.action}").acquire(wait_s=STORE_LOCK_WAIT_S))
+        store = held.enter_context(_open_store(args, settings, create=False)[1])  # never creates a store
         if args.action == "list":
             speakers = store.speakers()
             if not speakers:

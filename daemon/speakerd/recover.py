@@ -283,8 +283,8 @@ def recover_store(directory: Path, *, fingerprint: str, dim: int, settings: Reco
     """
     settings = settings or RecoverSettings()
     directory = Path(directory).expanduser()
-    if not directory.is_dir():
-        raise StoreUnusable(f"there is no speaker store in {directory}; check --store")
+    if not any((directory / name).exists() for name in (DB_NAME, INDEX_NAME, STAMP_NAME)):
+        raise StoreUnusable(f"there is no speaker store in {directory} (no {DB_NAME}, no {INDEX_NAME}); check --store")
     with StoreLock(directory, COMMAND).acquire(wait_s=LOCK_WAIT_S):
         try:
             SpeakerStore(directory, fingerprint=fingerprint, dim=dim, create=False).close()
