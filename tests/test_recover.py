@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from speakerd.recover import MAX_UNITS, RecoverSettings, group_by_voice, recover_store
+from speakerd.recover import MAX_UNITS, RecoverSettings, embedding_ids_by_name as owners, group_by_voice, recover_store
 from speakerd.store import DB_NAME, INDEX_NAME, STAMP_NAME, SpeakerStore, StoreUnusable
 from speakerd.storelock import RUN_COMMAND, StoreBusy
+from store_helpers import lock_held
 
-REPO = Path(__file__).resolve().parents[1]
 DIM = 32
 FP = "test-model:0123456789abcdef"
 NOISE = 0.1
@@ -36,14 +33,6 @@ def open_store(directory: Path, fingerprint: str = FP) -> SpeakerStore:
     return SpeakerStore(directory, fingerprint=fingerprint, dim=DIM)
 
 
-def owners(directory: Path) -> dict[str, set[int]]:
-    with sqlite3.connect(directory / DB_NAME) as db:
-        rows = db.execute("SELECT s.name, e.id FROM speakers s JOIN embeddings e ON e.speaker_id = s.id").fetchall()
-    db.close()
-    out: dict[str, set[int]] = {}
-    for name, emb_id in rows:
-        out.setdefault(name, set()).add(int(emb_id))
-    return out
 
 
 @pytest.fixture
@@ -131,28 +120,10 @@ def test_nothing_to_recover_and_a_daemon_in_the_way(tmp_path: Path, store: Path)
         recover(tmp_path / "typo")
     assert not (tmp_path / "typo").exists()
     (store / DB_NAME).unlink()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import sys
-            from pathlib import Path
-            from speakerd.storelock import StoreLock
-            lock = StoreLock(Path({str(store)!r}), {RUN_COMMAND!r}).acquire()
-            print("held", flush=True)
-            sys.stdin.read()
-        """)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "daemon")},
-    )
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with lock_held(store, RUN_COMMAND) as holder:
         with pytest.raises(StoreBusy, match=f"pid {holder.pid}"):
             recover(store)
-        assert not (store / DB_NAME).exists() and not list(store.glob("before-recover-*"))
-    finally:
-        holder.kill()
-        holder.wait(30)
-        for stream in (holder.stdin, holder.stdout):
-            if stream is not None:
-                stream.close()
+    assert not (store / DB_NAME).exists() and not list(store.glob("before-recover-*"))
 
 
 def test_the_voiceprints_model_is_kept_and_named(store: Path) -> None:

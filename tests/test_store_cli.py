@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +13,9 @@ import numpy as np
 import pytest
 from daemon_harness import Enrolled, make_conversation, popen_speakerd, read_events, score_events, speakerd
 
+from speakerd.recover import embedding_ids_by_name as owners
 from speakerd.store import DB_NAME, INDEX_NAME, STAMP_NAME
+from store_helpers import reap
 
 SPEAKERS = ["1688", "1998", "2033", "3080"]
 WAIT_S = 60.0
@@ -33,15 +34,6 @@ def run_args(tmp_path: Path, store: Path, wav: Path, *extra: str) -> list[str]:
             "--events-out", str(tmp_path / "events.jsonl"), "--control", f"ipc://{tmp_path / 'c.sock'}", *extra]
 
 
-def owners(store: Path) -> dict[str, set[int]]:
-    """name -> embedding ids, read straight from SQLite."""
-    with sqlite3.connect(store / DB_NAME) as db:
-        rows = db.execute("SELECT s.name, e.id FROM speakers s JOIN embeddings e ON e.speaker_id = s.id").fetchall()
-    db.close()
-    out: dict[str, set[int]] = {}
-    for name, emb_id in rows:
-        out.setdefault(name, set()).add(emb_id)
-    return out
 
 
 def test_reading_commands_never_create_a_store(tmp_path: Path, default_model: Path) -> None:
@@ -156,11 +148,7 @@ def test_a_second_daemon_on_one_store_is_refused_naming_the_first(enrolled: Enro
         first.send_signal(signal.SIGKILL)  # the lock goes with the process, however it ends
         assert first.wait(WAIT_S) == -signal.SIGKILL
     finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait(WAIT_S)
-        if first.stderr is not None:
-            first.stderr.close()
+        reap(first)
     speakerd("speakers", "remove", name, "--store", str(store), "--control", f"ipc://{tmp_path / 'b.sock'}")
     assert name not in owners(store)
     speakerd(*run_args(tmp_path, store, tmp_path / "m.wav"), timeout=300)

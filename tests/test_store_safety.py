@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from speakerd.store import DB_NAME, INDEX_NAME, STAMP_NAME, TEMP_PREFIX, SpeakerStore, StoreError
 from speakerd.storelock import RUN_COMMAND, StoreBusy, StoreLock, daemon_holding
+from store_helpers import lock_held, reap
 
-REPO = Path(__file__).resolve().parents[1]
 DIM = 16
 FP = "test-model:0123456789abcdef"
 CHILD_TIMEOUT_S = 30.0
@@ -153,13 +153,8 @@ def test_only_abandoned_index_temp_files_are_cleaned_up(enrolled: Path) -> None:
         assert live_tmp.stat().st_size == 25 << 20
         assert not dead_tmp.exists(), "a killed writer's 25 MB temp file does not linger"
     finally:
-        for proc in (live, dead):
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(CHILD_TIMEOUT_S)
-            for stream in (proc.stdin, proc.stdout):
-                if stream is not None:
-                    stream.close()
+        reap(live)
+        reap(dead)
     with open_store(enrolled):
         pass
     assert not live_tmp.exists(), "once its writer is gone, it is cleaned up too"
@@ -167,29 +162,8 @@ def test_only_abandoned_index_temp_files_are_cleaned_up(enrolled: Path) -> None:
 
 # ---------------------------------------------------------------- the store lock
 
-HOLDER = textwrap.dedent(
-    """
-    import sys
-    from pathlib import Path
-    from speakerd.storelock import StoreLock
-    lock = StoreLock(Path(sys.argv[1]), sys.argv[2]).acquire()
-    print("held", flush=True)
-    sys.stdin.read()
-    """
-)
-
-
-def hold_lock(directory: Path, command: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "daemon")}
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory), command],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_a_daemon_holds_the_store_until_it_dies_even_by_kill_9(enrolled: Path) -> None:
-    holder = hold_lock(enrolled, RUN_COMMAND)
-    try:
+    with lock_held(enrolled, RUN_COMMAND) as holder:
         assert daemon_holding(enrolled) is not None and daemon_holding(enrolled).pid == holder.pid
         t0 = time.monotonic()
         with pytest.raises(StoreBusy) as info:
@@ -201,21 +175,13 @@ def test_a_daemon_holds_the_store_until_it_dies_even_by_kill_9(enrolled: Path) -
             StoreLock(enrolled, "speakerd speakers remove").acquire()
         holder.send_signal(signal.SIGKILL)
         assert holder.wait(CHILD_TIMEOUT_S) == -signal.SIGKILL
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait(CHILD_TIMEOUT_S)
-        for stream in (holder.stdin, holder.stdout):
-            if stream is not None:
-                stream.close()
     assert daemon_holding(enrolled) is None
     with StoreLock(enrolled, RUN_COMMAND) as lock:
         assert lock.path.read_text() == f'{{"pid": {os.getpid()}, "command": "speakerd run"}}'
 
 
 def test_a_short_holder_is_waited_for(enrolled: Path) -> None:
-    holder = hold_lock(enrolled, "speakerd speakers rename")
-    try:
+    with lock_held(enrolled, "speakerd speakers rename") as holder:
         with pytest.raises(StoreBusy, match=f"pid {holder.pid}.*try again"):
             StoreLock(enrolled, RUN_COMMAND).acquire(wait_s=0.2)
         assert holder.stdin is not None
@@ -223,9 +189,3 @@ def test_a_short_holder_is_waited_for(enrolled: Path) -> None:
         holder.wait(CHILD_TIMEOUT_S)
         with StoreLock(enrolled, RUN_COMMAND).acquire(wait_s=5.0):
             pass
-    finally:
-        if holder.poll() is None:
-            holder.kill()
-            holder.wait(CHILD_TIMEOUT_S)
-        if holder.stdout is not None:
-            holder.stdout.close()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sqlite3
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import soundfile as sf
 from speakerd.bundle import resolve_bundle
 from speakerd.embedding import backend_for
 from speakerd.enroll import EnrollError, prepare_enrollment
-from speakerd.recover import RecoverSettings, recover_store
+from speakerd.recover import RecoverSettings, embedding_ids_by_name as owners, recover_store
 from speakerd.settings import load_settings
 from speakerd.store import DB_NAME, SpeakerStore
 
@@ -34,14 +33,6 @@ READERS = 15
 MIN_CLIP_S = 12.0
 
 
-def owners(store: Path) -> dict[str, set[int]]:
-    with sqlite3.connect(store / DB_NAME) as db:
-        rows = db.execute("SELECT s.name, e.id FROM speakers s JOIN embeddings e ON e.speaker_id = s.id").fetchall()
-    db.close()
-    out: dict[str, set[int]] = {}
-    for name, emb_id in rows:
-        out.setdefault(name, set()).add(emb_id)
-    return out
 
 
 def measure(offset: int, same_voice: float) -> str:

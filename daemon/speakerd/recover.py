@@ -110,6 +110,16 @@ class RecoveryReport:
         return out
 
 
+def embedding_ids_by_name(directory: Path) -> dict[str, set[int]]:
+    """Speaker name -> its embedding ids, straight from the store's database (to check a recovery)."""
+    with closing(sqlite3.connect(Path(directory) / DB_NAME)) as db:
+        rows = db.execute("SELECT s.name, e.id FROM speakers s JOIN embeddings e ON e.speaker_id = s.id").fetchall()
+    out: dict[str, set[int]] = {}
+    for name, emb_id in rows:
+        out.setdefault(name, set()).add(int(emb_id))
+    return out
+
+
 def read_index(directory: Path) -> tuple[np.ndarray, np.ndarray, dict[str, object]] | str:
     """(ids, normalised vectors, stamp) from ``index.faiss``, or why it cannot be read."""
     try:
