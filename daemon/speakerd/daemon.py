@@ -293,9 +293,9 @@ class Daemon:
         """Open in the order that reports user errors before anything binds or records."""
         from .bundle import resolve_bundle
         from .matcher import SpeakerIndex
+        from .paths import ensure_private_dir
         from .pipeline import Pipeline
         from .publisher import EventPublisher
-        from .paths import ensure_private_dir
         from .store import SpeakerStore
         from .storelock import RUN_COMMAND, StoreLock
 
@@ -303,7 +303,7 @@ class Daemon:
         self.bundle = resolve_bundle(s.embedding.model)
         self.source = self._source_factory(s)
         stack.callback(self._close_source_if_unused)
-        ensure_private_dir(self.store_dir)  # one daemon per store, held until the process ends
+        ensure_private_dir(self.store_dir)  # one daemon per store: held while this one runs (the kernel drops it on any exit)
         stack.enter_context(StoreLock(self.store_dir, RUN_COMMAND).acquire(wait_s=self.timing.store_lock_wait_s))
         self.store = stack.enter_context(
             SpeakerStore(self.store_dir, fingerprint=self.bundle.fingerprint, dim=self.bundle.embedding_dim)
