@@ -38,6 +38,7 @@ from .store import (
     STAMP_NAME,
     SpeakerStore,
     StoreUnusable,
+    fsync_dir,
 )
 from .storelock import StoreLock
 
@@ -258,9 +259,11 @@ def _move_aside(directory: Path) -> Path:
     return aside
 
 
-def _write_database(directory: Path, meta: dict[str, str], speakers: dict[str, str],
-                    rows: dict[int, tuple[str, bytes, str, float]], dim: int) -> None:
-    """The new database, complete under a temporary name, then renamed into place."""
+def _install_database(directory: Path, meta: dict[str, str], speakers: dict[str, str],
+                      rows: dict[int, tuple[str, bytes, str, float]], dim: int) -> Path:
+    """Build the new database under a temporary name; only once it is complete, move the old files
+    aside and rename it into place (a kill before that leaves the old files where they were, for a
+    second attempt). Returns the folder the old files are kept in."""
     tmp = directory / f".recover-{os.getpid()}.sqlite3"
     os.close(os.open(tmp, os.O_CREAT | os.O_RDWR | os.O_TRUNC, FILE_MODE))
     now = time.time()
@@ -279,10 +282,13 @@ def _write_database(directory: Path, meta: dict[str, str], speakers: dict[str, s
                     "VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [(i, sid, meta["model_fingerprint"], dim, blob, src, t) for i, (sid, blob, src, t) in sorted(rows.items())],
                 )
+        aside = _move_aside(directory)
         os.replace(tmp, directory / DB_NAME)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(directory)
+    return aside
 
 
 def recover_store(directory: Path, *, fingerprint: str, dim: int, settings: RecoverSettings | None = None) -> RecoveryReport | None:
@@ -368,8 +374,7 @@ def _recover(directory: Path, fingerprint: str, dim: int, settings: RecoverSetti
         "created": salvage.meta.get("created", repr(time.time())),
         "recovered": repr(time.time()),
     }
-    aside = _move_aside(directory)
-    _write_database(directory, meta, speakers, rows, data_dim)  # type: ignore[arg-type]
+    aside = _install_database(directory, meta, speakers, rows, data_dim)  # type: ignore[arg-type]
     with SpeakerStore(directory, fingerprint=data_fp, dim=data_dim) as store:
         restored = len(store.embeddings()[0])
     notes = []

@@ -115,7 +115,7 @@ def _normalise(matrix: np.ndarray) -> np.ndarray:
     return np.asarray(matrix / np.maximum(norms, np.finfo(np.float32).tiny), dtype=np.float32)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     """Make a rename durable; a no-op where directories cannot be opened (Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -144,7 +144,7 @@ def _atomic_write(directory: Path, target: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 class SpeakerStore:
