@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ EVAL_SEEDS = (0, 1, 2)
 OPEN_SET_SEEDS = (0, 1, 2, 3, 4, 5)
 OPEN_SET_ENROLLED = ("2033", "3080")
 VOLATILE = ("wall_time", "session", "seq")
+STORE_ID = re.compile(r'"spk-[0-9a-f]{8}"')
 
 
 def stable_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -61,7 +63,8 @@ def dump(events_dir: Path | None, name: str, events: list[dict[str, Any]]) -> No
     if events_dir is None:
         return
     events_dir.mkdir(parents=True, exist_ok=True)
-    lines = (json.dumps(e, sort_keys=True) for e in stable_events(events))
+    # enrolled ids are random per store: the names the events carry beside them identify the speaker
+    lines = (STORE_ID.sub('"spk-id"', json.dumps(e, sort_keys=True)) for e in stable_events(events))
     (events_dir / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
 
 

@@ -29,7 +29,7 @@ import zmq
 from .errors import SpeakerdError, check
 from .events import SpeakerRef
 from .paths import runtime_dir
-from .provisional import is_provisional_id
+from .decisions.clustering import is_provisional_id
 
 logger = logging.getLogger(__name__)
 
