@@ -10,8 +10,10 @@ import pytest
 from speakerd.audio import SAMPLE_RATE
 from speakerd.errors import ConfigError
 from speakerd.events import SpeakerChange, SpeakerRef, SpeakerSegment
-from speakerd.matcher import Match
-from speakerd.tracker import UNKNOWN, Decision, MatchedWindow, SpeakerTracker, TrackerSettings
+from decision_values import GE2E
+from speakerd.decisions.evidence import UNKNOWN, Match, MatchedWindow
+from speakerd.decisions.tracker import Phase, SpeakerTracker, TrackerSettings
+from speakerd.decisions.turns import Decision
 from speakerd.vad import SpeechEnd, SpeechStart
 from speakerd.windows import Window
 
@@ -43,7 +45,7 @@ class Run:
     """Feeds regions of windows to a tracker and keeps every decision."""
 
     def __init__(self, settings: TrackerSettings | None = None) -> None:
-        self.tracker = SpeakerTracker(settings or BASE, HOP)
+        self.tracker = SpeakerTracker(settings or BASE, GE2E, HOP)
         self.decisions: list[Decision] = []
         self.region = 0
 
@@ -416,13 +418,16 @@ def test_unknown_windows_are_never_announced() -> None:
         ({"confirm_windows": 0}, "tracker.confirm_windows"),
         ({"confirm_windows": 11}, "tracker.confirm_windows"),
         ({"unknown_confirm_windows": 0}, "tracker.unknown_confirm_windows"),
-        ({"decisive_margin": -0.1}, "tracker.decisive_margin"),
-        ({"decisive_margin": 2.5}, "tracker.decisive_margin"),
+        ({"decisive_margin": -0.1}, "decision.decisive_margin"),
+        ({"decisive_margin": 2.5}, "decision.decisive_margin"),
     ],
 )
 def test_tracker_settings_validation_names_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
-        TrackerSettings(**kwargs)
+        if key.startswith("decision."):
+            replace(GE2E, **kwargs)
+        else:
+            TrackerSettings(**kwargs)
     assert err.value.key == key
 
 
@@ -781,9 +786,9 @@ def test_a_voice_that_fell_away_and_is_then_named_keeps_the_change_point() -> No
 
 
 def test_tentative_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="tracker.tentative_score"):
-        TrackerSettings(tentative_score=1.5)
-    with pytest.raises(ConfigError, match="tracker.tentative_margin"):
-        TrackerSettings(tentative_margin=-0.1)
-    with pytest.raises(ConfigError, match="tracker.departure_drop"):
-        TrackerSettings(departure_drop=-0.1)
+    with pytest.raises(ConfigError, match="decision.tentative_score"):
+        replace(GE2E, tentative_score=1.5)
+    with pytest.raises(ConfigError, match="decision.tentative_margin"):
+        replace(GE2E, tentative_margin=-0.1)
+    with pytest.raises(ConfigError, match="decision.departure_drop"):
+        replace(GE2E, departure_drop=-0.1)
