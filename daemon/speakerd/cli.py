@@ -124,7 +124,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_speakers(args: argparse.Namespace) -> int:
-    from .control import DAEMON_ONLY_ACTIONS, speakers_client, speakers_via_daemon
+    from .control_client import DAEMON_ONLY_ACTIONS, speakers_client, speakers_via_daemon
 
     settings = _settings(args)
     if not args.offline:  # a running daemon first: it must see the change, and it owns the stream

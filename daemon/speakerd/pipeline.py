@@ -170,6 +170,11 @@ class Pipeline:
         """
         return self.decisions.swap_ranker(matcher)
 
+    def swap_decision(self, values: DecisionValues) -> None:
+        """Decide with ``values`` from the next batch on (a reload changed the config's overrides)."""
+        with self._lock:
+            self.decisions.swap_values(values)
+
     def feed(self, chunk: AudioChunk) -> None:
         self._clock = _Clock(chunk.start, chunk.capture_time)
         for event in self.vad.process(chunk):

@@ -70,6 +70,10 @@ class DecisionLayer:
         old, self.ranker = self.ranker, ranker
         return old
 
+    def swap_values(self, values: DecisionValues) -> None:
+        """Decide with ``values`` from now on (a reload); the tracker's and clustering's state stay."""
+        self.values = self.tracker.values = self.provisional.values = values
+
     def verdict(self, embedding: np.ndarray) -> Match:
         """One embedding (dim,) against the enrolled speakers."""
         return policy.verdict(self.values, self.ranker.rank(embedding.reshape(1, -1))[0])
