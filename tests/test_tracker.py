@@ -378,17 +378,21 @@ def test_segment_windows_and_scores_add_up_over_a_conversation() -> None:
 
 def test_tentative_change_then_confirmed() -> None:
     run = Run(TrackerSettings())
+    assert run.tracker.phase == Phase.IDLE
     run.start(R1)
     for k in range(3):
         run.window(k, A, score=0.9)
+    assert run.tracker.phase == Phase.SPEAKING
     at = window(R1, 3).center - HOP // 2
     assert keys(run.window(3, B, score=0.7)) == [Chg(B, A, 0.7, WEAK, sec(at), tentative=True)]
     assert run.tracker.current == A  # announced, not yet the speaker
+    assert run.tracker.phase == Phase.TENTATIVE
     assert keys(run.window(4, B, score=0.8)) == [
         Seg(sec(R1), sec(at), A, 0.9, 3),
         Chg(B, A, 0.75, WEAK, sec(at)),
     ]
     assert run.tracker.current == B
+    assert run.tracker.phase == Phase.SPEAKING
 
 
 def test_tentative_change_withdrawn_by_the_current_speaker() -> None:
@@ -398,7 +402,9 @@ def test_tentative_change_withdrawn_by_the_current_speaker() -> None:
         run.window(k, A, score=0.9)
     (tentative,) = run.window(3, B)
     assert tentative.payload.tentative
+    assert run.tracker.phase == Phase.TENTATIVE
     (withdrawal,) = run.window(4, A, score=0.6)
+    assert run.tracker.phase == Phase.SPEAKING
     assert key(withdrawal.payload) == Chg(A, A, 0.9, 0.0, tentative.payload.at)  # A's turn so far, before window 4
     assert withdrawal.sample == window(R1, 4).end
     assert run.tracker.current == A
@@ -572,6 +578,7 @@ def test_a_region_whose_last_probes_score_another_voice_at_the_threshold_is_cut_
     for end_s, bob in ((2.5, 0.62), (2.75, 0.70), (3.0, 0.72)):
         r.decisions += r.tracker.process(tail_probe(R1, end_s, A, 0.76, B, margin=0.76 - bob))
     (segment, heard) = r.end(R1 + 3 * SAMPLE_RATE)
+    assert r.tracker.phase == Phase.HELD
     first = R1 + round(2.75 * SAMPLE_RATE) - PROBE // 2  # the centre of the first probe at the bar
     assert [(s.speaker, s.end) for s in r.segments()] == [(A, sec(first))]
     # announced when the region ends, not after the pause; score and margin are the last probe's
@@ -582,6 +589,7 @@ def test_a_region_whose_last_probes_score_another_voice_at_the_threshold_is_cut_
     r.start(nxt)
     assert r.tracker.process(probe(nxt, 0.6, B, score=0.8, margin=0.2, known=True)) == [], "placed already"
     r.window(0, B, margin=DECISIVE)
+    assert r.tracker.phase == Phase.SPEAKING
     assert [(c.speaker, c.at, c.tentative) for c in r.changes()][-2:] == [(B, sec(first), True), (B, sec(first), False)]
 
 

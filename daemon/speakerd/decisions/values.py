@@ -109,6 +109,11 @@ class DecisionOverrides:
     merge_threshold: float | None = None
     fold_threshold: float | None = None
 
+    def __post_init__(self) -> None:
+        for key, value in self.given().items():
+            low, high = (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)
+            check(low <= value <= high, f"decision.{key}", value, f"must be within {low:g} to {high:g}")
+
     def given(self) -> dict[str, float]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
@@ -176,3 +181,33 @@ def check_bundled(values: Mapping[str, Any], where: str) -> dict[str, float]:
         if not ok or not low <= value <= high:
             raise BundleError(f"{where}: decision.{key} = {value!r} must be a number within {low:g} to {high:g}")
     return {k: float(v) for k, v in values.items()}
+
+
+def describe(bundle: ModelBundle, overrides: DecisionOverrides) -> str:
+    """``speakerd models show``: the bundle, its decision values and where each comes from."""
+    given = overrides.given()
+    artifacts = ", ".join(f"{k}{'' if bundle.artifact(k) else ' (not built)'}" for k in bundle.artifacts) or "none"
+    lines = [
+        f"{bundle.name}  {bundle.fingerprint}",
+        f"  {bundle.path}",
+        *([f"  {bundle.description}"] if bundle.description else []),
+        f"  {bundle.sample_rate} Hz, {bundle.embedding_dim}-d embeddings, {bundle.features.num_mel_bins} mel bins; artifacts: {artifacts}",
+        "decision values:",
+    ]
+    missing = []
+    for key in DecisionValues.names():
+        if key in given:
+            value, source = given[key], CONFIG + (f" (bundle: {bundle.decision[key]:g})" if key in bundle.decision else "")
+        elif key in bundle.decision:
+            value, source = bundle.decision[key], BUNDLE
+        else:
+            missing.append(key)
+            lines.append(f"  {key:<18} {'-':>7}  missing")
+            continue
+        lines.append(f"  {key:<18} {value:7.3f}  {source}")
+    if missing:
+        lines.append(
+            f"the daemon refuses to start with this model: run `speakerd calibrate --known DIR --unknown DIR "
+            f"--write-bundle {bundle.name}`, or set {', '.join(missing)} under [decision]"
+        )
+    return "\n".join(lines)
