@@ -21,12 +21,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import zmq
 
 from .errors import SpeakerdError, check
 from .paths import runtime_dir
+
+if TYPE_CHECKING:
+    from .security import CurveServer
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +198,7 @@ class ControlServer:
         handler: ControlHandler,
         *,
         context: zmq.Context | None = None,
-        curve: Any = None,
+        curve: CurveServer | None = None,
     ) -> None:
         self.settings = settings
         self.handler = handler

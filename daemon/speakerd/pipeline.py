@@ -14,19 +14,21 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
+
+import numpy as np
 
 from . import events as ev
 from .audio import SAMPLE_RATE, AudioChunk, seconds, to_samples
 from .bundle import ModelBundle
 from .decisions.clustering import Relabel
 from .decisions.evidence import MatchedWindow
-from .decisions.layer import DecisionLayer, Ranker
+from .decisions.layer import DecisionLayer, Embedded, Ranker
 from .decisions.turns import Decision
 from .decisions.values import DecisionValues, for_bundle
 from .embedding.worker import EmbeddingWorker
 from .settings import Settings
-from .vad import SpeechStart, VadSegmenter
+from .vad import SpeechStart, VadEvent, VadSegmenter
 from .windows import SpeechWindower
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ FAULT_COUNTERS = ("device_errors", "reconnects")
 
 
 class Publisher(Protocol):
-    def publish(self, payload: Any, *, stream_time: float, wall_time: float) -> None: ...
+    def publish(self, payload: ev.Payload, *, stream_time: float, wall_time: float) -> None: ...
 
     def stats(self) -> dict[str, int]: ...
 
@@ -48,19 +50,19 @@ class Publisher(Protocol):
 class Backend(Protocol):
     name: str
 
-    def embed(self, feats: Any) -> Any: ...
+    def embed(self, feats: np.ndarray) -> np.ndarray: ...
 
 
 class Source(Protocol):
     finished: bool
 
-    def __enter__(self) -> Any: ...
+    def __enter__(self) -> object: ...
 
-    def __exit__(self, *exc: object) -> Any: ...
+    def __exit__(self, *exc: object) -> object: ...
 
     def read(self, timeout: float) -> AudioChunk | None: ...
 
-    def stats(self) -> Mapping[str, Any]: ...
+    def stats(self) -> Mapping[str, object]: ...
 
 
 @dataclass
@@ -196,7 +198,7 @@ class Pipeline:
             drain(FINAL_STATUS_DRAIN_S)  # so the final status counts every event before it
         self._publish_status()
 
-    def _route(self, event: Any) -> None:
+    def _route(self, event: VadEvent) -> None:
         for item in self.windower.process(event):
             if isinstance(item, SpeechStart):
                 self.speech_regions += 1
@@ -204,7 +206,7 @@ class Pipeline:
 
     # -- worker thread ---------------------------------------------------------------------------
 
-    def _on_embedded(self, items: Sequence[Any]) -> None:
+    def _on_embedded(self, items: Sequence[Embedded]) -> None:
         with self._lock:
             decided = self.decisions.process(items)
             self._emit(decided.events)

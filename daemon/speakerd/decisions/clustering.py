@@ -16,9 +16,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -254,7 +253,7 @@ class ProvisionalSpeakers:
         promoted ones stay: their label resolves to the enrolled speaker)."""
         return [g for g in self._speakers.values() if g.id not in self._absorbed]
 
-    def _nearest(self, vector: np.ndarray, groups: Any) -> tuple[_Group | None, float]:
+    def _nearest(self, vector: np.ndarray, groups: Iterable[_Group]) -> tuple[_Group | None, float]:
         best: _Group | None = None
         score = -2.0
         for g in groups:

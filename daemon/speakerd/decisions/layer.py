@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 
@@ -29,6 +29,10 @@ from .values import DecisionValues
 
 CAUSES = {"merged": "clustering", "folded": "enrolled_match", "promoted": "control"}
 """``speaker.merged`` cause of each kind of relabel (a user's rename is ``speaker.renamed``)."""
+
+
+Embedded = EmbeddedWindow | SpeechStart | SpeechEnd
+"""What the embedding worker hands on, in stream order."""
 
 
 class Ranker(Protocol):
@@ -80,7 +84,7 @@ class DecisionLayer:
 
     # -- the worker's side -------------------------------------------------------------------------
 
-    def process(self, items: Sequence[Any]) -> Decided:
+    def process(self, items: Sequence[Embedded]) -> Decided:
         """A batch of embedded windows, or of speech boundaries, from the embedding worker."""
         windows = [i for i in items if isinstance(i, EmbeddedWindow)]
         if windows:
@@ -147,7 +151,7 @@ class DecisionLayer:
         under the new label, dated at the latest decision."""
         sample, wall = self._last_decided
         if r.kind == "renamed":
-            payload: Any = ev.SpeakerRenamed(old=r.old, new=r.new)
+            payload: ev.Payload = ev.SpeakerRenamed(old=r.old, new=r.new)
         else:
             payload = ev.SpeakerMerged(old=r.old, new=r.new, cause=CAUSES.get(r.kind, r.kind))
         self.counters["relabels"] += 1

@@ -7,10 +7,9 @@ it, on the sample clock (``SAMPLE_RATE`` samples per second of audio).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..audio import SAMPLE_RATE
-from ..events import SpeakerChange, SpeakerRef, SpeakerSegment
+from ..events import Payload, SpeakerChange, SpeakerRef, SpeakerSegment
 from ..windows import Window
 
 
@@ -18,7 +17,7 @@ from ..windows import Window
 class Decision:
     """An event payload and the audio position (and its capture time) at which it was decided."""
 
-    payload: Any
+    payload: Payload
     sample: int
     wall_time: float
 
