@@ -118,3 +118,12 @@ def test_calibrate_writes_into_the_bundle(tmp_path: Path) -> None:
         GE2E, **{k: again.decision[k] for k in DecisionValues.names()}
     )
 
+
+
+def test_models_show_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[decision]\njoin_threshold = 0.75\n")
+    assert cli.main(["models", "show", "ge2e-resemblyzer", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "ge2e-resemblyzer:" in out and "join_threshold       0.750  config (bundle: 0.72)" in out
+    assert "threshold            0.700  bundle" in out

@@ -93,8 +93,9 @@ class DecisionLayer:
         for item in items:
             self._last_decided = item.decided
             if isinstance(item, SpeechStart):
+                # a turn's end held over the pause is settled before the next region begins
+                out += self._count(self.tracker.process(item))
                 out.append(Decision(ev.SpeechStart(start=seconds(item.sample)), *item.decided))
-                self.tracker.process(item)
                 self._region_start = item.sample
             elif isinstance(item, SpeechEnd):
                 out += self._count(self.tracker.process(item))
