@@ -73,11 +73,7 @@ class DecisionValues:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            value = getattr(self, f.name)
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            check(ok, f"decision.{f.name}", value, "must be a number")
-            low, high = (0.0, 2.0) if f.name in MARGINS else (-1.0, 1.0)
-            check(low <= value <= high, f"decision.{f.name}", value, f"must be within {low:g} to {high:g}")
+            check_value(f.name, getattr(self, f.name))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -89,6 +85,13 @@ class DecisionValues:
 
 MARGINS = frozenset({"relaxed_margin", "uncertain_band", "uncertain_margin", "decisive_margin", "tentative_margin", "departure_drop"})
 """Values that are differences of cosines (within 0 to 2); the rest are cosines (within -1 to 1)."""
+
+
+def check_value(key: str, value: object) -> None:
+    """ConfigError naming ``decision.<key>`` unless ``value`` is a number in the key's range."""
+    low, high = (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    check(number and low <= value <= high, f"decision.{key}", value, f"must be a number within {low:g} to {high:g}")  # type: ignore[operator]
 
 
 @dataclass(frozen=True)
@@ -111,8 +114,7 @@ class DecisionOverrides:
 
     def __post_init__(self) -> None:
         for key, value in self.given().items():
-            low, high = (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)
-            check(low <= value <= high, f"decision.{key}", value, f"must be within {low:g} to {high:g}")
+            check_value(key, value)
 
     def given(self) -> dict[str, float]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -176,10 +178,10 @@ def check_bundled(values: Mapping[str, Any], where: str) -> dict[str, float]:
     if unknown:
         raise BundleError(f"{where}: unknown decision values {', '.join(unknown)}; known: {', '.join(DecisionValues.names())}")
     for key, value in values.items():
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        low, high = (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)
-        if not ok or not low <= value <= high:
-            raise BundleError(f"{where}: decision.{key} = {value!r} must be a number within {low:g} to {high:g}")
+        try:
+            check_value(key, value)
+        except SpeakerdError as e:
+            raise BundleError(f"{where}: {e}") from None
     return {k: float(v) for k, v in values.items()}
 
 
