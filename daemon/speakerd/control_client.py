@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import zmq
 
 from .control import CONTROL_VERSION, ControlError, DaemonUnavailable, encode, local_listener
 
+if TYPE_CHECKING:
+    from .security import CurveClient
+
 
 class ControlClient:
     """Requests to a running daemon. ``request`` raises DaemonUnavailable when nobody answers."""
 
-    def __init__(self, endpoint: str, *, timeout_s: float = 3.0, curve: Any = None, context: zmq.Context | None = None) -> None:
+    def __init__(
+        self, endpoint: str, *, timeout_s: float = 3.0, curve: CurveClient | None = None, context: zmq.Context | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.timeout_s = timeout_s
         self._curve = curve
@@ -79,7 +85,7 @@ DAEMON_ONLY_ACTIONS = ("enroll", "merge", "status", "reload")
 """What only a running daemon can do (stream history, provisional speakers, its live state)."""
 
 def speakers_client(
-    endpoint: str, *, timeout_s: float, curve: Any = None, config_keys: Path | str | None = None
+    endpoint: str, *, timeout_s: float, curve: CurveClient | None = None, config_keys: Path | str | None = None
 ) -> ControlClient | None:
     """The client ``speakerd speakers`` talks through, or None to use the store directly.
 
@@ -103,7 +109,7 @@ def speakers_client(
     if curve is not None:
         return ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
 
-    def config_curve() -> Any:
+    def config_curve() -> CurveClient | None:
         return CurveClient.for_daemon_keys(Path(config_keys).expanduser()) if config_keys else None
 
     if not is_local_endpoint(endpoint):
@@ -135,7 +141,7 @@ def speakers_client(
     )
 
 
-def speakers_via_daemon(client: ControlClient, args: Any, out: Any = None) -> int:
+def speakers_via_daemon(client: ControlClient, args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run one ``speakerd speakers`` action against the daemon and print the outcome."""
     import sys
 
