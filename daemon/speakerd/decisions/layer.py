@@ -85,7 +85,8 @@ class DecisionLayer:
     # -- the worker's side -------------------------------------------------------------------------
 
     def process(self, items: Sequence[Embedded]) -> Decided:
-        """A batch of embedded windows, or of speech boundaries, from the embedding worker."""
+        """A batch of embedded windows, or of speech boundaries, from the embedding worker (which
+        never mixes the two in one batch)."""
         windows = [i for i in items if isinstance(i, EmbeddedWindow)]
         if windows:
             return self._windows(windows)
