@@ -8,7 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from daemon_harness import speakerd
+from decision_values import GE2E
+from test_decision_values import bundle_copy
 
+from speakerd.bundle import load_bundle
 from speakerd.calibrate import CalibrationError, Row, Scores, choose, score_groups, table
 from speakerd.settings import load_settings
 
@@ -45,17 +48,19 @@ def test_groups_score_the_centroid_of_neighbouring_windows() -> None:
 @pytest.mark.slow
 def test_calibrate_on_shared_speech_reproduces_the_defaults(librispeech: Path, default_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "calibrated.toml"
+    uncalibrated = bundle_copy(tmp_path, None)  # the default model, its decision values gone
     proc = speakerd(
         "calibrate", "--known", str(librispeech / "test-other"), "--unknown", str(librispeech / "train-clean-100"),
-        "--write", str(out),
+        "--write", str(out), "--write-bundle", str(uncalibrated),
     )
     assert "| 0.70 |" in proc.stdout and "<- chosen" in proc.stdout
     chosen = tomllib.loads(out.read_text())
-    defaults = load_settings()
-    assert chosen["matching"]["threshold"] == defaults.matching.threshold
-    assert chosen["provisional"]["fold_threshold"] == defaults.provisional.fold_threshold
+    assert chosen["decision"]["threshold"] == GE2E.threshold
+    assert chosen["decision"]["fold_threshold"] == GE2E.fold_threshold
     # the file is a valid --config
-    assert load_settings(out).matching.threshold == chosen["matching"]["threshold"]
+    assert load_settings(out).decision.threshold == chosen["decision"]["threshold"]
+    # the bundle now carries the model's values: measured, and the rest moved with the threshold
+    assert load_bundle(uncalibrated).decision == GE2E.to_dict()
     # the figures behind the choice (docs/calibration.md): per window FA <= 3.5 %, FR <= 2.5 %
     row = next(line for line in proc.stdout.splitlines() if line.startswith("| 0.70 |"))
     fa, fr = (float(x.strip().rstrip("%")) for x in row.split("|")[2:4])

@@ -20,17 +20,12 @@ import pytest
 import soundfile as sf
 import zmq
 from daemon_harness import Enrolled, make_conversation, popen_speakerd, read_events, speakerd
-from test_control import DIM, FakePipeline, Owner, vec
+from test_control import DIM, FakeDaemon, vec
 from test_daemon_live import _free_port, _stop
 
-from speakerd.control import (
-    ControlClient,
-    ControlServer,
-    ControlService,
-    ControlSettings,
-    DaemonUnavailable,
-    local_listener,
-)
+from speakerd.control import ControlServer, ControlSettings, DaemonUnavailable, local_listener
+from speakerd.control_client import ControlClient
+from speakerd.control_service import ControlService
 from speakerd.matcher import SpeakerIndex
 from speakerd.security import CurveClient, CurveServer, SecurityError, generate_keypair, require_curve_to_connect
 from speakerd.store import SpeakerStore
@@ -63,14 +58,14 @@ def keys(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def serve_control(store_dir: Path, endpoint: str, keys: Path | None) -> Iterator[tuple[ControlServer, Owner]]:
+def serve_control(store_dir: Path, endpoint: str, keys: Path | None) -> Iterator[tuple[ControlServer, FakeDaemon]]:
     """A real ControlServer over a real store (Alice, Bob) on ``endpoint``; with ``keys``, CURVE
     with the authenticator admitting ``keys/authorized/`` (and the daemon's own key), as ``Daemon``
     sets it up."""
     store = SpeakerStore(store_dir, fingerprint="test-model", dim=DIM)
     store.enroll("Alice", vec(1, 4), source="test")
     store.enroll("Bob", vec(2, 4), source="test")
-    owner = Owner(store, SpeakerIndex.from_store(store), FakePipeline())
+    owner = FakeDaemon(store, SpeakerIndex.from_store(store))
     context = zmq.Context()
     curve = CurveServer(keys) if keys is not None else None
     try:
@@ -86,7 +81,7 @@ def serve_control(store_dir: Path, endpoint: str, keys: Path | None) -> Iterator
 
 
 @pytest.fixture()
-def curve_control(keys: Path, tmp_path: Path) -> Iterator[tuple[ControlServer, Owner]]:
+def curve_control(keys: Path, tmp_path: Path) -> Iterator[tuple[ControlServer, FakeDaemon]]:
     """A CURVE control server on tcp loopback (see serve_control)."""
     with serve_control(tmp_path / "daemon-store", "tcp://127.0.0.1:*", keys) as served:
         yield served
@@ -152,7 +147,7 @@ def run_speakers(*args: str, keys: Path | None, store: Path, config: Path) -> tu
 
 
 def test_speakers_with_curve_keys_talk_to_a_curve_control_socket(
-    curve_control: tuple[ControlServer, Owner], keys: Path, tmp_path: Path
+    curve_control: tuple[ControlServer, FakeDaemon], keys: Path, tmp_path: Path
 ) -> None:
     server, owner = curve_control
     assert server.endpoint is not None and server.endpoint.startswith("tcp://127.0.0.1:")
@@ -178,7 +173,7 @@ def test_speakers_with_curve_keys_talk_to_a_curve_control_socket(
 
 @pytest.mark.parametrize("wrong", ["client key not authorised", "not the daemon's server key"])
 def test_refused_curve_keys_time_out_with_a_clear_error_and_no_store_fallback(
-    curve_control: tuple[ControlServer, Owner], keys: Path, tmp_path: Path, wrong: str
+    curve_control: tuple[ControlServer, FakeDaemon], keys: Path, tmp_path: Path, wrong: str
 ) -> None:
     server, owner = curve_control
     other = make_keys(tmp_path / "other", authorise=False)
@@ -363,7 +358,7 @@ def test_config_keys_reach_a_curve_ipc_control_socket_without_curve_keys(run_dir
         assert renamed.returncode == 0, renamed.stderr
         assert renamed.stdout.startswith("renamed Alice -> Alicia (spk-")
         assert owner.store.get("Alicia") is not None and owner.store.get("Alice") is None  # the daemon's store
-        [(old, new, _)] = owner.pipeline.relabels  # what makes the daemon publish speaker.renamed
+        [(old, new, _)] = owner.relabels  # what makes the daemon publish speaker.renamed
         assert (old.name, new.name, old.id) == ("Alice", "Alicia", new.id)
 
         listed, _ = run_speakers("list", keys=None, store=local_store, config=config)
@@ -403,7 +398,7 @@ def test_a_daemon_that_is_there_but_silent_is_an_error_never_the_store(run_dir: 
         with serve_control(tmp_path / "daemon-store", endpoint, make_keys(tmp_path / "keys")) as (server, owner):
             proc, took = run_speakers("rename", "Alice", "Alicia", keys=None, store=local_store, config=config)
             assert server.requests == 0 and [s.name for s in owner.store.speakers()] == ["Alice", "Bob"]
-            assert owner.pipeline.relabels == []
+            assert owner.relabels == []
     assert proc.returncode == 1, proc.stderr
     assert (
         f"a daemon seems to be running on {endpoint} (its socket accepts connections) but it did not answer "

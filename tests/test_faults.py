@@ -595,6 +595,7 @@ def test_a_bad_value_in_any_section_exits_2_naming_it(section: str, tmp_path: Pa
         ('[publish]\nendpoint = "udp://1.2.3.4"\n', "config publish.endpoint = 'udp://1.2.3.4'"),
         ('[windows]\nhop_s = 7.0\n', "config windows.hop_s = 7.0"),
         ('[matching]\nthreshold = 2\n', "config matching.threshold = 2"),
+        ('[decision]\nthreshold = 2\n', "config decision.threshold = 2"),
         ('[audio]\nchannels = 0\n', "config audio.channels = 0"),
         ('[nonsense]\nx = 1\n', "config nonsense = "),
     ],

@@ -145,7 +145,7 @@ def test_sighup_reloads_settings_and_speakers_without_restarting(setup: dict[str
         with SpeakerStore(setup["store"], fingerprint=bundle.fingerprint, dim=bundle.embedding_dim) as other:
             other.enroll("Ada", synthetic_speaker(bundle.embedding_dim, 1), source="test")
         write_config(setup["config"], Path(daemon.settings.daemon.source[5:]), setup["events"],
-                     "[matching]\nthreshold = 0.7\n[vad]\naggressiveness = 3\n")
+                     "[decision]\nthreshold = 0.71\n[vad]\naggressiveness = 3\n")
         source_before = daemon.source
         os.kill(os.getpid(), signal.SIGHUP)
         wait_for(lambda: daemon.counters()["reloads"] == 1, "the reload")
@@ -155,10 +155,11 @@ def test_sighup_reloads_settings_and_speakers_without_restarting(setup: dict[str
     operator = operate(daemon, change_and_hup)
     assert daemon.run() == 0
     operator.join(WAIT_S)
-    assert daemon.settings.matching.threshold == 0.7, "matching applies live"
+    assert daemon.settings.decision.threshold == 0.71, "decision values apply live"
+    assert daemon.pipeline.decisions.values.threshold == 0.71 and daemon.pipeline.decisions.tracker.values.threshold == 0.71
     assert daemon.settings.vad.aggressiveness == 2, "the VAD does not change under a running stream"
     assert daemon.index.speakers and list(daemon.index.speakers.values()) == ["Ada"]
-    assert daemon.pipeline.matcher is daemon.index
+    assert daemon.pipeline.decisions.ranker is daemon.index
     assert results == [ReloadResult(True, 1, applied=(), restart_needed=("vad.aggressiveness",))]
     assert "vad.aggressiveness changed from 2 to 3; that takes effect after a restart" in caplog.text
     assert "added Ada" in caplog.text
@@ -171,7 +172,7 @@ def test_bad_config_on_reload_keeps_running(setup: dict[str, Any]) -> None:
     results: list[ReloadResult] = []
 
     def break_config() -> None:
-        setup["config"].write_text("[matching]\nthreshold = 7\n")
+        setup["config"].write_text("[decision]\nthreshold = 7\n")
         results.append(daemon.reload())
         setup["config"].write_text("[matching\n")
         results.append(daemon.reload())
@@ -181,9 +182,10 @@ def test_bad_config_on_reload_keeps_running(setup: dict[str, Any]) -> None:
     assert daemon.run() == 0
     operator.join(WAIT_S)
     assert [r.ok for r in results] == [False, False]
-    assert "matching.threshold = 7" in (results[0].error or "")
+    assert "decision.threshold = 7" in (results[0].error or "")
     assert "not valid TOML" in (results[1].error or "")
-    assert daemon.settings.matching.threshold == load_settings().matching.threshold  # the running value, kept
+    assert daemon.settings.decision == load_settings().decision  # the running values, kept
+    assert daemon.pipeline.decisions.values.threshold == 0.70
     assert events(setup["events"])[-1]["counters"]["reload_errors"] == 2
 
 
@@ -196,7 +198,7 @@ def test_enroll_through_the_daemon_is_matched_at_once(setup: dict[str, Any]) -> 
     def enroll() -> None:
         speaker = daemon.enroll("Grace", voice, source="control")
         found.append((speaker.name, speaker.num_embeddings))
-        found.append(daemon.pipeline.matcher.match(voice[:1])[0].name)
+        found.append(daemon.pipeline.decisions.verdict(voice[0]).name)
 
     operator = operate(daemon, enroll)
     assert daemon.run() == 0
@@ -206,8 +208,8 @@ def test_enroll_through_the_daemon_is_matched_at_once(setup: dict[str, Any]) -> 
 
 def test_changed_keys_names_each_setting() -> None:
     a = load_settings()
-    b = dataclasses.replace(a, matching=dataclasses.replace(a.matching, threshold=0.5))
-    assert changed_keys(a, b) == [("matching.threshold", a.matching.threshold, 0.5)]
+    b = dataclasses.replace(a, decision=dataclasses.replace(a.decision, threshold=0.5))
+    assert changed_keys(a, b) == [("decision.threshold", None, 0.5)]
     assert changed_keys(a, a) == []
 
 

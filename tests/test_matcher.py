@@ -1,16 +1,22 @@
-"""The matcher: verdicts pinned against brute-force numpy, gating, aggregation modes, store round trips."""
+"""The matcher: rankings (and the policy's verdicts on them) pinned against brute-force numpy, gating,
+aggregation modes, store round trips."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from decision_values import GE2E
+from speakerd.decisions import policy
+from speakerd.decisions.evidence import Match
 from speakerd.errors import ConfigError
-from speakerd.matcher import Match, MatchSettings, SpeakerIndex
+from speakerd.matcher import MatchSettings, SpeakerIndex
 from speakerd.store import SpeakerStore
 
 DIM = 32
@@ -28,11 +34,31 @@ def clusters(rng: np.random.Generator, speakers: int, per: int, dim: int = DIM, 
     return centres, embs.astype(np.float32)
 
 
-def build(embs: np.ndarray, settings: MatchSettings) -> SpeakerIndex:
+class Verdicts:
+    """An index and the policy's verdict on its rankings at ``threshold`` (the decision layer's path)."""
+
+    def __init__(self, index: SpeakerIndex, threshold: float) -> None:
+        self.index = index
+        self.values = replace(GE2E, threshold=threshold)
+
+    def match(self, embs: np.ndarray) -> list[Match]:
+        return [policy.verdict(self.values, r) for r in self.index.rank(embs)]
+
+    def search(self, emb: np.ndarray, threshold: float | None = None) -> Match:
+        return policy.verdict(self.values, self.index.rank(np.asarray(emb).reshape(1, -1))[0], threshold)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.index, name)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+
+def build(embs: np.ndarray, settings: MatchSettings, threshold: float = 0.7) -> Verdicts:
     index = SpeakerIndex(embs.shape[-1], settings)
     for s in range(embs.shape[0]):
         index.add(f"spk-{s:08x}", f"name{s}", embs[s])
-    return index
+    return Verdicts(index, threshold)
 
 
 def brute(embs: np.ndarray, query: np.ndarray, mode: str, top_k: int | None = None) -> list[tuple[str, float]]:
@@ -67,8 +93,8 @@ def rng() -> np.random.Generator:
 @pytest.mark.parametrize(
     "kwargs, key",
     [
-        ({"threshold": 1.5}, "matching.threshold"),
-        ({"min_margin": -0.1}, "matching.min_margin"),
+        ({"threshold": 1.5}, "decision.threshold"),
+        ({"relaxed_margin": -0.1}, "decision.relaxed_margin"),
         ({"top_k": 0}, "matching.top_k"),
         ({"faiss_threads": 0}, "matching.faiss_threads"),
         ({"top_k": 2.5}, "matching.top_k"),
@@ -77,12 +103,16 @@ def rng() -> np.random.Generator:
 )
 def test_settings_are_validated(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
-        MatchSettings(**kwargs)
+        replace(GE2E, **kwargs) if is_decision_value(kwargs) else MatchSettings(**kwargs)
     assert info.value.key == key and key in str(info.value)
 
 
+def is_decision_value(kwargs: dict) -> bool:
+    return set(kwargs) <= set(GE2E.names())
+
+
 def test_no_speakers_means_unknown_with_zero_score(rng: np.random.Generator) -> None:
-    index = SpeakerIndex(DIM)
+    index = Verdicts(SpeakerIndex(DIM), 0.7)
     expected = Match(speaker_id=None, name=None, score=0.0, margin=0.0, runner_up=None, known=False, nearest=None)
     assert index.search(rng.standard_normal(DIM)) == expected
     assert index.match(rng.standard_normal((3, DIM))) == [expected] * 3
@@ -93,8 +123,8 @@ def test_no_speakers_means_unknown_with_zero_score(rng: np.random.Generator) -> 
 @pytest.mark.parametrize("mode", ["max", "top3", "centroid"])
 def test_verdicts_equal_brute_force(rng: np.random.Generator, mode: str) -> None:
     centres, embs = clusters(rng, speakers=6, per=7)
-    settings = MatchSettings(threshold=0.5, score=mode, top_k=64)  # top_k >= all 42 embeddings
-    index = build(embs, settings)
+    settings = MatchSettings(score=mode, top_k=64)  # top_k >= all 42 embeddings
+    index = build(embs, settings, 0.5)
     near = normalise(centres[rng.integers(0, 6, 20)] + 0.4 * rng.standard_normal((20, DIM)) / np.sqrt(DIM))
     queries = np.concatenate([near, rng.standard_normal((10, DIM)).astype(np.float32)])
     matches = index.match(queries)
@@ -120,7 +150,7 @@ def test_verdicts_equal_brute_force(rng: np.random.Generator, mode: str) -> None
 
 def test_top_k_limits_candidates_like_brute_force(rng: np.random.Generator) -> None:
     _, embs = clusters(rng, speakers=5, per=6)
-    index = build(embs, MatchSettings(threshold=0.0, score="top3", top_k=4))
+    index = build(embs, MatchSettings(score="top3", top_k=4), 0.0)
     queries = rng.standard_normal((25, DIM)).astype(np.float32)
     saw_single = 0
     for q, m in zip(queries, index.match(queries), strict=True):
@@ -132,7 +162,7 @@ def test_top_k_limits_candidates_like_brute_force(rng: np.random.Generator) -> N
         else:
             assert m.runner_up == ranked[1][0]
             assert m.margin == pytest.approx(ranked[0][1] - ranked[1][1], abs=1e-5)
-    index_one = build(embs[:1], MatchSettings(threshold=0.0))
+    index_one = build(embs[:1], MatchSettings(), 0.0)
     only = index_one.search(embs[0, 0])
     assert only.runner_up is None and only.margin == pytest.approx(only.score) and only.known
 
@@ -154,7 +184,7 @@ def test_aggregation_modes_pick_differently(mode: str, winner: str, score: float
     query = np.eye(DIM, dtype=np.float32)[0]
     a = _at_cosines(query, [0.9, 0.5, 0.4, 0.3], start_axis=1)
     b = _at_cosines(query, [0.8, 0.79, 0.78], start_axis=10)
-    index = SpeakerIndex(DIM, MatchSettings(threshold=0.5, score=mode))
+    index = Verdicts(SpeakerIndex(DIM, MatchSettings(score=mode)), 0.5)
     index.add("a", "Alice", a)
     index.add("b", "Bob", b)
     m = index.search(query)
@@ -172,7 +202,7 @@ def test_aggregation_modes_pick_differently(mode: str, winner: str, score: float
 
 def test_threshold_and_margin_gating() -> None:
     query = np.eye(DIM, dtype=np.float32)[0]
-    index = SpeakerIndex(DIM, MatchSettings(threshold=0.7, score="max"))
+    index = Verdicts(SpeakerIndex(DIM, MatchSettings(score="max")), 0.7)
     index.add("a", "Alice", _at_cosines(query, [0.75], start_axis=1))
     index.add("b", "Bob", _at_cosines(query, [0.70], start_axis=2))
     m = index.search(query)
@@ -183,21 +213,19 @@ def test_threshold_and_margin_gating() -> None:
     above = index.search(query, threshold=0.76)
     assert (above.known, above.speaker_id, above.name, above.nearest) == (False, None, None, "a")
     assert above.score == pytest.approx(0.75, abs=1e-6)
-    # Margin gating: the same window is too close to call with min_margin 0.06, fine with 0.04.
-    strict = SpeakerIndex(DIM, MatchSettings(threshold=0.7, min_margin=0.06, score="max"))
-    loose = SpeakerIndex(DIM, MatchSettings(threshold=0.7, min_margin=0.04, score="max"))
-    for ix in (strict, loose):
-        ix.add("a", "Alice", _at_cosines(query, [0.75], start_axis=1))
-        ix.add("b", "Bob", _at_cosines(query, [0.70], start_axis=2))
-    too_close = strict.search(query)
-    assert (too_close.known, too_close.speaker_id, too_close.nearest) == (False, None, "a")
-    assert loose.search(query).known
+    # Margin: a named window whose lead is under uncertain_margin is too close to call (named, uncertain).
+    close = Verdicts(SpeakerIndex(DIM, MatchSettings(score="max")), 0.7)
+    close.add("a", "Alice", _at_cosines(query, [0.75], start_axis=1))
+    close.add("b", "Bob", _at_cosines(query, [0.745], start_axis=2))
+    m = close.search(query)
+    assert (m.known, m.speaker_id, m.uncertain) == (True, "a", True)
+    assert not index.search(query).uncertain
 
 
 def test_inputs_are_normalised_and_shapes_checked(rng: np.random.Generator) -> None:
     _, embs = clusters(rng, speakers=4, per=5)
-    index = build(embs, MatchSettings(threshold=0.3))
-    scaled = build(embs * 17.0, MatchSettings(threshold=0.3))
+    index = build(embs, MatchSettings(), 0.3)
+    scaled = build(embs * 17.0, MatchSettings(), 0.3)
     queries = rng.standard_normal((6, DIM)).astype(np.float32)
     batched = index.match(queries)
     for other in (index.match(queries * 0.01), scaled.match(queries * 3.0), [index.search(q) for q in queries]):
@@ -210,8 +238,6 @@ def test_inputs_are_normalised_and_shapes_checked(rng: np.random.Generator) -> N
     assert index.match(np.zeros((0, DIM), np.float32)) == []
     with pytest.raises(ValueError, match=r"shape \(n, 32\)"):
         index.match(queries[0])
-    with pytest.raises(ValueError, match=r"shape \(32,\)"):
-        index.search(queries[:2])
     with pytest.raises(ValueError, match=r"shape \(n, 32\)"):
         index.match(np.zeros((2, DIM + 1), np.float32))
     bad = queries.copy()
@@ -222,7 +248,7 @@ def test_inputs_are_normalised_and_shapes_checked(rng: np.random.Generator) -> N
 
 def test_add_remove_rename_in_memory(rng: np.random.Generator) -> None:
     centres, embs = clusters(rng, speakers=3, per=4)
-    index = build(embs, MatchSettings(threshold=0.5))
+    index = build(embs, MatchSettings(), 0.5)
     assert len(index) == 3 and index.num_embeddings == 12
     probe = centres[1]
     assert index.search(probe).speaker_id == "spk-00000001"
@@ -247,13 +273,13 @@ def test_add_remove_rename_in_memory(rng: np.random.Generator) -> None:
 
 def test_verify_is_exact_over_the_speakers_embeddings(rng: np.random.Generator) -> None:
     centres, embs = clusters(rng, speakers=5, per=6)
-    index = build(embs, MatchSettings(threshold=0.6, top_k=2, score="top3"))
+    index = build(embs, MatchSettings(top_k=2, score="top3"), 0.6)
     for s in range(5):
         probe = centres[s]
         exact = dict(brute(embs, probe, "top3"))
         assert index.score_of(f"spk-{s:08x}", probe) == pytest.approx(exact[f"spk-{s:08x}"], abs=1e-5)
-        assert index.verify(f"spk-{s:08x}", probe)
-        assert not index.verify(f"spk-{(s + 1) % 5:08x}", probe)
+        assert index.verify(f"spk-{s:08x}", probe, threshold=0.6)
+        assert not index.verify(f"spk-{(s + 1) % 5:08x}", probe, threshold=0.6)
         assert index.verify(f"spk-{(s + 1) % 5:08x}", probe, threshold=-1.0)
     assert not index.verify("spk-missing", centres[0], threshold=-1.0)
     with pytest.raises(KeyError):
@@ -265,18 +291,18 @@ def test_from_store_uses_the_persisted_index_and_round_trips(
     tmp_path: Path, rng: np.random.Generator, mode: str
 ) -> None:
     centres, embs = clusters(rng, speakers=5, per=4)
-    settings = MatchSettings(threshold=0.5, top_k=64, score=mode)
+    settings = MatchSettings(top_k=64, score=mode)
     with SpeakerStore(tmp_path, fingerprint=FP, dim=DIM) as store:
         enrolled = [store.enroll(f"name{s}", embs[s] * (s + 1), source="test") for s in range(5)]
         store.rename("name2", "Carol")
         store.remove("name4")
     queries = normalise(centres[[0, 1, 2, 3, 4, 0]] + 0.3 * rng.standard_normal((6, DIM)) / np.sqrt(DIM))
     with SpeakerStore(tmp_path, fingerprint=FP, dim=DIM) as store:
-        index = SpeakerIndex.from_store(store, settings)
+        index = Verdicts(SpeakerIndex.from_store(store, settings), 0.5)
         assert (store.index_loads, store.index_rebuilds) == (1, 0)
         assert index.speakers == {e.id: e.name if e.name != "name2" else "Carol" for e in enrolled[:4]}
         assert index.num_embeddings == 16
-        reference = SpeakerIndex(DIM, settings)
+        reference = Verdicts(SpeakerIndex(DIM, settings), 0.5)
         for s, e in enumerate(enrolled[:4]):
             reference.add(e.id, index.speakers[e.id], embs[s])
         got, want = index.match(queries), reference.match(queries)
@@ -301,7 +327,7 @@ def test_from_store_uses_the_persisted_index_and_round_trips(
 
 def test_concurrent_updates_and_matching(rng: np.random.Generator) -> None:
     _, embs = clusters(rng, speakers=8, per=5)
-    index = build(embs[:4], MatchSettings(threshold=0.5))
+    index = build(embs[:4], MatchSettings(), 0.5)
     queries = rng.standard_normal((8, DIM)).astype(np.float32)
     errors: list[BaseException] = []
     stop = threading.Event()
@@ -334,7 +360,7 @@ def test_batch_of_8_against_2000_embeddings_is_fast(rng: np.random.Generator, ca
     centres, embs = clusters(rng, speakers=100, per=20, dim=dim)
     timings = {}
     for mode in ("top3", "centroid"):
-        index = SpeakerIndex(dim, MatchSettings(threshold=0.5, score=mode))
+        index = Verdicts(SpeakerIndex(dim, MatchSettings(score=mode)), 0.5)
         for s in range(100):
             index.add(f"spk-{s:08x}", f"name{s}", embs[s])
         batch = normalise(centres[:8] + 0.3 * rng.standard_normal((8, dim)) / np.sqrt(dim))

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+from decision_values import GE2E
 
 from speakerd.audio import SAMPLE_RATE
+from speakerd.decisions.clustering import ProvisionalSettings, ProvisionalSpeakers
+from speakerd.decisions.evidence import Match
+from speakerd.decisions.values import DecisionValues
 from speakerd.errors import ConfigError
 from speakerd.events import SpeakerRef
-from speakerd.matcher import Match
-from speakerd.provisional import ProvisionalSettings, ProvisionalSpeakers
 
 DIM = 32
 HOP = SAMPLE_RATE // 2
@@ -28,8 +32,8 @@ def window_of(base: np.ndarray, rng: np.random.Generator, noise: float = 0.2) ->
 
 
 class Feed:
-    def __init__(self, settings: ProvisionalSettings | None = None, enrolled=None) -> None:
-        self.p = ProvisionalSpeakers(settings or ProvisionalSettings(), DIM, enrolled)
+    def __init__(self, settings: ProvisionalSettings | None = None, enrolled=None, values: DecisionValues = GE2E) -> None:
+        self.p = ProvisionalSpeakers(settings or ProvisionalSettings(), values, DIM, enrolled)
         self.t = 0
         self.rng = np.random.default_rng(0)
 
@@ -77,7 +81,7 @@ def test_two_provisional_speakers_that_are_one_voice_merge_into_the_older() -> N
     near, far = base + 0.45 * voice(2), base + 0.45 * voice(3)
     near, far = near / np.linalg.norm(near), far / np.linalg.norm(far)
     assert 0.8 < float(near @ far) < 0.9
-    f = Feed(ProvisionalSettings(join_threshold=0.9, merge_threshold=0.8))
+    f = Feed(values=replace(GE2E, join_threshold=0.9, merge_threshold=0.8))
     f.rng = np.random.default_rng(1)
     first = f.turn(near, 5)
     assert first[-1].label.id == "unknown-1"
@@ -126,7 +130,7 @@ def test_promote_and_forget_keep_ids_resolvable() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "key"),
     [
-        ({"join_threshold": 1.5}, "provisional.join_threshold"),
+        ({"join_threshold": 1.5}, "decision.join_threshold"),
         ({"min_speech_s": 0.1}, "provisional.min_speech_s"),
         ({"min_windows": 0}, "provisional.min_windows"),
         ({"fold_min_windows": 9}, "provisional.fold_min_windows"),
@@ -135,7 +139,10 @@ def test_promote_and_forget_keep_ids_resolvable() -> None:
 )
 def test_settings_validation_names_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
-        ProvisionalSettings(**kwargs)
+        if key.startswith("decision."):
+            replace(GE2E, **kwargs)
+        else:
+            ProvisionalSettings(**kwargs)
     assert err.value.key == key
 
 

@@ -10,8 +10,10 @@ import pytest
 from speakerd.audio import SAMPLE_RATE
 from speakerd.errors import ConfigError
 from speakerd.events import SpeakerChange, SpeakerRef, SpeakerSegment
-from speakerd.matcher import Match
-from speakerd.tracker import UNKNOWN, Decision, MatchedWindow, SpeakerTracker, TrackerSettings
+from decision_values import GE2E
+from speakerd.decisions.evidence import UNKNOWN, Match, MatchedWindow
+from speakerd.decisions.tracker import Phase, SpeakerTracker, TrackerSettings
+from speakerd.decisions.turns import Decision
 from speakerd.vad import SpeechEnd, SpeechStart
 from speakerd.windows import Window
 
@@ -43,7 +45,7 @@ class Run:
     """Feeds regions of windows to a tracker and keeps every decision."""
 
     def __init__(self, settings: TrackerSettings | None = None) -> None:
-        self.tracker = SpeakerTracker(settings or BASE, HOP)
+        self.tracker = SpeakerTracker(settings or BASE, GE2E, HOP)
         self.decisions: list[Decision] = []
         self.region = 0
 
@@ -376,17 +378,21 @@ def test_segment_windows_and_scores_add_up_over_a_conversation() -> None:
 
 def test_tentative_change_then_confirmed() -> None:
     run = Run(TrackerSettings())
+    assert run.tracker.phase == Phase.IDLE
     run.start(R1)
     for k in range(3):
         run.window(k, A, score=0.9)
+    assert run.tracker.phase == Phase.SPEAKING
     at = window(R1, 3).center - HOP // 2
     assert keys(run.window(3, B, score=0.7)) == [Chg(B, A, 0.7, WEAK, sec(at), tentative=True)]
     assert run.tracker.current == A  # announced, not yet the speaker
+    assert run.tracker.phase == Phase.TENTATIVE
     assert keys(run.window(4, B, score=0.8)) == [
         Seg(sec(R1), sec(at), A, 0.9, 3),
         Chg(B, A, 0.75, WEAK, sec(at)),
     ]
     assert run.tracker.current == B
+    assert run.tracker.phase == Phase.SPEAKING
 
 
 def test_tentative_change_withdrawn_by_the_current_speaker() -> None:
@@ -396,7 +402,9 @@ def test_tentative_change_withdrawn_by_the_current_speaker() -> None:
         run.window(k, A, score=0.9)
     (tentative,) = run.window(3, B)
     assert tentative.payload.tentative
+    assert run.tracker.phase == Phase.TENTATIVE
     (withdrawal,) = run.window(4, A, score=0.6)
+    assert run.tracker.phase == Phase.SPEAKING
     assert key(withdrawal.payload) == Chg(A, A, 0.9, 0.0, tentative.payload.at)  # A's turn so far, before window 4
     assert withdrawal.sample == window(R1, 4).end
     assert run.tracker.current == A
@@ -416,13 +424,16 @@ def test_unknown_windows_are_never_announced() -> None:
         ({"confirm_windows": 0}, "tracker.confirm_windows"),
         ({"confirm_windows": 11}, "tracker.confirm_windows"),
         ({"unknown_confirm_windows": 0}, "tracker.unknown_confirm_windows"),
-        ({"decisive_margin": -0.1}, "tracker.decisive_margin"),
-        ({"decisive_margin": 2.5}, "tracker.decisive_margin"),
+        ({"decisive_margin": -0.1}, "decision.decisive_margin"),
+        ({"decisive_margin": 2.5}, "decision.decisive_margin"),
     ],
 )
 def test_tracker_settings_validation_names_the_key(kwargs: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
-        TrackerSettings(**kwargs)
+        if key.startswith("decision."):
+            replace(GE2E, **kwargs)
+        else:
+            TrackerSettings(**kwargs)
     assert err.value.key == key
 
 
@@ -567,6 +578,7 @@ def test_a_region_whose_last_probes_score_another_voice_at_the_threshold_is_cut_
     for end_s, bob in ((2.5, 0.62), (2.75, 0.70), (3.0, 0.72)):
         r.decisions += r.tracker.process(tail_probe(R1, end_s, A, 0.76, B, margin=0.76 - bob))
     (segment, heard) = r.end(R1 + 3 * SAMPLE_RATE)
+    assert r.tracker.phase == Phase.HELD
     first = R1 + round(2.75 * SAMPLE_RATE) - PROBE // 2  # the centre of the first probe at the bar
     assert [(s.speaker, s.end) for s in r.segments()] == [(A, sec(first))]
     # announced when the region ends, not after the pause; score and margin are the last probe's
@@ -577,6 +589,7 @@ def test_a_region_whose_last_probes_score_another_voice_at_the_threshold_is_cut_
     r.start(nxt)
     assert r.tracker.process(probe(nxt, 0.6, B, score=0.8, margin=0.2, known=True)) == [], "placed already"
     r.window(0, B, margin=DECISIVE)
+    assert r.tracker.phase == Phase.SPEAKING
     assert [(c.speaker, c.at, c.tentative) for c in r.changes()][-2:] == [(B, sec(first), True), (B, sec(first), False)]
 
 
@@ -781,9 +794,9 @@ def test_a_voice_that_fell_away_and_is_then_named_keeps_the_change_point() -> No
 
 
 def test_tentative_settings_are_checked() -> None:
-    with pytest.raises(ConfigError, match="tracker.tentative_score"):
-        TrackerSettings(tentative_score=1.5)
-    with pytest.raises(ConfigError, match="tracker.tentative_margin"):
-        TrackerSettings(tentative_margin=-0.1)
-    with pytest.raises(ConfigError, match="tracker.departure_drop"):
-        TrackerSettings(departure_drop=-0.1)
+    with pytest.raises(ConfigError, match="decision.tentative_score"):
+        replace(GE2E, tentative_score=1.5)
+    with pytest.raises(ConfigError, match="decision.tentative_margin"):
+        replace(GE2E, tentative_margin=-0.1)
+    with pytest.raises(ConfigError, match="decision.departure_drop"):
+        replace(GE2E, departure_drop=-0.1)

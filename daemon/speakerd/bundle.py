@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .decisions.values import check_bundled
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -91,6 +93,9 @@ class ModelBundle:
     """Window lengths (in frames) the bundle's fixed-shape artifacts were built for, if any."""
     description: str = ""
     source: dict[str, Any] = field(default_factory=dict)
+    decision: dict[str, float] = field(default_factory=dict)
+    """The model's calibrated decision values (``decisions.values.DecisionValues``; may be empty
+    or partial: the config gives the rest, or the daemon refuses to start)."""
 
     def artifact(self, kind: str) -> Path | None:
         """Path of a built artifact (``onnx``, ``coreml``), or None if the bundle has none built."""
@@ -153,6 +158,7 @@ def load_bundle(path: Path) -> ModelBundle:
             window_frames=tuple(int(f) for f in data.get("window_frames", ())),
             description=str(data.get("description", "")),
             source=dict(data.get("source", {})),
+            decision=check_bundled(data.get("decision", {}), str(manifest_path)),
         )
     except KeyError as exc:
         raise BundleError(f"{manifest_path}: missing key {exc.args[0]!r}") from None
@@ -174,12 +180,24 @@ def write_manifest(bundle: ModelBundle) -> Path:
         "fingerprint": bundle.fingerprint,
         "source": bundle.source,
     }
+    if bundle.decision:
+        data["decision"] = bundle.decision
     bundle.path.mkdir(parents=True, exist_ok=True)
     target = bundle.path / MANIFEST
     tmp = target.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     tmp.replace(target)
     return target
+
+
+def kept_decision(path: Path, fingerprint: str) -> dict[str, float]:
+    """The decision values of the bundle already at ``path`` when it is the same model
+    (fingerprint), so rebuilding a bundle keeps its calibration; else nothing."""
+    try:
+        old = load_bundle(path)
+    except BundleError:
+        return {}
+    return dict(old.decision) if old.fingerprint == fingerprint else {}
 
 
 def models_root() -> Path:

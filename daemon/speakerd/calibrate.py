@@ -11,7 +11,9 @@ model) and prints false-accept / false-reject tables:
   windows is compared with enrolled speakers before an unknown voice becomes a provisional one).
 
 It picks the lowest threshold whose false-accept rate is at most ``--max-false-accept`` and, with
-``--write FILE``, writes them as a TOML file for ``speakerd run --config``. Why it matters: a badly
+``--write-bundle NAME``, writes them into the model bundle's decision values (where the daemon
+takes them from), or with ``--write FILE`` as a TOML ``[decision]`` section for ``speakerd run
+--config``. Why it matters: a badly
 chosen cosine threshold rejected the true speaker 71 % of the time in one sherpa-onnx app, and the
 placeholder 0.6 here named a never-enrolled voice as someone enrolled 63 % of the time.
 """
@@ -23,10 +25,14 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import SpeakerdError
+
+if TYPE_CHECKING:
+    from .bundle import ModelBundle
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +195,11 @@ def add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
         "a wrong fold names a whole group of windows and what joins it later)",
     )
     p.add_argument("--write", metavar="FILE", help="write the chosen thresholds as TOML for `speakerd run --config`")
+    p.add_argument(
+        "--write-bundle", metavar="NAME",
+        help="calibrate model bundle NAME (a name under models/ or a directory) and write the chosen values into "
+        "its manifest's decision values, filling any it lacks relative to the chosen threshold",
+    )
 
 
 def main_calibrate(args: argparse.Namespace, settings, bundle, embed: Callable[[np.ndarray], np.ndarray]) -> int:  # noqa: ANN001
@@ -207,18 +218,51 @@ def main_calibrate(args: argparse.Namespace, settings, bundle, embed: Callable[[
         print(format_table(f"Centroid of {g} neighbouring windows", rows, fold if g == FOLD_GROUP else None, by_group[g]))
     fold_threshold = max(fold.threshold, threshold.threshold)
     print(
-        f"\nchosen: matching.threshold = {threshold.threshold:.2f} (false accept {threshold.false_accept:.2%}, "
-        f"false reject {threshold.false_reject:.2%}); provisional.fold_threshold = {fold_threshold:.2f}"
+        f"\nchosen: decision.threshold = {threshold.threshold:.2f} (false accept {threshold.false_accept:.2%}, "
+        f"false reject {threshold.false_reject:.2%}); decision.fold_threshold = {fold_threshold:.2f}"
     )
+    if args.write_bundle:
+        written, derived = write_bundle_values(bundle, threshold.threshold, fold_threshold)
+        print(f"wrote the decision values of {written.name} into {written.path / 'manifest.json'}")
+        if derived:
+            print(
+                f"not measured here, carried over from {REFERENCE_MODEL} relative to the threshold (check them with "
+                f"`speakerd eval`): {', '.join(derived)}"
+            )
     if args.write:
         Path(args.write).write_text(
             f"# written by `speakerd calibrate` for model {bundle.name} ({bundle.fingerprint})\n"
             f"# known: {args.known}; never enrolled: {args.unknown}; max false accept {args.max_false_accept} "
             f"(windows), {args.max_fold_false_accept} (centroids)\n"
-            f"[matching]\n# false accept {threshold.false_accept:.4f}, false reject {threshold.false_reject:.4f} per window\n"
-            f"threshold = {threshold.threshold:.2f}\n\n"
-            f"[provisional]\n# centroid of {FOLD_GROUP} windows: false accept {fold.false_accept:.4f}, "
+            f"[decision]\n# false accept {threshold.false_accept:.4f}, false reject {threshold.false_reject:.4f} per window\n"
+            f"threshold = {threshold.threshold:.2f}\n"
+            f"# centroid of {FOLD_GROUP} windows: false accept {fold.false_accept:.4f}, "
             f"false reject {fold.false_reject:.4f}\nfold_threshold = {fold_threshold:.2f}\n"
         )
         print(f"wrote {args.write}")
     return 0
+
+
+REFERENCE_MODEL = "ge2e-resemblyzer"
+"""The model whose full set of decision values fills what a calibration does not measure."""
+
+
+def write_bundle_values(bundle: ModelBundle, threshold: float, fold_threshold: float) -> tuple[ModelBundle, list[str]]:
+    """Write the measured ``threshold`` and ``fold_threshold`` into ``bundle``'s manifest, keeping
+    its other decision values; any it lacks are the reference model's, moved with the threshold
+    (cosines keep their distance from it, margins stay). Returns the bundle and what was filled."""
+    import dataclasses
+
+    from .bundle import write_manifest
+    from .decisions.values import MARGINS
+    from .models.build import GE2E_DECISION
+
+    values = {**bundle.decision, "threshold": round(threshold, 4), "fold_threshold": round(fold_threshold, 4)}
+    derived = [k for k in GE2E_DECISION if k not in values]
+    shift = threshold - GE2E_DECISION["threshold"]
+    for key in derived:
+        ref = GE2E_DECISION[key]
+        values[key] = ref if key in MARGINS else round(min(1.0, max(-1.0, ref + shift)), 4)
+    written = dataclasses.replace(bundle, decision={k: values[k] for k in GE2E_DECISION})
+    write_manifest(written)
+    return written, derived

@@ -144,7 +144,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
 
 
 def cmd_speakers(args: argparse.Namespace) -> int:
-    from .control import DAEMON_ONLY_ACTIONS, speakers_client, speakers_via_daemon
+    from .control_client import DAEMON_ONLY_ACTIONS, speakers_client, speakers_via_daemon
 
     settings = _settings(args)
     if not args.offline:  # a running daemon first: it must see the change, and it owns the stream
@@ -202,6 +202,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .bundle import resolve_bundle
     from .calibrate import main_calibrate
 
+    if args.write_bundle and args.model and args.model != args.write_bundle:
+        raise SpeakerdError(f"--write-bundle {args.write_bundle} calibrates that model; leave out --model {args.model}")
+    if args.write_bundle:
+        args.model = args.write_bundle
     settings = _settings(args)
     bundle = resolve_bundle(settings.embedding.model)
     backend = _backend(bundle, settings)
@@ -237,6 +241,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"{row['name']:<24} {state:<10} {row.get('fingerprint', '')}  {row.get('description', '')}")
         if not rows:
             print("no model bundles found")
+        return 0
+    if args.action == "show":
+        from .bundle import resolve_bundle
+        from .decisions.values import describe
+
+        print(describe(resolve_bundle(args.name), _settings(args).decision))
         return 0
     if args.action == "build":
         bundle = build_model(args.name, Path(args.out) if args.out else None)
@@ -423,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list, build, convert or fetch model bundles")
     msub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
     msub.add_parser("list", help="list model bundles and whether they are built")
+    p = msub.add_parser("show", help="a bundle, its decision values and where each comes from (bundle or config)")
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("--config", metavar="F", help="TOML settings file whose [decision] values override the bundle's")
     p = msub.add_parser("build", help="build a bundle from its packaged source (e.g. ge2e-resemblyzer)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--out", metavar="DIR", help="bundle directory (default models/NAME)")

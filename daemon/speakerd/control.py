@@ -6,13 +6,13 @@ replies: ``{"v": 1, "ok": true, "result": {...}}`` or ``{"v": 1, "ok": false, "e
 "...", "message": "..."}}``. Every request gets a reply; a malformed or unknown one gets an error
 reply and touches nothing else (see docs/control.md).
 
-The server thread owns its socket and calls a ``ControlHandler``; ``ControlService`` is the handler
-over the daemon's store, index and pipeline. ``ControlClient`` is what ``speakerd speakers`` uses.
+The server thread owns its socket and calls a ``ControlHandler``; ``control_service.ControlService``
+is the handler over a ``SpeakerPort`` (the running daemon); ``control_client.ControlClient`` is what
+``speakerd speakers`` uses.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import threading
@@ -21,15 +21,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import zmq
 
 from .errors import SpeakerdError, check
-from .events import SpeakerRef
 from .paths import runtime_dir
-from .provisional import is_provisional_id
+
+if TYPE_CHECKING:
+    from .security import CurveServer
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ POLL_MS = 100
 START_TIMEOUT_S = 10.0
 STALE_CHECK_S = 0.3
 """How long start() waits for an answer on an existing ipc socket file before taking it over."""
-MIN_STREAM_ENROLL_S = 2.0
-"""Speech a stream enrollment needs: fewer windows than this make a poor voiceprint."""
-MAJORITY = 0.8
-"""Share of the labelled windows one provisional speaker must hold to be promoted with them (and
-at least half the windows must be labelled)."""
 
 
 def default_control_endpoint() -> str:
@@ -203,7 +198,7 @@ class ControlServer:
         handler: ControlHandler,
         *,
         context: zmq.Context | None = None,
-        curve: Any = None,
+        curve: CurveServer | None = None,
     ) -> None:
         self.settings = settings
         self.handler = handler
@@ -292,276 +287,7 @@ class ControlServer:
                 Path(endpoint[len("ipc://") :]).unlink(missing_ok=True)
 
 
-# -- client ----------------------------------------------------------------------------------------
-
-
-class ControlClient:
-    """Requests to a running daemon. ``request`` raises DaemonUnavailable when nobody answers."""
-
-    def __init__(self, endpoint: str, *, timeout_s: float = 3.0, curve: Any = None, context: zmq.Context | None = None) -> None:
-        self.endpoint = endpoint
-        self.timeout_s = timeout_s
-        self._curve = curve
-        self._context = context
-
-    def daemon_is_up(self, timeout_s: float = 0.5) -> bool:
-        """Whether a daemon accepts connections (a stale ipc file or a closed port does not)."""
-        if self.endpoint.startswith("ipc://") and not Path(self.endpoint[len("ipc://") :]).exists():
-            return False
-        try:
-            self.request("status", timeout_s=timeout_s)
-        except DaemonUnavailable:
-            return False
-        return True
-
-    def request(self, op: str, *, timeout_s: float | None = None, **args: Any) -> dict[str, Any]:
-        """Send one request; the ``result`` of an ok reply, ControlError for an error reply."""
-        reply = self.send_raw(encode({"v": CONTROL_VERSION, "op": op, **args}), timeout_s=timeout_s)
-        if not isinstance(reply, dict) or "ok" not in reply:
-            raise ControlError("bad_reply", f"unexpected reply from the daemon: {reply!r}")
-        if not reply["ok"]:
-            err = reply.get("error") or {}
-            raise ControlError(str(err.get("code", "error")), str(err.get("message", "request failed")))
-        result = reply.get("result")
-        return result if isinstance(result, dict) else {}
-
-    def _unavailable(self, message: str, timeout_ms: int) -> DaemonUnavailable:
-        if self._curve is None:
-            return DaemonUnavailable(message)
-        # a refused CURVE handshake never completes the connection, so it ends here as a timeout
-        return DaemonUnavailable(
-            f"the daemon on {self.endpoint} did not answer within {timeout_ms} ms (control.client_timeout_s): "
-            f"{self._curve.rejection_hint()}"
-        )
-
-    def send_raw(self, data: bytes, *, timeout_s: float | None = None) -> Any:
-        """Send bytes as they are (tests send malformed requests this way); the decoded reply."""
-        timeout_ms = int(1000 * (self.timeout_s if timeout_s is None else timeout_s))
-        ctx = self._context if self._context is not None else zmq.Context()
-        try:
-            with ctx.socket(zmq.REQ) as sock:
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a daemon that is not there
-                if self._curve is not None:
-                    self._curve.apply_client(sock)
-                sock.connect(self.endpoint)
-                if not sock.poll(timeout_ms, zmq.POLLOUT):  # with CURVE: until the handshake succeeds
-                    raise self._unavailable(f"no speakerd daemon is listening on {self.endpoint}", timeout_ms)
-                sock.send(data)
-                if not sock.poll(timeout_ms, zmq.POLLIN):
-                    raise self._unavailable(f"the daemon on {self.endpoint} did not answer within {timeout_ms} ms", timeout_ms)
-                return json.loads(sock.recv().decode("utf-8"))
-        finally:
-            if self._context is None:
-                ctx.term()
-
-
-# -- the daemon's handler --------------------------------------------------------------------------
-
-
-class ControlService:
-    """``ControlHandler`` over a running daemon: ``owner`` has ``store``, ``index``, ``pipeline`` and
-    ``publisher`` attributes (read per request, since a reload swaps the index), and may have
-    ``enroll(name, embeddings, source)`` and ``reload()`` (``daemon.Daemon`` has both).
-
-    Enrolled speakers change in the store first (the truth), then in the matcher, then the pipeline
-    publishes ``speaker.renamed``/``speaker.merged`` and relabels its open turn, so every later
-    event carries the new name.
-    """
-
-    def __init__(self, owner: Any) -> None:
-        self.owner = owner
-        self._lock = threading.Lock()
-        """One request at a time changes speakers (the REP socket serialises them anyway)."""
-
-    @property
-    def store(self) -> Any:
-        return self.owner.store
-
-    @property
-    def index(self) -> Any:
-        return self.owner.index
-
-    @property
-    def pipeline(self) -> Any:
-        return self.owner.pipeline
-
-    # -- lookups --
-
-    def _enrolled(self, who: str) -> Any:
-        speaker = self.store.get(who)
-        if speaker is None:
-            raise ControlError("not_found", f"no speaker {who!r} (neither enrolled nor provisional in this session)")
-        return speaker
-
-    @staticmethod
-    def _ref(speaker: Any) -> SpeakerRef:
-        return SpeakerRef(speaker.id, speaker.name, True)
-
-    def _provisional(self, who: str) -> SpeakerRef | None:
-        """The provisional speaker ``who`` as it is now (None if ``who`` is not a provisional id)."""
-        if not is_provisional_id(who):
-            return None
-        now = self.pipeline.provisional.resolve(who)
-        if now is None:
-            raise ControlError("not_found", f"no provisional speaker {who!r} in this session")
-        return now
-
-    # -- ops --
-
-    def list(self) -> dict[str, Any]:
-        enrolled = [{"id": s.id, "name": s.name, "embeddings": s.num_embeddings} for s in self.store.speakers()]
-        provisional = [
-            {
-                "id": p.id,
-                "windows": p.windows,
-                "speech_s": round(p.speech_s, 2),
-                "first_s": round(p.first_s, 3),
-                "last_s": round(p.last_s, 3),
-                "now": None if p.alias is None else p.alias.to_dict(),
-            }
-            for p in self.pipeline.provisional.speakers()
-        ]
-        return {"enrolled": enrolled, "provisional": provisional}
-
-    def status(self) -> dict[str, Any]:
-        status = self.pipeline.status().to_dict()
-        status["enrolled"] = len(self.index.speakers)
-        status["provisional"] = len(self.pipeline.provisional.speakers())
-        publisher = getattr(self.owner, "publisher", None)
-        if publisher is not None:
-            status["session"] = publisher.session
-            status["subscriptions"] = getattr(publisher, "subscribers", 0)
-        return status
-
-    def enroll(self, name: str, *, last_s: float | None = None, speaker: str | None = None) -> dict[str, Any]:
-        with self._lock:
-            if speaker is not None:
-                return self._name_provisional(speaker, name)
-            assert last_s is not None
-            return self._enroll_recent(name, last_s)
-
-    def _enroll_recent(self, name: str, last_s: float) -> dict[str, Any]:
-        windows = [w for w in self.pipeline.recent_windows(last_s) if w.embedding is not None]
-        spans: list[tuple[int, int]] = []
-        for w in windows:
-            if spans and w.window.start <= spans[-1][1]:
-                spans[-1] = (spans[-1][0], max(spans[-1][1], w.window.end))
-            else:
-                spans.append((w.window.start, w.window.end))
-        from .audio import SAMPLE_RATE
-
-        speech_s = sum(b - a for a, b in spans) / SAMPLE_RATE
-        if speech_s < MIN_STREAM_ENROLL_S:
-            raise ControlError(
-                "too_little_speech",
-                f"only {speech_s:.1f} s of speech in the last {last_s:g} s; need {MIN_STREAM_ENROLL_S:g} s",
-            )
-        labels = [w.ref.id for w in windows]
-        named = [x for x in labels if x is not None]  # anonymous windows: not yet clustered, no vote
-        top = max(set(named), key=named.count) if named else None
-        ref, existed = self._store_enroll(name, np.stack([w.embedding for w in windows]), f"stream:last {last_s:g} s")
-        promoted = None
-        if top is not None and is_provisional_id(top) and named.count(top) >= MAJORITY * len(named) >= MAJORITY * len(labels) / 2:
-            promoted = top
-            self._promote(top, ref, existed)
-        return {
-            "speaker": ref.to_dict(),
-            "windows": len(windows),
-            "speech_s": round(speech_s, 2),
-            "promoted": promoted,
-            "matched": {str(k): labels.count(k) for k in set(labels)},
-        }
-
-    def _name_provisional(self, speaker: str, name: str) -> dict[str, Any]:
-        now = self._provisional(speaker)
-        if now is None:
-            raise ControlError("bad_request", f"{speaker!r} is not a provisional speaker id (unknown-N)")
-        if now.known:
-            raise ControlError("conflict", f"{speaker} is already {now.name} ({now.id})")
-        embeddings = self.pipeline.provisional.embeddings(speaker)
-        if len(embeddings) == 0:
-            raise ControlError("not_found", f"{speaker} was forgotten")
-        ref, existed = self._store_enroll(name, embeddings, f"stream:{speaker}")
-        self._promote(speaker, ref, existed)
-        return {"speaker": ref.to_dict(), "windows": len(embeddings), "promoted": speaker}
-
-    def _store_enroll(self, name: str, embeddings: np.ndarray, source: str) -> tuple[SpeakerRef, bool]:
-        existed = self.store.get(name) is not None
-        if hasattr(self.owner, "enroll"):
-            speaker = self.owner.enroll(name, embeddings, source)  # stores, then reloads its matcher
-        else:
-            speaker = self.store.enroll(name, embeddings, source=source)
-            self.index.add(speaker.id, speaker.name, embeddings)
-        return self._ref(speaker), existed
-
-    def _promote(self, provisional_id: str, ref: SpeakerRef, existed: bool) -> None:
-        relabel = self.pipeline.provisional.promote(provisional_id, ref)
-        self.pipeline.relabel(relabel.old, ref, cause="control" if existed else None)
-
-    def rename(self, speaker: str, name: str) -> dict[str, Any]:
-        with self._lock:
-            if self._provisional(speaker) is not None:
-                return self._name_provisional(speaker, name)
-            old = self._enrolled(speaker)
-            renamed = self.store.rename(old.id, name)
-            self.index.rename(old.id, renamed.name)
-            self.pipeline.relabel(self._ref(old), self._ref(renamed))
-            return {"speaker": self._ref(renamed).to_dict(), "previous": self._ref(old).to_dict()}
-
-    def merge(self, source: str, target: str) -> dict[str, Any]:
-        with self._lock:
-            src_prov, dst_prov = self._provisional(source), self._provisional(target)
-            if src_prov is not None and dst_prov is not None and not dst_prov.known:
-                relabel = self.pipeline.provisional.merge(source, target)
-                self.pipeline.relabel(relabel.old, relabel.new, cause="control")
-                return {"speaker": relabel.new.to_dict(), "merged": relabel.old.to_dict()}
-            if src_prov is not None:
-                dest = self._enrolled(dst_prov.id if dst_prov is not None else target)  # type: ignore[union-attr,arg-type]
-                return self._name_provisional(source, dest.name)
-            if dst_prov is not None and not dst_prov.known:
-                raise ControlError("bad_request", "merge a provisional speaker into an enrolled one, not the other way")
-            src = self._enrolled(source)
-            dst = self._enrolled(dst_prov.id if dst_prov is not None else target)  # type: ignore[union-attr,arg-type]
-            if src.id == dst.id:
-                raise ControlError("bad_request", f"{source!r} and {target!r} are the same speaker")
-            row_ids, owners, vectors = self.store.embeddings()
-            mine = np.array([o == src.id for o in owners], dtype=bool)
-            self._store_enroll(dst.name, vectors[mine], f"merge:{src.id}")
-            self.store.remove(src.id)
-            self.index.remove(src.id)
-            self.pipeline.relabel(self._ref(src), self._ref(dst), cause="control")
-            return {"speaker": self._ref(dst).to_dict(), "merged": self._ref(src).to_dict(), "embeddings": int(mine.sum())}
-
-    def forget(self, speaker: str) -> dict[str, Any]:
-        with self._lock:
-            if self._provisional(speaker) is not None:
-                self.pipeline.provisional.forget(speaker)
-                return {"forgotten": speaker}
-            gone = self.store.remove(self._enrolled(speaker).id)
-            self.index.remove(gone.id)
-            return {"forgotten": gone.id, "name": gone.name, "embeddings": gone.num_embeddings}
-
-    def reload(self) -> dict[str, Any]:
-        with self._lock:
-            if hasattr(self.owner, "reload"):
-                result = self.owner.reload()
-                out = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else dict(result)
-                if not out.get("ok", True):
-                    raise ControlError("reload_failed", str(out.get("error")))
-                return out
-            from .matcher import SpeakerIndex
-
-            fresh = SpeakerIndex.from_store(self.store, self.index.settings)
-            self.pipeline.swap_matcher(fresh)
-            self.owner.index = fresh
-            return {"ok": True, "speakers": len(fresh.speakers)}
-
-
-# -- ``speakerd speakers`` through a running daemon --------------------------------------------------
-
-DAEMON_ONLY_ACTIONS = ("enroll", "merge", "status", "reload")
-"""What only a running daemon can do (stream history, provisional speakers, its live state)."""
+# -- endpoints ---------------------------------------------------------------------------------------
 
 
 def local_listener(endpoint: str, timeout_s: float = 1.0) -> bool | None:
@@ -605,97 +331,3 @@ def local_listener(endpoint: str, timeout_s: float = 1.0) -> bool | None:
         except OSError as e:
             return False if e.errno in (errno.ECONNREFUSED, errno.ENOENT) else None
     return True
-
-
-def speakers_client(
-    endpoint: str, *, timeout_s: float, curve: Any = None, config_keys: Path | str | None = None
-) -> ControlClient | None:
-    """The client ``speakerd speakers`` talks through, or None to use the store directly.
-
-    ``curve`` is what ``--curve-keys DIR`` loaded; ``config_keys`` is ``daemon.curve_keys`` from the
-    settings, used (``CurveClient.for_daemon_keys``) when no ``--curve-keys`` was given.
-
-    - A non-local endpoint needs keys (``--curve-keys`` or ``daemon.curve_keys``); without them it
-      is refused before connecting (SecurityError, exit 2), since the daemon binds one only with
-      CURVE. With ``--curve-keys``, or on a non-local endpoint, the user means one particular
-      daemon: the client is returned as is and no answer is DaemonUnavailable (exit 1), never the
-      store.
-    - A local endpoint otherwise falls back to the store only when no daemon is there: the ipc
-      socket file is absent or stale (nothing accepts connections on it), or the loopback port
-      refuses connections. When something does listen but does not answer within ``timeout_s``
-      (a daemon with CURVE on, asked without keys or with keys it refuses; a daemon that hangs),
-      DaemonUnavailable (exit 1) says so: editing the store behind a running daemon's back would
-      go unseen by it and publish no ``speaker.renamed``.
-    """
-    from .security import CurveClient, is_local_endpoint, require_curve_to_connect
-
-    if curve is not None:
-        return ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
-
-    def config_curve() -> Any:
-        return CurveClient.for_daemon_keys(Path(config_keys).expanduser()) if config_keys else None
-
-    if not is_local_endpoint(endpoint):
-        curve = config_curve()
-        require_curve_to_connect(endpoint, curve, what="control", option="--curve-keys DIR")
-        return ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
-    listening = local_listener(endpoint, timeout_s=min(timeout_s, 1.0))
-    if listening is False:
-        return None  # no daemon on this machine: the store is the only copy
-    curve = config_curve()  # loaded only now: a daemon may be there, and it runs with these keys
-    client = ControlClient(endpoint, timeout_s=timeout_s, curve=curve)
-    if listening is None:  # cannot tell (inproc, permission denied, ...): a short probe, as before
-        return client if client.daemon_is_up() else None
-    if client.daemon_is_up(timeout_s):
-        return client
-    ms = int(1000 * timeout_s)
-    if curve is None:
-        why = (
-            "if it runs with daemon.curve_keys, its control socket admits only CURVE clients: pass "
-            "the daemon's --config (its daemon.curve_keys is then used), or --curve-keys DIR (a "
-            "directory with client.key_secret and the daemon's server.key)"
-        )
-    else:
-        why = f"with the CURVE keys of daemon.curve_keys ({curve.keys_dir}): {curve.rejection_hint()}"
-    raise DaemonUnavailable(
-        f"a daemon seems to be running on {endpoint} (its socket accepts connections) but it did not "
-        f"answer within {ms} ms (control.client_timeout_s); {why}. The store was left alone: a change "
-        "made behind the daemon's back would not reach it (`--offline` edits the store anyway)"
-    )
-
-
-def speakers_via_daemon(client: ControlClient, args: Any, out: Any = None) -> int:
-    """Run one ``speakerd speakers`` action against the daemon and print the outcome."""
-    import sys
-
-    out = sys.stdout if out is None else out
-    action = args.action
-    if action == "list":
-        result = client.request("list")
-        for s in result["enrolled"]:
-            print(f"{s['id']}  {s['name']:<24} {s['embeddings']:5d} embeddings", file=out)
-        for p in result["provisional"]:
-            now = f"  -> {p['now']['name'] or p['now']['id']}" if p["now"] else ""
-            print(f"{p['id']:<12}  {'(provisional)':<24} {p['speech_s']:5.1f} s in {p['windows']} windows{now}", file=out)
-        if not result["enrolled"] and not result["provisional"]:
-            print("no speakers enrolled, none heard yet", file=out)
-        return 0
-    if action == "rename":
-        result = client.request("rename", speaker=args.old, name=args.new)
-        print(f"renamed {args.old} -> {result['speaker']['name']} ({result['speaker']['id']})", file=out)
-    elif action == "remove":
-        result = client.request("forget", speaker=args.name)
-        print(f"forgot {args.name} ({result['forgotten']})", file=out)
-    elif action == "enroll":
-        if args.source_id:
-            result = client.request("enroll", name=args.name, speaker=args.source_id)
-        else:
-            result = client.request("enroll", name=args.name, last_s=float(args.last))
-        promoted = f"; {result['promoted']} is now {result['speaker']['name']}" if result.get("promoted") else ""
-        print(f"enrolled {result['speaker']['name']} ({result['speaker']['id']}) from {result['windows']} windows{promoted}", file=out)
-    elif action == "merge":
-        result = client.request("merge", source=args.source, target=args.target)
-        print(f"merged {args.source} into {result['speaker']['name'] or result['speaker']['id']}", file=out)
-    else:  # status, reload
-        print(json.dumps(client.request(action), indent=1, ensure_ascii=False), file=out)
-    return 0

@@ -1,9 +1,8 @@
 """The running daemon: open everything once, stream, reload on SIGHUP, stop cleanly on SIGTERM/SIGINT.
 
 One object owns the settings, model bundle, speaker store and index, backend, publisher, source and
-pipeline, so that signal handlers (main thread) and the control socket (its own thread) act on the
-same daemon through a few thread-safe methods: ``request_stop()``, ``request_reload()``, ``reload()``,
-``reload_speakers()`` and ``enroll()``.
+pipeline, so that signal handlers (main thread) and the control socket (its own thread, through the
+``SpeakerPort`` methods) act on the same daemon through a few thread-safe methods.
 
 Stopping is bounded so a service manager never has to escalate to SIGKILL: capture stops within one
 source poll, queued windows are embedded for at most ``LifecycleTiming.stop_drain_s`` (the rest are
@@ -15,124 +14,63 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import signal
 import sqlite3
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .errors import ConfigError, SpeakerdError
+from .history import WindowHistory
+from .lifecycle import (
+    LIVE_SECTIONS,
+    BackendFactory,
+    LifecycleTiming,
+    ReloadResult,
+    SettingsLoader,
+    SourceFactory,
+    changed_keys,
+    default_backend,
+    signal_handlers,
+    default_source_factory,
+    exit_process,
+)
 from .settings import Settings
-from .sources import FileSource, RecoverySettings, Source, open_source
+from .sources import FileSource, Source
+
+if TYPE_CHECKING:
+    import zmq
+
+    from . import events as ev
+    from .bundle import ModelBundle
+    from .decisions.clustering import ProvisionalSpeakers
+    from .decisions.evidence import MatchedWindow
+    from .embedding.backend import EmbeddingBackend
+    from .events import SpeakerRef
+    from .matcher import MatchSettings, SpeakerIndex
+    from .pipeline import Pipeline
+    from .publisher import EventPublisher
+    from .security import CurveServer
+    from .store import Speaker, SpeakerStore
+
+__all__ = ["Daemon", "LifecycleTiming", "ReloadResult", "changed_keys", "default_backend", "exit_process"]
 
 logger = logging.getLogger(__name__)
 
-LIVE_SECTIONS = ("matching",)
-"""Settings sections a reload applies to the running daemon; every other change needs a restart."""
 RELOADER_JOIN_S = 2.0
-
-
-@dataclass(frozen=True)
-class LifecycleTiming:
-    """Bounds on shutdown. Injectable so tests can make them tight or loose."""
-
-    stop_drain_s: float = 0.8
-    """After a stop request, how long queued windows may still be embedded (the rest are dropped),
-    so SIGTERM to exit stays well under 2 s."""
-    end_drain_s: float = 60.0
-    """When a file source ends by itself: every queued window is embedded (bounded only as a guard)."""
-    publisher_close_s: float = 0.5
-    """How long closing waits for queued events to reach the socket and ``events_out``."""
-    store_lock_wait_s: float = 10.0
-    """How long start-up waits for an offline store edit to finish (another daemon: not at all)."""
-
-    def __post_init__(self) -> None:
-        for name in ("stop_drain_s", "end_drain_s", "publisher_close_s", "store_lock_wait_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0")
-
-
-@dataclass(frozen=True)
-class ReloadResult:
-    """What a reload did, for the log and for a control-socket reply."""
-
-    ok: bool
-    speakers: int
-    """Speakers the matcher knows after the reload (before it, when the reload failed)."""
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    applied: tuple[str, ...] = ()
-    """Settings keys changed and applied live."""
-    restart_needed: tuple[str, ...] = ()
-    """Settings keys changed in the file that only take effect after a restart."""
-    error: str | None = None
-
-
-SettingsLoader = Callable[[], Settings]
-SourceFactory = Callable[[Settings], Source]
-BackendFactory = Callable[[Any, Settings], Any]
-
-
-def default_source_factory(recovery: RecoverySettings | None = None) -> SourceFactory:
-    def make(settings: Settings) -> Source:
-        d = settings.daemon
-        return open_source(d.source, settings.audio, realtime=d.realtime, recovery=recovery)
-
-    return make
-
-
-def default_backend(bundle: Any, settings: Settings) -> Any:
-    from .embedding import create_backend
-
-    e = settings.embedding
-    return create_backend(bundle, e.backend, threads=e.threads, coreml_compute_units=e.coreml_compute_units)
-
-
-def exit_process(code: int) -> NoReturn:
-    """End the process now, after a clean ``Daemon.run()``, skipping interpreter teardown.
-
-    Everything that matters is already closed explicitly (store, sockets, events_out, threads);
-    what remains is freeing modules, which measured 0.6-2.6 s on a busy 2-core machine (scipy alone
-    0.6 s) and would push SIGTERM-to-exit past the 2 s a service manager is promised. Only for the
-    ``speakerd run`` entry point; in-process callers use ``run()``'s return value.
-    """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
-
-
-def changed_keys(old: Settings, new: Settings) -> list[tuple[str, Any, Any]]:
-    """(``section.key``, old value, new value) for every setting that differs."""
-    out = []
-    for section in dataclasses.fields(old):
-        a, b = getattr(old, section.name), getattr(new, section.name)
-        if a == b:
-            continue
-        for f in dataclasses.fields(a):
-            va, vb = getattr(a, f.name), getattr(b, f.name)
-            if va != vb:
-                out.append((f"{section.name}.{f.name}", va, vb))
-    return out
 
 
 class Daemon:
     """The daemon's lifecycle around one ``Pipeline``. ``run()`` in the main thread; the rest from anywhere.
 
     ``load_settings`` re-reads the configuration as at start (the --config file plus the same
-    command-line overrides) for a reload; None makes a reload re-read only the speakers.
+    command-line overrides) for a reload; None makes a reload re-read only the speakers. The daemon
+    is the control plane's ``SpeakerPort`` (control_service.py): the one place that changes
+    speakers in the store, then in the matcher, and assembles status.
     """
 
     def __init__(
@@ -157,13 +95,14 @@ class Daemon:
         self._lock = threading.RLock()  # one reload / enrollment at a time, and none after close
         self._counters = {"reloads": 0, "reload_errors": 0}
         self._open = False
-        self.bundle: Any = None
-        self.store: Any = None
-        self.index: Any = None
-        self.backend: Any = None
-        self.publisher: Any = None
+        self.history = WindowHistory(settings.control.history_s)
+        self.bundle: ModelBundle | None = None
+        self.store: SpeakerStore | None = None
+        self.index: SpeakerIndex | None = None
+        self.backend: EmbeddingBackend | None = None
+        self.publisher: EventPublisher | None = None
         self.source: Source | None = None
-        self.pipeline: Any = None
+        self.pipeline: Pipeline | None = None
 
     # -- control (any thread) ----------------------------------------------------------------------
 
@@ -186,21 +125,29 @@ class Daemon:
         with self._lock:
             return dict(self._counters)
 
+    def _live(self) -> tuple[SpeakerStore, SpeakerIndex, Pipeline]:
+        if not self._open or self.store is None or self.index is None or self.pipeline is None:
+            raise SpeakerdError("the daemon is not running")
+        return self.store, self.index, self.pipeline
+
     def reload(self) -> ReloadResult:
         """Re-read the configuration and the store's speakers into the running matcher.
 
-        Capture is not restarted. Changes to ``matching`` apply at once; any other changed key is
-        logged as needing a restart (and reported in the result). A bad configuration keeps the
-        running settings and is counted in ``reload_errors``.
+        Capture is not restarted. Changes to ``matching`` and ``decision`` apply at once; any other
+        changed key is logged as needing a restart (and reported in the result). A bad
+        configuration keeps the running settings and is counted in ``reload_errors``.
         """
         with self._lock:
-            if not self._open:
+            if not self._open or self.index is None or self.pipeline is None or self.bundle is None:
                 return ReloadResult(False, 0, error="the daemon is not running")
             fresh = self.settings
             if self._load_settings is not None:
+                from .decisions.values import DecisionValuesMissing, for_bundle
+
                 try:
                     fresh = self._load_settings()
-                except ConfigError as e:
+                    decision = for_bundle(self.bundle, fresh.decision).values
+                except (ConfigError, DecisionValuesMissing) as e:
                     self._counters["reload_errors"] += 1
                     logger.error("reload: %s; keeping the running settings", e)
                     return ReloadResult(False, len(self.index), error=str(e))
@@ -213,7 +160,9 @@ class Daemon:
             result = self._swap_index(fresh.matching)
             if not result.ok:
                 return result
-            self.settings = dataclasses.replace(self.settings, matching=fresh.matching)
+            if fresh is not self.settings:
+                self.pipeline.swap_decision(decision)
+            self.settings = dataclasses.replace(self.settings, matching=fresh.matching, decision=fresh.decision)
             self._counters["reloads"] += 1
             logger.info(
                 "reloaded: %d speaker(s)%s%s%s",
@@ -224,41 +173,20 @@ class Daemon:
             )
             return dataclasses.replace(result, applied=applied, restart_needed=restart)
 
-    def reload_speakers(self) -> ReloadResult:
-        """Re-read only the store's speakers (e.g. after an enrollment through the control socket)."""
-        with self._lock:
-            if not self._open:
-                return ReloadResult(False, 0, error="the daemon is not running")
-            return self._swap_index(self.settings.matching)
-
-    def enroll(self, name: str, embeddings: np.ndarray, source: str) -> Any:
-        """Store ``embeddings`` for ``name`` (new or existing) and match against them from now on.
-
-        For the control plane (e.g. naming a provisional speaker from its windows); returns the
-        store's ``Speaker``. Raises ``StoreError`` with a user-facing message on a bad name or shape.
-        """
-        with self._lock:
-            if not self._open:
-                raise SpeakerdError("the daemon is not running")
-            speaker = self.store.enroll(name, embeddings, source=source)
-            result = self._swap_index(self.settings.matching)
-            if not result.ok:
-                raise SpeakerdError(f"enrolled {name}, but the matcher could not be reloaded: {result.error}")
-            return speaker
-
-    def _swap_index(self, matching: Any) -> ReloadResult:
+    def _swap_index(self, matching: MatchSettings) -> ReloadResult:
         from .matcher import SpeakerIndex
         from .store import StoreError
 
-        before = self.index.speakers
+        store, old, pipeline = self._live()
+        before = old.speakers
         try:
-            index = SpeakerIndex.from_store(self.store, matching)
+            index = SpeakerIndex.from_store(store, matching)
         except (StoreError, sqlite3.Error) as e:
             self._counters["reload_errors"] += 1
             logger.error("reload: cannot read the speakers from %s: %s", self.store_dir, e)
             return ReloadResult(False, len(before), error=str(e))
         after = index.speakers
-        self.pipeline.swap_matcher(index)
+        pipeline.swap_matcher(index)
         self.index = index
         return ReloadResult(
             True,
@@ -266,6 +194,75 @@ class Daemon:
             added=tuple(sorted(n for i, n in after.items() if i not in before)),
             removed=tuple(sorted(n for i, n in before.items() if i not in after)),
         )
+
+    # -- the control plane's port (control_service.SpeakerPort) ----------------------------------
+
+    @property
+    def provisional(self) -> ProvisionalSpeakers:
+        return self._live()[2].decisions.provisional
+
+    def speakers(self) -> list[Speaker]:
+        return self._live()[0].speakers()
+
+    def speaker(self, who: str) -> Speaker | None:
+        return self._live()[0].get(who)
+
+    def enroll(self, name: str, embeddings: np.ndarray, source: str) -> Speaker:
+        """Store ``embeddings`` for ``name`` (new or existing) and match against them from now on;
+        ``StoreError`` (a message for the user) on a bad name or shape."""
+        with self._lock:
+            speaker = self._live()[0].enroll(name, embeddings, source=source)
+            result = self._swap_index(self.settings.matching)
+            if not result.ok:
+                raise SpeakerdError(f"enrolled {name}, but the matcher could not be reloaded: {result.error}")
+            return speaker
+
+    def rename(self, speaker_id: str, name: str) -> Speaker:
+        with self._lock:
+            store, index, _ = self._live()
+            renamed = store.rename(speaker_id, name)
+            index.rename(speaker_id, renamed.name)
+            return renamed
+
+    def merge(self, source_id: str, target_id: str) -> int:
+        with self._lock:
+            store = self._live()[0]
+            target = store.get(target_id)
+            if target is None:
+                raise SpeakerdError(f"no speaker {target_id!r}")
+            _, owners, vectors = store.embeddings()
+            mine = np.array([o == source_id for o in owners], dtype=bool)
+            self.enroll(target.name, vectors[mine], f"merge:{source_id}")
+            self.forget(source_id)
+            return int(mine.sum())
+
+    def forget(self, speaker_id: str) -> Speaker:
+        with self._lock:
+            store, index, _ = self._live()
+            gone = store.remove(speaker_id)
+            index.remove(gone.id)
+            return gone
+
+    def recent_windows(self, seconds_back: float) -> list[MatchedWindow]:
+        return self.history.recent(seconds_back)
+
+    def relabel(self, old: SpeakerRef, new: SpeakerRef, cause: str | None = None) -> None:
+        self._live()[2].relabel(old, new, cause)
+
+    def stream_status(self) -> ev.Status:
+        """The status event: the pipeline's stages and the daemon's own counters."""
+        status = self._live()[2].status()
+        return dataclasses.replace(status, counters={**status.counters, **self.counters()})
+
+    def status(self) -> dict[str, Any]:
+        """The status a control client sees: the status event, speakers, session and subscriptions."""
+        status = self.stream_status().to_dict()
+        status["enrolled"] = len(self._live()[1].speakers)
+        status["provisional"] = len(self.provisional.speakers())
+        if self.publisher is not None:
+            status["session"] = self.publisher.session
+            status["subscriptions"] = self.publisher.subscribers
+        return status
 
     # -- running (main thread) ---------------------------------------------------------------------
 
@@ -276,7 +273,7 @@ class Daemon:
         raised as ``SpeakerdError`` before capture starts.
         """
         with ExitStack() as stack:
-            stack.enter_context(self._signal_handlers())  # first: a SIGTERM during start-up stops cleanly
+            stack.enter_context(signal_handlers(self.request_stop, self.request_reload, lambda: self.stopping))  # first: a SIGTERM during start-up stops cleanly
             self._start(stack)
             stack.enter_context(self._reloader())
             started = time.monotonic()
@@ -292,6 +289,9 @@ class Daemon:
     def _start(self, stack: ExitStack) -> None:
         """Open in the order that reports user errors before anything binds or records."""
         from .bundle import resolve_bundle
+        from .control import ControlServer
+        from .control_service import ControlService
+        from .decisions.values import for_bundle
         from .matcher import SpeakerIndex
         from .paths import ensure_private_dir
         from .pipeline import Pipeline
@@ -301,6 +301,7 @@ class Daemon:
 
         s = self.settings
         self.bundle = resolve_bundle(s.embedding.model)
+        decision = for_bundle(self.bundle, s.decision)  # a model nobody calibrated stops here
         self.source = self._source_factory(s)
         stack.callback(self._close_source_if_unused)
         ensure_private_dir(self.store_dir)  # one daemon per store: held while this one runs (the kernel drops it on any exit)
@@ -332,19 +333,19 @@ class Daemon:
             matcher=self.index,
             publisher=self.publisher,
             live=live,
-            extra_counters=self.counters,
+            on_window=self.history.add,
+            decision=decision.values,
+            status=self.stream_status,
         )
         with self._lock:
             self._open = True
         stack.callback(self._mark_closed)  # runs before the store, backend and publisher close
-        from .control import ControlServer, ControlService
-
         stack.enter_context(ControlServer(s.control, ControlService(self), context=context, curve=curve))  # closes first
         wait = s.publish.wait_for_subscriber_s
         if wait and not self.publisher.wait_for_subscriber(wait):
             logger.warning("no subscriber within %.1f s; starting anyway", wait)
 
-    def _sockets(self, stack: ExitStack) -> tuple[Any, Any]:
+    def _sockets(self, stack: ExitStack) -> tuple[zmq.Context, CurveServer | None]:
         """One ZeroMQ context for both sockets, so one CURVE authenticator guards both."""
         import zmq
 
@@ -367,35 +368,6 @@ class Daemon:
         """The pipeline stops the source it ran; one that never ran (start-up failed) is closed here."""
         if self.source is not None and self.pipeline is None:
             self.source.stop()
-
-    @contextmanager
-    def _signal_handlers(self) -> Iterator[None]:
-        """SIGTERM/SIGINT stop, SIGHUP reloads; the previous handlers come back afterwards."""
-        if threading.current_thread() is not threading.main_thread():
-            logger.debug("not in the main thread: no signal handlers (use request_stop / request_reload)")
-            yield
-            return
-        wanted = {signal.SIGTERM: self._on_stop_signal, signal.SIGINT: self._on_stop_signal}
-        if hasattr(signal, "SIGHUP"):
-            wanted[signal.SIGHUP] = self._on_reload_signal
-        previous = {sig: signal.signal(sig, handler) for sig, handler in wanted.items()}
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-    def _on_stop_signal(self, signum: int, _frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self._stop.is_set():
-            logger.info("%s: already stopping", name)
-        else:
-            logger.info("%s: stopping", name)
-        self.request_stop()
-
-    def _on_reload_signal(self, signum: int, _frame: FrameType | None) -> None:
-        logger.info("%s: reloading the configuration and speakers", signal.Signals(signum).name)
-        self.request_reload()
 
     @contextmanager
     def _reloader(self) -> Iterator[None]:

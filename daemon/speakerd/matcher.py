@@ -1,7 +1,7 @@
 """Who is this? Matching window embeddings against enrolled speakers.
 
-``SpeakerIndex`` is shaped like sherpa-onnx's SpeakerEmbeddingManager (add, remove, search with a
-threshold, best_matches, verify), over a faiss inner-product index of L2-normalised embeddings, so
+``SpeakerIndex`` is shaped like sherpa-onnx's SpeakerEmbeddingManager (add, remove, rank,
+best_matches, verify), over a faiss inner-product index of L2-normalised embeddings, so
 scores are cosine similarities in [-1, 1]. A window is scored against each *speaker*, not each
 embedding: the ``top_k`` nearest embeddings are fetched in one faiss call for the whole batch and
 grouped by speaker (``max`` or ``top3``), or the window is compared with each speaker's normalised
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
+from .decisions.evidence import Candidate
 from .errors import check
 
 if TYPE_CHECKING:
@@ -32,24 +33,13 @@ MAX_TOP_K = 4096
 LOCAL_ID_BASE = 1 << 62
 """Embeddings added in memory without a store row id get ids from here up, clear of SQLite's ids."""
 FROM_STORE_ATTEMPTS = 3
-RELAXED_MIN_SPEAKERS = 3
-"""The relaxed rule needs this many enrolled speakers: a margin over a single other speaker says
-little (measured: with 2 enrolled it let 15-19 % of never-enrolled speech through on 2 of 6
-conversations, against 0-5.5 % with 4)."""
 
 
 @dataclass(frozen=True)
 class MatchSettings:
-    """How a window's embedding becomes a known speaker or 'unknown'."""
+    """How the index searches. Whether a score names a speaker is the decision layer's
+    (``decisions.policy.verdict``, with the model's ``DecisionValues``)."""
 
-    threshold: float = 0.70
-    """Speaker score at or above which a window is that speaker. Calibrated for ge2e-resemblyzer
-    with ``speakerd calibrate`` (docs/calibration.md): per window 3.1 % of never-enrolled windows
-    reach it and 2.2 % of enrolled ones fall below it; the tracker's smoothing and open-set
-    clustering then name 1.7 % of never-enrolled speech, and 0.72 would cost enrolled turns latency
-    (median change latency 0.87 s -> 1.12 s on tests/test_e2e.py's first conversation)."""
-    min_margin: float = 0.0
-    """Best speaker score minus the runner-up's must be at least this, else the window is unknown."""
     top_k: int = 32
     """Nearest embeddings fetched from faiss per window, before grouping by speaker."""
     score: str = "centroid"
@@ -57,31 +47,12 @@ class MatchSettings:
     speaker, so the margin is over the true runner-up), 'max' (best neighbour) or 'top3' (mean of its
     best up to 3 neighbours); the last two see only speakers among the ``top_k`` neighbours, so with
     few speakers of many embeddings the runner-up can be missing and the margin then equals the score."""
-    relaxed_threshold: float = 0.64
-    """A window scoring below ``threshold`` but at least this is still known when its margin over a
-    runner-up is at least ``relaxed_margin`` (one enrolled voice clearly nearer than every other).
-    1.0 turns the rule off. Measured at threshold 0.72: it took enrolled-conversation attribution
-    from 94.3 % to 97.2 % on the hardest conversation of tests/test_e2e.py; never-enrolled windows
-    rarely have such a margin (99th percentile 0.13)."""
-    relaxed_margin: float = 0.14
-    """See ``relaxed_threshold``; never applies without a runner-up (one enrolled speaker)."""
-    uncertain_band: float = 0.005
-    """A window scoring within this of ``threshold`` (either side) is ``uncertain``: too close to
-    call, so it never changes the speaker on its own (see docs/calibration.md)."""
-    uncertain_margin: float = 0.01
-    """A known window whose margin over the runner-up is below this is ``uncertain`` too."""
     faiss_threads: int = 1
     """OpenMP threads for a faiss search, set on the searching thread only. 1 because batches are
     tiny (0.1-0.2 ms) and the other pipeline stages share the cores: measured on 2 busy cores, 2
     threads gave a p95 of 25-32 ms against 4-8 ms for 1."""
 
     def __post_init__(self) -> None:
-        check(-1.0 <= self.threshold <= 1.0, "matching.threshold", self.threshold, "must be a cosine in [-1, 1]")
-        check(0.0 <= self.min_margin <= 2.0, "matching.min_margin", self.min_margin, "must be in [0, 2]")
-        check(-1.0 <= self.relaxed_threshold <= 1.0, "matching.relaxed_threshold", self.relaxed_threshold, "must be a cosine in [-1, 1]")
-        check(0.0 <= self.relaxed_margin <= 2.0, "matching.relaxed_margin", self.relaxed_margin, "must be in [0, 2]")
-        check(0.0 <= self.uncertain_band <= 1.0, "matching.uncertain_band", self.uncertain_band, "must be in [0, 1]")
-        check(0.0 <= self.uncertain_margin <= 2.0, "matching.uncertain_margin", self.uncertain_margin, "must be in [0, 2]")
         check(
             isinstance(self.top_k, int) and 1 <= self.top_k <= MAX_TOP_K,
             "matching.top_k",
@@ -95,33 +66,6 @@ class MatchSettings:
             "must be a positive integer",
         )
         check(self.score in SCORE_MODES, "matching.score", self.score, f"must be one of {', '.join(SCORE_MODES)}")
-
-
-@dataclass(frozen=True)
-class Match:
-    """The verdict for one window.
-
-    ``margin`` is ``score`` minus the runner-up speaker's score; with no runner-up among the
-    candidates it equals ``score``. When not ``known``, ``speaker_id`` and ``name`` are None and the
-    nearest speaker's id is still in ``nearest`` for diagnostics. ``runner_up`` is a speaker id.
-    ``uncertain`` marks a verdict too close to call (score near the threshold or a small margin).
-    """
-
-    speaker_id: str | None
-    name: str | None
-    score: float
-    margin: float
-    runner_up: str | None
-    known: bool
-    nearest: str | None = None
-    uncertain: bool = False
-    nearest_name: str | None = None
-    """The nearest speaker's name, known or not: weak evidence the tracker may act on tentatively."""
-    runner_up_name: str | None = None
-
-
-UNKNOWN_EMPTY = Match(speaker_id=None, name=None, score=0.0, margin=0.0, runner_up=None, known=False, nearest=None)
-"""The answer when nobody is enrolled."""
 
 
 def _normalise(matrix: np.ndarray) -> np.ndarray:
@@ -303,47 +247,15 @@ class SpeakerIndex:
             out.append(scored)
         return out
 
-    def _verdict(self, candidates: list[tuple[str, float]], threshold: float) -> Match:
-        if not candidates:
-            return UNKNOWN_EMPTY
-        best, score = candidates[0]
-        runner_up, second = candidates[1] if len(candidates) > 1 else (None, None)
-        margin = score - second if second is not None else score
-        relaxed = (
-            second is not None
-            and len(candidates) >= RELAXED_MIN_SPEAKERS
-            and score >= self.settings.relaxed_threshold
-            and margin >= self.settings.relaxed_margin
-        )
-        known = (score >= threshold or relaxed) and margin >= self.settings.min_margin
-        uncertain = abs(score - threshold) < self.settings.uncertain_band or (
-            known and margin < self.settings.uncertain_margin
-        )
-        return Match(
-            speaker_id=best if known else None,
-            name=self._names[best] if known else None,
-            score=score,
-            margin=margin,
-            runner_up=runner_up,
-            known=known,
-            nearest=best,
-            uncertain=uncertain,
-            nearest_name=self._names[best],
-            runner_up_name=self._names[runner_up] if runner_up is not None else None,
-        )
-
-    def match(self, embeddings: np.ndarray, threshold: float | None = None) -> list[Match]:
-        """One Match per row of ``embeddings`` (n, dim); one faiss search for the batch."""
+    def rank(self, embeddings: np.ndarray) -> list[list[Candidate]]:
+        """Per row of ``embeddings`` (n, dim): every candidate speaker as (id, name, score), best
+        first; one faiss search for the batch. Empty lists when nobody is enrolled."""
         queries = self._prepare(embeddings, "embeddings")
-        limit = self.settings.threshold if threshold is None else threshold
         with self._lock:
             if len(queries) == 0:
                 return []
-            return [self._verdict(c, limit) for c in self._candidates(queries)]
-
-    def search(self, embedding: np.ndarray, threshold: float | None = None) -> Match:
-        """The verdict for one embedding (dim,), against ``threshold`` or the settings' threshold."""
-        return self.match(self._one(embedding), threshold)[0]
+            names = self._names
+            return [[(spk, names[spk], score) for spk, score in c] for c in self._candidates(queries)]
 
     def best_matches(self, embedding: np.ndarray, n: int) -> list[tuple[str, str, float]]:
         """Up to ``n`` (speaker id, name, score), best first, among the candidate speakers."""
@@ -351,18 +263,17 @@ class SpeakerIndex:
         with self._lock:
             return [(spk, self._names[spk], score) for spk, score in self._candidates(queries)[0][:n]]
 
-    def verify(self, speaker_id: str, embedding: np.ndarray, threshold: float | None = None) -> bool:
-        """Is ``embedding`` this speaker? Scored exactly over all of the speaker's embeddings."""
+    def verify(self, speaker_id: str, embedding: np.ndarray, threshold: float) -> bool:
+        """Is ``embedding`` this speaker at ``threshold``? Scored exactly over all of the speaker's embeddings."""
         query = self._prepare(self._one(embedding), "embedding")[0]
-        limit = self.settings.threshold if threshold is None else threshold
         with self._lock:
-            return speaker_id in self._names and self.score_of(speaker_id, query) >= limit
+            return speaker_id in self._names and self.score_of(speaker_id, query) >= threshold
 
     def score_of(self, speaker_id: str, embedding: np.ndarray) -> float:
         """This speaker's score for ``embedding`` over all its embeddings (not limited to top_k).
 
-        Equals the ``search`` score when ``top_k`` covers the speaker's embeddings; with fewer of
-        them among the top_k, ``top3`` in ``search`` averages only those. KeyError if unknown."""
+        Equals the ``rank`` score when ``top_k`` covers the speaker's embeddings; with fewer of
+        them among the top_k, ``top3`` in ``rank`` averages only those. KeyError if unknown."""
         query = self._prepare(self._one(embedding), "embedding")[0]
         with self._lock:
             if speaker_id not in self._names:

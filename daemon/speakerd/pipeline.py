@@ -1,30 +1,34 @@
-"""The streaming pipeline: source -> VAD -> windows -> embedding worker -> matcher -> tracker -> publisher.
+"""The streaming pipeline: source -> VAD -> windows -> features -> embedding -> decisions -> publisher.
 
-Threads: the source's capture thread (a mic callback, or none for files); this module's main loop
-(VAD and windowing, cheap); the embedding worker, which also matches, tracks and publishes so that
-events leave in stream order; and the publisher's socket thread.
+It wires the stages and decides nothing: who is speaking is ``decisions.DecisionLayer``'s, and its
+events go to the publisher as they come back, in one direction. Threads: the source's capture
+thread (a mic callback, or none for files); this module's main loop (VAD and windowing, cheap); the
+embedding worker, which also runs the decision layer and publishes so that events leave in stream
+order; and the publisher's socket thread.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from . import events as ev
 from .audio import SAMPLE_RATE, AudioChunk, seconds, to_samples
 from .bundle import ModelBundle
-from .embedding.worker import EmbeddedWindow, EmbeddingWorker
+from .decisions.clustering import Relabel
+from .decisions.evidence import MatchedWindow
+from .decisions.layer import DecisionLayer, Embedded, Ranker
+from .decisions.turns import Decision
+from .decisions.values import DecisionValues, for_bundle
+from .embedding.worker import EmbeddingWorker
 from .settings import Settings
-from .provisional import ProvisionalSpeakers, Relabel
-from .tracker import UNKNOWN, Decision, MatchedWindow, SpeakerTracker
-from .vad import SpeechEnd, SpeechStart, VadSegmenter
+from .vad import SpeechStart, VadEvent, VadSegmenter
 from .windows import SpeechWindower
 
 logger = logging.getLogger(__name__)
@@ -38,19 +42,27 @@ FAULT_COUNTERS = ("device_errors", "reconnects")
 
 
 class Publisher(Protocol):
-    def publish(self, payload: Any, *, stream_time: float, wall_time: float) -> None: ...
+    def publish(self, payload: ev.Payload, *, stream_time: float, wall_time: float) -> None: ...
 
     def stats(self) -> dict[str, int]: ...
-
-
-class Matcher(Protocol):
-    def match(self, embs: np.ndarray) -> list[Any]: ...
 
 
 class Backend(Protocol):
     name: str
 
     def embed(self, feats: np.ndarray) -> np.ndarray: ...
+
+
+class Source(Protocol):
+    finished: bool
+
+    def __enter__(self) -> object: ...
+
+    def __exit__(self, *exc: object) -> object: ...
+
+    def read(self, timeout: float) -> AudioChunk | None: ...
+
+    def stats(self) -> Mapping[str, object]: ...
 
 
 @dataclass
@@ -65,38 +77,44 @@ class _Clock:
 
 
 class Pipeline:
+    """One stream through every stage. ``decision`` defaults to the bundle's values under the
+    config's overrides (``decisions.values.for_bundle``); ``status`` to this pipeline's own status
+    (the daemon passes one that adds its own parts)."""
+
     def __init__(
         self,
         settings: Settings,
         *,
         bundle: ModelBundle,
         backend: Backend,
-        matcher: Matcher,
+        matcher: Ranker,
         publisher: Publisher,
         live: bool,
         on_window: Callable[[MatchedWindow], None] | None = None,
-        extra_counters: Callable[[], Mapping[str, int]] | None = None,
+        decision: DecisionValues | None = None,
+        status: Callable[[], ev.Status] | None = None,
     ) -> None:
         self.settings = settings
         self.bundle = bundle
         self.backend = backend
-        self.matcher = matcher
         self.publisher = publisher
         self._on_window = on_window
-        """Sees every matched window (evaluation and calibration); runs on the worker thread."""
-        self._extra_counters = extra_counters
-        """The owner's own counters (e.g. the daemon's reloads), merged into every status event."""
+        """Sees every regular window with its evidence (history, evaluation); on the worker thread."""
+        self._status = status or self.status
         self.vad = VadSegmenter(settings.vad)
         self.windower = SpeechWindower(settings.windows, bundle.features, bundle.sample_rate)
-        self.tracker = SpeakerTracker(settings.tracker, to_samples(settings.windows.hop_s))
-        self.provisional = ProvisionalSpeakers(settings.provisional, bundle.embedding_dim, self._score_enrolled)
-        self._track_lock = threading.RLock()
-        """Held while windows are matched, tracked and published, and while the control plane
-        relabels, so a relabel event and the events after it leave in order."""
-        self._recent: collections.deque[MatchedWindow] = collections.deque()
-        self._last_decided = (0, 0.0)
-        self._region_start = 0
-        """Start of the speech region in progress, for the speech.end event."""
+        values = decision if decision is not None else for_bundle(bundle, settings.decision).values
+        self.decisions = DecisionLayer(
+            values,
+            settings.tracker,
+            settings.provisional,
+            ranker=matcher,
+            dim=bundle.embedding_dim,
+            hop_samples=to_samples(settings.windows.hop_s),
+        )
+        self._lock = threading.RLock()
+        """Held while the decision layer runs and its events are published, and while the control
+        plane relabels, so a relabel event and the events after it leave in order."""
         self.worker = EmbeddingWorker(
             backend.embed,
             self._on_embedded,
@@ -108,11 +126,11 @@ class Pipeline:
         self._started = time.monotonic()
         self._next_status = 0
         self._source_stats: dict[str, int] = {}
-        self.counters: dict[str, int] = {"speech_regions": 0, "changes": 0, "segments": 0, "relabels": 0}
+        self.speech_regions = 0
 
     # -- main loop -------------------------------------------------------------------------------
 
-    def run(self, source: Any, stop: threading.Event, *, drain_timeout: float = 10.0,
+    def run(self, source: Source, stop: threading.Event, *, drain_timeout: float = 10.0,
             stop_drain_timeout: float | None = None) -> None:
         """Stream until the source is finished or ``stop`` is set, then flush every event.
 
@@ -140,20 +158,24 @@ class Pipeline:
             stopped = stop.is_set() and stop_drain_timeout is not None
             self.finish(stop_drain_timeout if stopped else drain_timeout)
 
-    def _update_source_stats(self, source: Any) -> bool:
+    def _update_source_stats(self, source: Source) -> bool:
         """Refresh the source's counters; True when a fault counter moved (publish that at once)."""
         before = self._source_stats
         self._source_stats = dict(source.stats())
         return any(self._source_stats.get(k, 0) != before.get(k, 0) for k in FAULT_COUNTERS)
 
-    def swap_matcher(self, matcher: Matcher) -> Matcher:
-        """Use ``matcher`` from the next batch on (a reload); returns the old one.
+    def swap_matcher(self, matcher: Ranker) -> Ranker:
+        """Rank against ``matcher`` from the next batch on (a reload); returns the old one.
 
-        Safe from any thread: the worker reads ``self.matcher`` once per batch and an attribute
-        assignment is atomic, so each batch is matched wholly by one matcher or the other.
+        Safe from any thread: the decision layer reads its ranker once per batch and an attribute
+        assignment is atomic, so each batch is ranked wholly by one index or the other.
         """
-        old, self.matcher = self.matcher, matcher
-        return old
+        return self.decisions.swap_ranker(matcher)
+
+    def swap_decision(self, values: DecisionValues) -> None:
+        """Decide with ``values`` from the next batch on (a reload changed the config's overrides)."""
+        with self._lock:
+            self.decisions.swap_values(values)
 
     def feed(self, chunk: AudioChunk) -> None:
         self._clock = _Clock(chunk.start, chunk.capture_time)
@@ -169,148 +191,67 @@ class Pipeline:
         finally:
             self.worker.close(drain_timeout)  # even after an error: a live worker thread would hang exit
         end = self._clock.sample
-        self._emit(self.tracker.flush(end, self._clock.wall_of(end)))
+        with self._lock:
+            self._emit(self.decisions.flush(end, self._clock.wall_of(end)))
         drain = getattr(self.publisher, "drain", None)
         if drain is not None:
             drain(FINAL_STATUS_DRAIN_S)  # so the final status counts every event before it
         self._publish_status()
 
-    def _route(self, event: Any) -> None:
+    def _route(self, event: VadEvent) -> None:
         for item in self.windower.process(event):
             if isinstance(item, SpeechStart):
-                self.counters["speech_regions"] += 1
+                self.speech_regions += 1
             self.worker.submit(item)
 
     # -- worker thread ---------------------------------------------------------------------------
 
-    def _on_embedded(self, items: Sequence[Any]) -> None:
-        with self._track_lock:
-            self._track(items)
-
-    def _track(self, items: Sequence[Any]) -> None:
-        windows = [i for i in items if isinstance(i, EmbeddedWindow)]
-        if windows:
-            matches = self.matcher.match(np.stack([w.embedding for w in windows]))
-            for embedded, match in zip(windows, matches, strict=True):
-                matched = MatchedWindow(embedded.window, match, embedded.embedding)
-                if embedded.window.probe:  # probes are short-lived evidence for the tracker only
-                    matched = self._nearest_provisional(matched)
-                else:
-                    matched = self._open_set(matched)
-                    self._remember(matched)
-                    if self._on_window is not None:
-                        self._on_window(matched)
-                self._emit(self.tracker.process(matched))
-            return
-        for item in items:
-            self._last_decided = item.decided
-            if isinstance(item, SpeechStart):
-                self._publish(ev.SpeechStart(start=seconds(item.sample)), *item.decided)
-                self.tracker.process(item)
-                self._region_start = item.sample
-            elif isinstance(item, SpeechEnd):
-                self._emit(self.tracker.process(item))
-                self._publish(
-                    ev.SpeechEnd(start=seconds(self._region_start), end=seconds(item.sample)), *item.decided
-                )
-
-    def _open_set(self, mw: MatchedWindow) -> MatchedWindow:
-        """Give a window no enrolled speaker matched a provisional label, relabelling as clustering says."""
-        w = mw.window
-        self._last_decided = w.decided
-        if mw.match.known or mw.embedding is None:
-            return mw
-        found = self.provisional.observe(mw.embedding, w.start, w.end)
-        if found.label is None:
-            return mw
-        if found.minted:
-            self._emit(self.tracker.relabel(UNKNOWN, found.label, *w.decided))
-        for r in found.relabels:
-            self._apply(r)
-        margin = found.margin if found.label.known else found.score - mw.match.score  # runner-up: best enrolled
-        return replace(mw, label=found.label, label_score=found.score, label_margin=margin)
-
-    def _nearest_provisional(self, mw: MatchedWindow) -> MatchedWindow:
-        """A probe's nearest provisional speaker, as evidence beside its enrolled match (even a known
-        one: the tracker weighs the two)."""
-        if mw.embedding is None:
-            return mw
-        ref, score = self.provisional.nearest(mw.embedding)
-        if ref is None:
-            return mw
-        return replace(mw, label=ref, label_score=score, label_margin=score - mw.match.score)
-
-    def _score_enrolled(self, embedding: np.ndarray) -> Any:
-        return self.matcher.match(embedding.reshape(1, -1))[0]
-
-    def _remember(self, mw: MatchedWindow) -> None:
-        """Keep recent windows (and embeddings) so "the last 10 s were Alice" can enroll from them."""
-        history = to_samples(self.settings.control.history_s)
-        self._recent.append(mw)
-        while self._recent and self._recent[0].window.end < mw.window.end - history:
-            self._recent.popleft()
+    def _on_embedded(self, items: Sequence[Embedded]) -> None:
+        with self._lock:
+            decided = self.decisions.process(items)
+            self._emit(decided.events)
+            if self._on_window is not None:
+                for mw in decided.windows:
+                    self._on_window(mw)
 
     # -- control plane (any thread) ----------------------------------------------------------------
-
-    def recent_windows(self, seconds_back: float) -> list[MatchedWindow]:
-        """Windows that ended within the last ``seconds_back`` seconds of audio, oldest first."""
-        with self._track_lock:
-            if not self._recent:
-                return []
-            horizon = self._recent[-1].window.end - to_samples(seconds_back)
-            return [mw for mw in self._recent if mw.window.start >= horizon]
 
     def relabel(self, old: ev.SpeakerRef, new: ev.SpeakerRef, cause: str | None = None) -> None:
         """Publish ``speaker.renamed`` (``cause`` None) or ``speaker.merged``, then make the tracker
         and later events use ``new``."""
-        with self._track_lock:
-            self._apply(Relabel(old, new, "renamed" if cause is None else cause))
-
-    _CAUSES = {"merged": "clustering", "folded": "enrolled_match", "promoted": "control"}
-
-    def _apply(self, r: Relabel) -> None:
-        sample, wall = self._last_decided
-        if r.kind == "renamed":
-            payload: Any = ev.SpeakerRenamed(old=r.old, new=r.new)
-        else:
-            payload = ev.SpeakerMerged(old=r.old, new=r.new, cause=self._CAUSES.get(r.kind, r.kind))
-        self.counters["relabels"] += 1
-        self._publish(payload, sample, wall)
-        self._emit(self.tracker.relabel(r.old, r.new, sample, wall))
+        with self._lock:
+            self._emit(self.decisions.relabel(Relabel(old, new, "renamed" if cause is None else cause)))
 
     def _emit(self, decisions: list[Decision]) -> None:
         for d in decisions:
-            if isinstance(d.payload, ev.SpeakerChange):
-                self.counters["changes"] += 1
-            elif isinstance(d.payload, ev.SpeakerSegment):
-                self.counters["segments"] += 1
-            self._publish(d.payload, d.sample, d.wall_time)
-
-    def _publish(self, payload: Any, sample: int, wall_time: float) -> None:
-        self.publisher.publish(payload, stream_time=seconds(sample), wall_time=wall_time)
+            self.publisher.publish(d.payload, stream_time=seconds(d.sample), wall_time=d.wall_time)
 
     # -- status ----------------------------------------------------------------------------------
 
-    def status(self) -> ev.Status:
+    def counters(self) -> dict[str, int]:
+        """Every stage's counters: windows, embedding, decisions, the source and the publisher."""
         counters = {
             "windows": self.windower.windows_emitted,
             "windows_rejected": self.windower.windows_rejected,
             "probes": self.windower.probes_emitted,
             **self.worker.counters,
-            **self.counters,
+            "speech_regions": self.speech_regions,
+            **self.decisions.counters,
             **{k: v for k, v in self._source_stats.items() if isinstance(v, int)},
-            **(self._extra_counters() if self._extra_counters is not None else {}),
         }
-        pub = self.publisher.stats()
-        counters.update({k: v for k, v in pub.items() if k != "queue_depth"})
+        counters.update({k: v for k, v in self.publisher.stats().items() if k != "queue_depth"})
+        return counters
+
+    def status(self) -> ev.Status:
+        """This pipeline's status; the daemon's adds its own counters (``Daemon.stream_status``)."""
         return ev.Status(
             uptime_s=time.monotonic() - self._started,
             backend=self.backend.name,
             model=self.bundle.name,
-            counters=counters,
-            queue_depth={"windows": self.worker.queue_depth(), "events": pub.get("queue_depth", 0)},
+            counters=self.counters(),
+            queue_depth={"windows": self.worker.queue_depth(), "events": self.publisher.stats().get("queue_depth", 0)},
         )
 
     def _publish_status(self) -> None:
         end = self._clock.sample
-        self._publish(self.status(), end, self._clock.wall_of(end))
+        self.publisher.publish(self._status(), stream_time=seconds(end), wall_time=self._clock.wall_of(end))

@@ -14,14 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .control import ControlSettings
+from .decisions.clustering import ProvisionalSettings
+from .decisions.tracker import TrackerSettings
+from .decisions.values import MOVED, DecisionOverrides
 from .embedding.worker import EmbeddingSettings
 from .errors import ConfigError, check
-from .control import ControlSettings
 from .matcher import MatchSettings
-from .provisional import ProvisionalSettings
 from .publisher import PublishSettings
 from .sources import SourceSettings
-from .tracker import TrackerSettings
 from .vad import VadSettings
 from .windows import WindowSettings
 
@@ -61,6 +62,8 @@ class Settings:
     embedding: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     matching: MatchSettings = field(default_factory=MatchSettings)
     tracker: TrackerSettings = field(default_factory=TrackerSettings)
+    decision: DecisionOverrides = field(default_factory=DecisionOverrides)
+    """Overrides of the model bundle's decision values (each unset takes the bundle's)."""
     provisional: ProvisionalSettings = field(default_factory=ProvisionalSettings)
     publish: PublishSettings = field(default_factory=PublishSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
@@ -122,6 +125,12 @@ def load_settings(path: Path | None = None, overrides: dict[str, dict[str, Any]]
             raise ConfigError(name, values, f"unknown section; sections are {', '.join(SECTIONS)}")
         if not isinstance(values, dict):
             raise ConfigError(name, values, "must be a table")
+        for key in values:
+            if (name, key) in MOVED:
+                raise ConfigError(
+                    f"{name}.{key}", values[key], f"is now the model's decision value decision.{MOVED[name, key]}: set it "
+                    "under [decision], or calibrate the model (`speakerd calibrate --write-bundle`, docs/calibration.md)"
+                )
         cleaned = {k: (None if v == "" else v) for k, v in values.items()}
         parts[name] = _section(name, SECTIONS[name], cleaned, getattr(settings, name))
     return dataclasses.replace(settings, **parts)

@@ -210,7 +210,7 @@ def window_trials(
     nontargets: list[float] = []
     pure = mixed = silent = correct = 0
     enrolled_pure = unknown_pure = unknown_accepted = 0
-    threshold = index.settings.threshold
+    threshold = run.decision.threshold if run.decision is not None else math.inf
     for mw, emb in zip(run.windows, embeddings, strict=True):
         a, b = mw.window.start / SAMPLE_RATE, mw.window.end / SAMPLE_RATE
         share: dict[str, float] = {}
@@ -541,7 +541,7 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{_pct(m['false_alarm'])} | {_pct(m['confusion'])} | {_pct(m['identification'])} | "
                      f"{_pct(m['unknown_false_accept'])} | {m['change_f1']:.2f} | {_num(m['latency_p95_s'])} s |")
     lines += ["", f"Unknown-voice windows accepted: share of pure windows of never-enrolled voices whose best enrolled "
-              f"score reaches the matching threshold ({report['settings']['matching']['threshold']}).", "",
+              f"score reaches the decision threshold ({report['settings']['decision']['threshold']}).", "",
               "Plots: `timeline.png` (truth against output, one meeting), `det.png` (window-level DET curve).", ""]
     return "\n".join(lines)
 
@@ -619,6 +619,7 @@ def eval_settings_from(args: argparse.Namespace) -> EvalSettings:
 
 def main_eval(args: argparse.Namespace) -> int:
     from ..bundle import resolve_bundle
+    from ..decisions.values import for_bundle
     from ..embedding import backend_for
     from ..settings import load_settings
 
@@ -649,7 +650,8 @@ def main_eval(args: argparse.Namespace) -> int:
         "backend": backend.name,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(es).items()},
         "settings": {"windows": dataclasses.asdict(settings.windows), "matching": dataclasses.asdict(settings.matching),
-                     "tracker": dataclasses.asdict(settings.tracker), "vad": dataclasses.asdict(settings.vad)},
+                     "tracker": dataclasses.asdict(settings.tracker), "vad": dataclasses.asdict(settings.vad),
+                     "decision": for_bundle(bundle, settings.decision).values.to_dict()},
         "arguments": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
                       for k, v in vars(args).items() if k != "func"},
         "elapsed_s": time.perf_counter() - started,

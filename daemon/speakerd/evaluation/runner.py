@@ -16,7 +16,8 @@ from ..bundle import ModelBundle
 from ..pipeline import Pipeline
 from ..settings import Settings
 from ..sources import FileSource
-from ..tracker import MatchedWindow
+from ..decisions.evidence import MatchedWindow
+from ..decisions.values import DecisionValues, for_bundle
 
 
 @dataclass
@@ -42,14 +43,18 @@ class FileRun:
     events: list[dict[str, Any]]
     windows: list[MatchedWindow]
     status: dict[str, Any]
+    decision: DecisionValues | None = None
+    """The decision values the run used (the model's, under the config's overrides)."""
 
 
 def run_file(path: Path, settings: Settings, *, bundle: ModelBundle, backend: Any, matcher: Any) -> FileRun:
     publisher = CollectingPublisher()
     seen: list[MatchedWindow] = []
+    decision = for_bundle(bundle, settings.decision).values
     pipeline = Pipeline(
-        settings, bundle=bundle, backend=backend, matcher=matcher, publisher=publisher, live=False, on_window=seen.append
+        settings, bundle=bundle, backend=backend, matcher=matcher, publisher=publisher, live=False, on_window=seen.append,
+        decision=decision,
     )
     pipeline.run(FileSource(path, settings.audio, realtime=False), threading.Event())
     status = next(e for e in reversed(publisher.events) if e["type"] == "status")
-    return FileRun(publisher.events, seen, status)
+    return FileRun(publisher.events, seen, status, decision)

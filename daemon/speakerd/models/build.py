@@ -36,6 +36,7 @@ from ..bundle import (
     load_bundle,
     models_root,
     sha256_file,
+    kept_decision,
     write_manifest,
 )
 from ..errors import SpeakerdError
@@ -137,6 +138,24 @@ GE2E_EXAMPLE_FRAMES = 160
 MIN_COREML_COSINE = 0.999
 """The saved CoreML programs, run in FP16 by the reference executor, must match torch this closely."""
 
+GE2E_DECISION = {
+    "threshold": 0.70,
+    "relaxed_threshold": 0.64,
+    "relaxed_margin": 0.14,
+    "uncertain_band": 0.005,
+    "uncertain_margin": 0.01,
+    "decisive_margin": 0.05,
+    "tentative_score": 0.60,
+    "tentative_margin": 0.08,
+    "lead_in_score": 0.55,
+    "departure_drop": 0.18,
+    "join_threshold": 0.72,
+    "merge_threshold": 0.82,
+    "fold_threshold": 0.78,
+}
+"""ge2e-resemblyzer's decision values, measured with ``speakerd calibrate`` and the conversation
+figures of docs/calibration.md; written into the manifest a build makes (a rebuild of the same
+weights keeps the values ``speakerd calibrate --write-bundle`` wrote instead)."""
 GE2E_RECIPE = FeatureRecipe(
     num_mel_bins=40,
     frame_length_ms=25.0,
@@ -250,6 +269,7 @@ def build_ge2e_resemblyzer(
             io={"input": "feats", "output": "embs"},
             window_frames=frames,
             description=GE2E_DESCRIPTION,
+            decision=kept_decision(out_dir, ge2e_fingerprint(actual_sha)) or dict(GE2E_DECISION),
             source={
                 "package": GE2E_PACKAGE,
                 "file": GE2E_MEMBER,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ...bundle import ModelBundle, fingerprint_of, models_root, sha256_file, write_manifest
+from ...bundle import ModelBundle, fingerprint_of, kept_decision, models_root, sha256_file, write_manifest
 from ...errors import SpeakerdError
 
 if TYPE_CHECKING:
@@ -110,6 +110,7 @@ def convert_wespeaker(
             embedding_dim=dim,
             features=recipe,
             fingerprint=fingerprint_of(name, weights_sha, recipe, dim),
+            decision=kept_decision(out_dir, fingerprint_of(name, weights_sha, recipe, dim)),
             artifacts=artifacts,
             io={"input": INPUT_NAME, "output": OUTPUT_NAME},
             window_frames=window_frames,

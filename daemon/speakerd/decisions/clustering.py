@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from .audio import SAMPLE_RATE
-from .errors import check
-from .events import SpeakerRef
+from ..audio import SAMPLE_RATE
+from ..errors import check
+from ..events import SpeakerRef
+from . import policy
+from .evidence import Match
+from .values import DecisionValues
 
 logger = logging.getLogger(__name__)
 
@@ -42,24 +44,15 @@ def is_provisional_id(speaker_id: str | None) -> bool:
 
 @dataclass(frozen=True)
 class ProvisionalSettings:
-    """How unknown windows become provisional speakers. Defaults measured in docs/calibration.md."""
+    """How unknown windows become provisional speakers. Defaults measured in docs/calibration.md;
+    the cosine bars (join, merge, fold) are the model's ``DecisionValues``."""
 
     enabled: bool = True
     """Cluster unknown speech into provisional speakers; off leaves it anonymous."""
-    join_threshold: float = 0.72
-    """Cosine between a window and a (candidate or provisional) speaker's centroid at which the
-    window joins it. Same-voice window pairs measured a median of 0.77, different voices 0.45
-    (99th percentile 0.68); against a centroid of several windows same-voice scores rise."""
     min_speech_s: float = 3.0
     """Speech (union of window spans) a candidate needs before it becomes a provisional speaker."""
     min_windows: int = 4
     """Windows a candidate needs before it becomes a provisional speaker."""
-    merge_threshold: float = 0.82
-    """Centroid cosine at which two provisional speakers are taken for one voice and merged."""
-    fold_threshold: float = 0.78
-    """Enrolled score of the centroid of a candidate (``fold_min_windows`` or more windows) or of a
-    provisional speaker at which it is that enrolled speaker. Calibrated (docs/calibration.md): for
-    centroids of 2 windows 0.04 % of never-enrolled groups reach it, 6.6 % of enrolled ones miss."""
     fold_min_windows: int = 2
     """Windows a candidate needs before its centroid is compared with enrolled speakers."""
     candidate_expiry_s: float = 30.0
@@ -70,9 +63,6 @@ class ProvisionalSettings:
     """Provisional speakers per session; past this no new one is made (a sign of a bad threshold)."""
 
     def __post_init__(self) -> None:
-        for key in ("join_threshold", "merge_threshold", "fold_threshold"):
-            value = getattr(self, key)
-            check(-1.0 <= value <= 1.0, f"provisional.{key}", value, "must be a cosine in [-1, 1]")
         check(0.5 <= self.min_speech_s <= 60.0, "provisional.min_speech_s", self.min_speech_s, "must be within 0.5 to 60 s")
         check(1 <= self.min_windows <= 200, "provisional.min_windows", self.min_windows, "must be within 1 to 200")
         check(
@@ -195,15 +185,18 @@ def _add_span(spans: list[list[int]], start: int, end: int) -> None:
     spans[:] = merged
 
 
-EnrolledScorer = Callable[[np.ndarray], Any]
-"""Scores one embedding (dim,) against enrolled speakers; returns a ``matcher.Match``."""
+EnrolledScorer = Callable[[np.ndarray], Match]
+"""The verdict for one embedding (dim,) against the enrolled speakers."""
 
 
 class ProvisionalSpeakers:
     """Candidate groups and provisional speakers of one session."""
 
-    def __init__(self, settings: ProvisionalSettings, dim: int, enrolled: EnrolledScorer | None = None) -> None:
+    def __init__(
+        self, settings: ProvisionalSettings, values: DecisionValues, dim: int, enrolled: EnrolledScorer | None = None
+    ) -> None:
         self.settings = settings
+        self.values = values
         self.dim = dim
         self._enrolled = enrolled
         self._lock = threading.RLock()
@@ -228,12 +221,12 @@ class ProvisionalSpeakers:
         with self._lock:
             self._expire(start)
             best, score = self._nearest(vector, self._joinable())
-            if best is not None and score >= self.settings.join_threshold:
+            if best is not None and policy.joins(self.values, score):
                 best.add(vector, start, end, self.settings.max_embeddings)
                 relabels = self._after_growth(best)
                 return Assignment(self._resolve(best.id), score, relabels=relabels)  # type: ignore[arg-type]
             cand, cscore = self._nearest(vector, self._candidates)
-            if cand is None or cscore < self.settings.join_threshold:
+            if cand is None or not policy.joins(self.values, cscore):
                 cand = _Group(None, np.zeros(self.dim))
                 self._candidates.append(cand)
             cand.add(vector, start, end, self.settings.max_embeddings)
@@ -260,7 +253,7 @@ class ProvisionalSpeakers:
         promoted ones stay: their label resolves to the enrolled speaker)."""
         return [g for g in self._speakers.values() if g.id not in self._absorbed]
 
-    def _nearest(self, vector: np.ndarray, groups: Any) -> tuple[_Group | None, float]:
+    def _nearest(self, vector: np.ndarray, groups: Iterable[_Group]) -> tuple[_Group | None, float]:
         best: _Group | None = None
         score = -2.0
         for g in groups:
@@ -278,7 +271,8 @@ class ProvisionalSpeakers:
         if self._enrolled is None:
             return None
         match = self._enrolled(group.centroid.astype(np.float32))
-        if match.known and match.speaker_id is not None and match.score >= self.settings.fold_threshold:
+        if policy.folds(self.values, match):
+            assert match.speaker_id is not None
             return SpeakerRef(match.speaker_id, match.name, True), float(match.score), float(match.margin)
         return None
 
@@ -315,7 +309,7 @@ class ProvisionalSpeakers:
             return (self._set_alias(group.id, enrolled[0], "folded"),)
         others = [g for g in self._joinable() if g is not group and g.id not in self._alias]
         twin, score = self._nearest(group.centroid, others)
-        if twin is None or score < self.settings.merge_threshold:
+        if twin is None or not policy.merges(self.values, score):
             return ()
         keep, gone = (twin, group) if _number(twin.id) < _number(group.id) else (group, twin)
         keep.absorb(gone, self.settings.max_embeddings)

@@ -1,0 +1,172 @@
+"""The decision layer: embedded windows and speech boundaries in, event payloads out, in stream order.
+
+One place decides who is speaking. Each window's ranked candidates become a ``Match`` once
+(``policy.verdict``); a window the matcher names nobody goes to open-set clustering, whose label and
+relabels (merged, folded, a new provisional id) come back here as events; the tracker turns the
+evidence into changes and segments. Nothing here publishes: the pipeline hands what ``process``
+returns to the publisher, so the data walks one way. Not thread-safe: the pipeline serialises
+``process`` and ``relabel`` (a relabel and the events after it must leave in order).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+
+from .. import events as ev
+from ..audio import seconds
+from ..embedding.worker import EmbeddedWindow
+from ..vad import SpeechEnd, SpeechStart
+from . import policy
+from .clustering import ProvisionalSettings, ProvisionalSpeakers, Relabel
+from .evidence import UNKNOWN, Candidate, Match, MatchedWindow
+from .tracker import SpeakerTracker, TrackerSettings
+from .turns import Decision
+from .values import DecisionValues
+
+CAUSES = {"merged": "clustering", "folded": "enrolled_match", "promoted": "control"}
+"""``speaker.merged`` cause of each kind of relabel (a user's rename is ``speaker.renamed``)."""
+
+
+Embedded = EmbeddedWindow | SpeechStart | SpeechEnd
+"""What the embedding worker hands on, in stream order."""
+
+
+class Ranker(Protocol):
+    """Enrolled speakers ranked per embedding, best first (``matcher.SpeakerIndex``)."""
+
+    def rank(self, embeddings: np.ndarray) -> list[list[Candidate]]: ...
+
+
+@dataclass(frozen=True)
+class Decided:
+    """What one batch decided: events to publish, and the regular windows with their evidence."""
+
+    events: list[Decision]
+    windows: list[MatchedWindow] = field(default_factory=list)
+
+
+class DecisionLayer:
+    def __init__(
+        self,
+        values: DecisionValues,
+        tracker: TrackerSettings,
+        provisional: ProvisionalSettings,
+        *,
+        ranker: Ranker,
+        dim: int,
+        hop_samples: int,
+    ) -> None:
+        self.values = values
+        self.ranker = ranker
+        self.tracker = SpeakerTracker(tracker, values, hop_samples)
+        self.provisional = ProvisionalSpeakers(provisional, values, dim, self.verdict)
+        self._last_decided = (0, 0.0)
+        self._region_start = 0
+        """Start of the speech region in progress, for the speech.end event."""
+        self.counters: dict[str, int] = {"changes": 0, "segments": 0, "relabels": 0}
+
+    def swap_ranker(self, ranker: Ranker) -> Ranker:
+        """Rank against ``ranker`` from the next batch on (a reload); returns the old one."""
+        old, self.ranker = self.ranker, ranker
+        return old
+
+    def swap_values(self, values: DecisionValues) -> None:
+        """Decide with ``values`` from now on (a reload); the tracker's and clustering's state stay."""
+        self.values = self.tracker.values = self.provisional.values = values
+
+    def verdict(self, embedding: np.ndarray) -> Match:
+        """One embedding (dim,) against the enrolled speakers."""
+        return policy.verdict(self.values, self.ranker.rank(embedding.reshape(1, -1))[0])
+
+    # -- the worker's side -------------------------------------------------------------------------
+
+    def process(self, items: Sequence[Embedded]) -> Decided:
+        """A batch of embedded windows, or of speech boundaries, from the embedding worker (which
+        never mixes the two in one batch)."""
+        windows = [i for i in items if isinstance(i, EmbeddedWindow)]
+        if windows:
+            return self._windows(windows)
+        out: list[Decision] = []
+        for item in items:
+            self._last_decided = item.decided
+            if isinstance(item, SpeechStart):
+                # a turn's end held over the pause is settled before the next region begins
+                out += self._count(self.tracker.process(item))
+                out.append(Decision(ev.SpeechStart(start=seconds(item.sample)), *item.decided))
+                self._region_start = item.sample
+            elif isinstance(item, SpeechEnd):
+                out += self._count(self.tracker.process(item))
+                out.append(Decision(ev.SpeechEnd(start=seconds(self._region_start), end=seconds(item.sample)), *item.decided))
+        return Decided(out)
+
+    def _windows(self, windows: list[EmbeddedWindow]) -> Decided:
+        rankings = self.ranker.rank(np.stack([w.embedding for w in windows]))
+        out: list[Decision] = []
+        regular: list[MatchedWindow] = []
+        for embedded, ranking in zip(windows, rankings, strict=True):
+            matched = MatchedWindow(embedded.window, policy.verdict(self.values, ranking), embedded.embedding)
+            if embedded.window.probe:  # probes are short-lived evidence for the tracker only
+                matched = self._nearest_provisional(matched)
+            else:
+                matched, relabels = self._open_set(matched)
+                out += relabels
+                regular.append(matched)
+            out += self._count(self.tracker.process(matched))
+        return Decided(out, regular)
+
+    def _open_set(self, mw: MatchedWindow) -> tuple[MatchedWindow, list[Decision]]:
+        """A window no enrolled speaker matched gets a provisional label; clustering's relabels
+        come back as events."""
+        w = mw.window
+        self._last_decided = w.decided
+        if mw.match.known or mw.embedding is None:
+            return mw, []
+        found = self.provisional.observe(mw.embedding, w.start, w.end)
+        if found.label is None:
+            return mw, []
+        out: list[Decision] = []
+        if found.minted:
+            out += self._count(self.tracker.relabel(UNKNOWN, found.label, *w.decided))
+        for r in found.relabels:
+            out += self.relabel(r)
+        margin = policy.label_margin(found.label, found.score, found.margin, mw.match)
+        return replace(mw, label=found.label, label_score=found.score, label_margin=margin), out
+
+    def _nearest_provisional(self, mw: MatchedWindow) -> MatchedWindow:
+        """A probe's nearest provisional speaker, as evidence beside its enrolled match (even a known
+        one: the tracker weighs the two)."""
+        if mw.embedding is None:
+            return mw
+        ref, score = self.provisional.nearest(mw.embedding)
+        if ref is None:
+            return mw
+        return replace(mw, label=ref, label_score=score, label_margin=score - mw.match.score)
+
+    # -- relabels and the end --------------------------------------------------------------------
+
+    def relabel(self, r: Relabel) -> list[Decision]:
+        """``speaker.renamed`` (kind ``renamed``) or ``speaker.merged``, then the tracker's events
+        under the new label, dated at the latest decision."""
+        sample, wall = self._last_decided
+        if r.kind == "renamed":
+            payload: ev.Payload = ev.SpeakerRenamed(old=r.old, new=r.new)
+        else:
+            payload = ev.SpeakerMerged(old=r.old, new=r.new, cause=CAUSES.get(r.kind, r.kind))
+        self.counters["relabels"] += 1
+        return [Decision(payload, sample, wall), *self._count(self.tracker.relabel(r.old, r.new, sample, wall))]
+
+    def flush(self, end: int, wall_time: float) -> list[Decision]:
+        """End of stream: close whatever turn is open."""
+        return self._count(self.tracker.flush(end, wall_time))
+
+    def _count(self, decisions: list[Decision]) -> list[Decision]:
+        for d in decisions:
+            if isinstance(d.payload, ev.SpeakerChange):
+                self.counters["changes"] += 1
+            elif isinstance(d.payload, ev.SpeakerSegment):
+                self.counters["segments"] += 1
+        return decisions

@@ -1,0 +1,215 @@
+"""The model's decision values: every cosine and margin bar the decision layer uses, in one place.
+
+A cosine threshold is a property of the embedding model (docs/calibration.md), so these values live
+in the model bundle's manifest (its ``decision`` section, written by ``speakerd calibrate
+--write-bundle``); the config's ``[decision]`` section overrides any of them. Counts and durations
+that do not depend on the model's cosine scale (``tracker.confirm_windows``, ``provisional.
+min_speech_s``, ...) stay ordinary settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from ..errors import SpeakerdError, check
+
+if TYPE_CHECKING:
+    from ..bundle import ModelBundle
+
+BUNDLE = "bundle"
+CONFIG = "config"
+
+
+class DecisionValuesMissing(SpeakerdError):
+    """A model bundle without calibrated decision values, and a config that does not give them."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class DecisionValues:
+    """Calibrated bars, all on the model's cosine scale. Values in brackets: ge2e-resemblyzer's."""
+
+    threshold: float
+    """A window's speaker score at or above this names that speaker (0.70). Also the bar for a
+    region's last probes to show another enrolled voice's first words (an enrolled voice absent from
+    a tail probe scored at most 0.69 over 434 cases, docs/calibration.md)."""
+    relaxed_threshold: float
+    """Below ``threshold`` but at least this, a window is still named when it leads every other
+    enrolled speaker by ``relaxed_margin`` (0.64; 1.0 turns the rule off; needs 3+ enrolled)."""
+    relaxed_margin: float
+    """See ``relaxed_threshold`` (0.14: never-enrolled windows' margin 99th percentile 0.13)."""
+    uncertain_band: float
+    """A score within this of ``threshold`` (either side) is too close to call: such a window never
+    changes the speaker on its own (0.005)."""
+    uncertain_margin: float
+    """A named window leading the runner-up by less than this is too close to call too (0.01)."""
+    decisive_margin: float
+    """A named window this far ahead of the runner-up changes the speaker at once, and a probe the
+    matcher names needs it to announce a tentative change (0.05)."""
+    tentative_score: float
+    """A weak window (a probe, or one the matcher left unnamed) whose nearest speaker scores at
+    least this ... (0.60)"""
+    tentative_margin: float
+    """... and leads the runner-up by this much is evidence for a tentative change. The same lead
+    places a change point, makes a provisional voice's return count, and lets an enrolled voice
+    interrupt an unnamed one (0.08)."""
+    lead_in_score: float
+    """Weak windows just before a change, nearest the new enrolled voice and scoring at least this,
+    count for it (0.55)."""
+    departure_drop: float
+    """A probe near no enrolled voice that falls this far below the current enrolled speaker's own
+    level is evidence that a voice nobody enrolled took over (0.18)."""
+    join_threshold: float
+    """Cosine between an unnamed window and a group's centroid at which the window joins the group
+    (0.72)."""
+    merge_threshold: float
+    """Centroid cosine at which two provisional speakers are taken for one voice (0.82)."""
+    fold_threshold: float
+    """Enrolled score of a group's centroid at which the group is that enrolled speaker (0.78)."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            check_value(f.name, getattr(self, f.name))
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def to_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+MARGINS = frozenset({"relaxed_margin", "uncertain_band", "uncertain_margin", "decisive_margin", "tentative_margin", "departure_drop"})
+"""Values that are differences of cosines (within 0 to 2); the rest are cosines (within -1 to 1)."""
+
+
+def check_value(key: str, value: object) -> None:
+    """ConfigError naming ``decision.<key>`` unless ``value`` is a number in the key's range."""
+    low, high = (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    check(number and low <= value <= high, f"decision.{key}", value, f"must be a number within {low:g} to {high:g}")  # type: ignore[operator]
+
+
+@dataclass(frozen=True)
+class DecisionOverrides:
+    """The config's ``[decision]`` section: any value set here wins over the model bundle's."""
+
+    threshold: float | None = None
+    relaxed_threshold: float | None = None
+    relaxed_margin: float | None = None
+    uncertain_band: float | None = None
+    uncertain_margin: float | None = None
+    decisive_margin: float | None = None
+    tentative_score: float | None = None
+    tentative_margin: float | None = None
+    lead_in_score: float | None = None
+    departure_drop: float | None = None
+    join_threshold: float | None = None
+    merge_threshold: float | None = None
+    fold_threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        for key, value in self.given().items():
+            check_value(key, value)
+
+    def given(self) -> dict[str, float]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class ResolvedDecision:
+    """The values in force and where each came from (``bundle`` or ``config``)."""
+
+    values: DecisionValues
+    source: Mapping[str, str]
+
+
+def resolve(model: str, bundled: Mapping[str, Any], overrides: DecisionOverrides) -> ResolvedDecision:
+    """The bundle's values with the config's on top; refuses when some value is given by neither."""
+    given = overrides.given()
+    merged = {**bundled, **given}
+    missing = [k for k in DecisionValues.names() if k not in merged]
+    if missing:
+        raise DecisionValuesMissing(
+            f"model {model!r} carries no calibrated decision values ({', '.join(missing)} missing): its cosine "
+            f"scale is its own, so another model's thresholds would be meaningless. Run `speakerd calibrate "
+            f"--known DIR --unknown DIR --write-bundle {model}` (docs/calibration.md), or set every missing "
+            f"value under [decision] in the config"
+        )
+    values = DecisionValues(**{k: merged[k] for k in DecisionValues.names()})
+    return ResolvedDecision(values, {k: CONFIG if k in given else BUNDLE for k in DecisionValues.names()})
+
+
+def for_bundle(bundle: ModelBundle, overrides: DecisionOverrides) -> ResolvedDecision:
+    """The values a pipeline runs ``bundle`` with (see ``resolve``)."""
+    return resolve(bundle.name, bundle.decision, overrides)
+
+
+MOVED = {
+    ("matching", "threshold"): "threshold",
+    ("matching", "relaxed_threshold"): "relaxed_threshold",
+    ("matching", "relaxed_margin"): "relaxed_margin",
+    ("matching", "uncertain_band"): "uncertain_band",
+    ("matching", "uncertain_margin"): "uncertain_margin",
+    ("tracker", "decisive_margin"): "decisive_margin",
+    ("tracker", "tentative_score"): "tentative_score",
+    ("tracker", "tentative_margin"): "tentative_margin",
+    ("tracker", "lead_in_score"): "lead_in_score",
+    ("tracker", "departure_drop"): "departure_drop",
+    ("tracker", "tail_score"): "threshold",
+    ("provisional", "join_threshold"): "join_threshold",
+    ("provisional", "merge_threshold"): "merge_threshold",
+    ("provisional", "fold_threshold"): "fold_threshold",
+}
+"""Config keys that became the model's decision values: where each went (``[decision]``)."""
+
+
+def check_bundled(values: Mapping[str, Any], where: str) -> dict[str, float]:
+    """A manifest's ``decision`` section, checked: known names, numbers in range (may be partial)."""
+    from ..bundle import BundleError
+
+    if not isinstance(values, Mapping):
+        raise BundleError(f"{where}: 'decision' must be an object of named values")
+    unknown = sorted(set(values) - set(DecisionValues.names()))
+    if unknown:
+        raise BundleError(f"{where}: unknown decision values {', '.join(unknown)}; known: {', '.join(DecisionValues.names())}")
+    for key, value in values.items():
+        try:
+            check_value(key, value)
+        except SpeakerdError as e:
+            raise BundleError(f"{where}: {e}") from None
+    return {k: float(v) for k, v in values.items()}
+
+
+def describe(bundle: ModelBundle, overrides: DecisionOverrides) -> str:
+    """``speakerd models show``: the bundle, its decision values and where each comes from."""
+    given = overrides.given()
+    artifacts = ", ".join(f"{k}{'' if bundle.artifact(k) else ' (not built)'}" for k in bundle.artifacts) or "none"
+    lines = [
+        f"{bundle.name}  {bundle.fingerprint}",
+        f"  {bundle.path}",
+        *([f"  {bundle.description}"] if bundle.description else []),
+        f"  {bundle.sample_rate} Hz, {bundle.embedding_dim}-d embeddings, {bundle.features.num_mel_bins} mel bins; artifacts: {artifacts}",
+        "decision values:",
+    ]
+    missing = []
+    for key in DecisionValues.names():
+        if key in given:
+            value, source = given[key], CONFIG + (f" (bundle: {bundle.decision[key]:g})" if key in bundle.decision else "")
+        elif key in bundle.decision:
+            value, source = bundle.decision[key], BUNDLE
+        else:
+            missing.append(key)
+            lines.append(f"  {key:<18} {'-':>7}  missing")
+            continue
+        lines.append(f"  {key:<18} {value:7.3f}  {source}")
+    if missing:
+        lines.append(
+            f"the daemon refuses to start with this model: run `speakerd calibrate --known DIR --unknown DIR "
+            f"--write-bundle {bundle.name}`, or set {', '.join(missing)} under [decision]"
+        )
+    return "\n".join(lines)
