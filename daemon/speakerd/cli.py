@@ -233,7 +233,23 @@ def cmd_listen(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_in(argv: Sequence[str]) -> str:
+    """The sub-command ``argv`` names: the first word that is not an option (global options take no
+    value), or "" when there is none (``speakerd --help``)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command with every option; with ``only``, the options of that command alone.
+
+    A command's options can come from its own module (eval, bench, calibrate, listen, service, model
+    conversion), and importing them all costs 0.4 s (the evaluation imports scipy.optimize): ``main``
+    builds only the command it runs, so ``speakerd run --help`` starts in a tenth of that.
+    """
+
+    def wanted(command: str) -> bool:
+        return only is None or only == command
+
     parser = argparse.ArgumentParser(
         prog="speakerd",
         description="Listens to the microphone and tells subscribers, as it happens, who is speaking.",
@@ -314,9 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     speakers.set_defaults(func=cmd_speakers)
 
     listen = sub.add_parser("listen", help="print events from a running daemon (the reference subscriber)")
-    from .listen import add_listen_arguments
+    if wanted("listen"):
+        from .listen import add_listen_arguments
 
-    add_listen_arguments(listen)
+        add_listen_arguments(listen)
     listen.set_defaults(func=cmd_listen)
 
     service = sub.add_parser(
@@ -324,13 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="install, uninstall or check the login service (launchd agent on macOS, systemd user unit elsewhere)",
         description="Run speakerd at login as a user service that restarts it after a crash, not after a clean exit.",
     )
-    from .service import add_service_arguments
+    if wanted("service"):
+        from .service import add_service_arguments
 
-    add_service_arguments(service)
+        add_service_arguments(service)
     service.set_defaults(func=cmd_service)
-
-    from .bench import add_bench_arguments
-    from .evaluation.evaluate import add_eval_arguments
 
     evaluate = sub.add_parser(
         "eval",
@@ -339,10 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
         "other clips, run the real pipeline through the file source and report DER, identification, "
         "change and latency figures as JSON, Markdown and plots.",
     )
-    add_eval_arguments(evaluate)
+    if wanted("eval"):
+        from .evaluation.evaluate import add_eval_arguments
+
+        add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="measure the cost of every stage, real-time factor, ms per window, CPU and memory")
-    add_bench_arguments(bench)
+    if wanted("bench"):
+        from .bench import add_bench_arguments
+
+        add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
     calibrate = sub.add_parser(
@@ -351,10 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Enroll known people in memory, score held-out and never-enrolled recordings, "
         "print false-accept / false-reject tables and write the chosen thresholds (see docs/calibration.md).",
     )
-    from .calibrate import add_calibrate_arguments
+    if wanted("calibrate"):
+        from .calibrate import add_calibrate_arguments
 
-    add_calibrate_arguments(calibrate)
-    _add_common(calibrate, store=False)
+        add_calibrate_arguments(calibrate)
+        _add_common(calibrate, store=False)
     calibrate.set_defaults(func=cmd_calibrate)
 
     keys = sub.add_parser("keys", help="generate CURVE keys for non-loopback endpoints")
@@ -375,13 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="bundle directory (default models/NAME)")
     p = msub.add_parser("convert", help="convert a checkpoint into a bundle (ONNX + CoreML + manifest)")
     p.add_argument("family", choices=("wespeaker",))
-    from .models.wespeaker.convert import add_convert_arguments
-    from .models.wespeaker.fetch import add_fetch_arguments
+    fetch = msub.add_parser("fetch", help="download an official checkpoint and convert it (needs internet)")
+    fetch.add_argument("name", choices=("wespeaker-resnet34",))
+    if wanted("models"):
+        from .models.wespeaker.convert import add_convert_arguments
+        from .models.wespeaker.fetch import add_fetch_arguments
 
-    add_convert_arguments(p)
-    p = msub.add_parser("fetch", help="download an official checkpoint and convert it (needs internet)")
-    p.add_argument("name", choices=("wespeaker-resnet34",))
-    add_fetch_arguments(p)
+        add_convert_arguments(p)
+        add_fetch_arguments(fetch)
     models.set_defaults(func=cmd_models)
     return parser
 
@@ -392,7 +415,8 @@ def _configure_logging(verbose: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=command_in(argv))
     args = parser.parse_args(argv)
     _configure_logging(-1 if args.quiet else args.verbose)
     try:
