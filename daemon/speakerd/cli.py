@@ -190,15 +190,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .models.build import build_model, list_models
 
     if args.action == "list":
-        rows = list_models()
-        for row in rows:
-            state = "built" if row.get("built") else "not built"
-            print(f"{row['name']:<24} {state:<10} {row.get('fingerprint', '')}  {row.get('description', '')}")
-        if not rows:
-            print("no model bundles found")
+        for row in list_models():
+            print(format_model_row(row))
         return 0
     if args.action == "build":
-        bundle = build_model(args.name, Path(args.out) if args.out else None)
+        bundle = build_model(args.name, Path(args.out) if args.out else None, coreml=args.coreml)
         print(f"built {bundle.name} in {bundle.path} ({bundle.fingerprint})")
         return 0
     if args.action == "convert":
@@ -210,6 +206,28 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         return main_fetch(args)
     raise AssertionError(args.action)
+
+
+def format_model_row(row: dict[str, Any]) -> str:
+    """A model's name and state on its first line (scripts/setup greps ``^NAME *built``), then what it
+    is and the command that builds it."""
+    from .bundle import DEFAULT_MODEL
+
+    built = [kind for kind, present in row["artifacts"].items() if present]
+    state = "broken" if row.get("error") else ("built" if row["built"] else "not built")
+    head = f"{row['name']:<24} {state:<10}"
+    if built:
+        head += f" {'+'.join(built):<12} {row['fingerprint']}"
+    if row["name"] == DEFAULT_MODEL:
+        head += "  (default)"
+    lines = [head.rstrip()]
+    if row["description"]:
+        lines.append(f"    {row['description']}")
+    if row.get("error"):
+        lines.append(f"    {row['error']}")
+    verb = "rebuild" if row["built"] else "build"
+    lines.append(f"    {verb}: {row['get']}" if row["get"] else "    a bundle of your own (not built by speakerd)")
+    return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -391,10 +409,15 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list, build, convert or fetch model bundles")
     msub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
-    msub.add_parser("list", help="list model bundles and whether they are built")
+    msub.add_parser("list", help="every known model, whether it is built, and the command that builds it")
     p = msub.add_parser("build", help="build a bundle from its packaged source (e.g. ge2e-resemblyzer)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--out", metavar="DIR", help="bundle directory (default models/NAME)")
+    p.add_argument(
+        "--coreml",
+        action=argparse.BooleanOptionalAction,
+        help="also convert the CoreML packages (default: on macOS only; Linux cannot run them, and they take minutes)",
+    )
     p = msub.add_parser("convert", help="convert a checkpoint into a bundle (ONNX + CoreML + manifest)")
     p.add_argument("family", choices=("wespeaker",))
     fetch = msub.add_parser("fetch", help="download an official checkpoint and convert it (needs internet)")
@@ -412,6 +435,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def _configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else (logging.INFO if verbose == 0 else logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # faiss logs four INFO lines about CPU instruction sets at every start; they say nothing to act on
+    logging.getLogger("faiss.loader").setLevel(max(level, logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
