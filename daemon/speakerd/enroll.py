@@ -131,10 +131,16 @@ def prepare_enrollment(
     files: list[FileEmbeddings] = []
     for path in paths:
         windows, speech_s = file_windows(Path(path), settings, features)
-        if speech_s < es.min_file_speech_s or not windows:
+        if speech_s < es.min_file_speech_s:
             raise EnrollError(
-                f"{path}: only {speech_s:.1f} s of speech found ({len(windows)} usable windows); "
-                f"each file needs at least {es.min_file_speech_s:.1f} s of clear speech"
+                f"{path}: only {speech_s:.2f} s of speech found; each file needs at least "
+                f"{es.min_file_speech_s:.2f} s of clear speech (a few sentences make a better voiceprint)"
+            )
+        if not windows:
+            raise EnrollError(
+                f"{path}: {speech_s:.2f} s of speech found, but no stretch of it is long enough to embed: "
+                f"each file needs at least one stretch of {settings.windows.first_length_s:.2f} s of speech "
+                f"without a pause"
             )
         files.append(FileEmbeddings(Path(path), embed_windows(windows, embed), speech_s, windows))
         if progress is not None:
