@@ -114,3 +114,14 @@ def test_a_bundle_without_its_model_file_is_exit_2_and_names_the_build(tmp_path:
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "run `speakerd models build ge2e-resemblyzer`" in proc.stderr
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`speakerd models list | head -1` (and scripts/setup's grep -q) must not end in BrokenPipeError."""
+    proc = subprocess.Popen([sys.executable, "-m", "speakerd.cli", "models", "list"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_models_env(tmp_path))
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 0
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
