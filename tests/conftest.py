@@ -1,4 +1,6 @@
-"""Shared fixtures: real speech from ../shared, found through one place."""
+"""Shared fixtures: real speech from ../shared, found through one place, and a user environment of
+the suite's own, so a speakerd the user runs (the service the README installs) and the daemons the
+tests start never meet."""
 
 from __future__ import annotations
 
@@ -10,6 +12,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRISPEECH = Path(os.environ.get("SPEAKERD_LIBRISPEECH", REPO.parent / "shared" / "data" / "librispeech"))
+
+
+USER_DIRS = ("HOME", "XDG_DATA_HOME", "XDG_RUNTIME_DIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")
+"""Where speakerd finds its store, control socket, keys, service files and caches by default."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_user_dirs(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """Point every default location at the session's own folders, for the tests and every daemon they
+    start (subprocesses inherit the environment): a test's default store, control socket, keys and
+    service files are never the user's. Publish endpoints do not come from these folders: the tests
+    give their own (daemon_harness adds an ephemeral one to a `run` that names none)."""
+    root = tmp_path_factory.mktemp("user")
+    with pytest.MonkeyPatch.context() as mp:
+        for name in USER_DIRS:
+            folder = root / name.lower()
+            folder.mkdir(mode=0o700)
+            mp.setenv(name, str(folder))
+        yield root
 
 
 @pytest.fixture(scope="session")

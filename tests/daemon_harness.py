@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +27,31 @@ CLI_TIMEOUT_S = 300.0
 ENROLL_CLIPS = 3
 
 
+OWN_PUB = "tcp://127.0.0.1:*"
+"""The ephemeral publish endpoint of a test daemon that names none: never the user's 5560."""
+
+
+def isolated(args: tuple[str, ...]) -> list[str]:
+    """``args`` with ``--pub`` set for a ``run`` that sets no publish endpoint (by flag or --config).
+    The control socket and store need nothing: their defaults are the session's (conftest)."""
+    if args[:1] != ("run",) or "--pub" in args:
+        return list(args)
+    if "--config" in args:
+        config = Path(args[args.index("--config") + 1])
+        try:
+            if tomllib.loads(config.read_text()).get("publish", {}).get("endpoint"):
+                return list(args)
+        except (OSError, tomllib.TOMLDecodeError):
+            return list(args)  # the daemon reports a bad --config itself, before it binds anything
+    return [*args, "--pub", OWN_PUB]
+
+
 def speakerd(*args: str, timeout: float = CLI_TIMEOUT_S, check: bool = True) -> subprocess.CompletedProcess[str]:
     """The CLI as a user runs it (same interpreter, package from this checkout)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "daemon") + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run(
-        [sys.executable, "-m", "speakerd.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+        [sys.executable, "-m", "speakerd.cli", *isolated(args)], capture_output=True, text=True, timeout=timeout, env=env
     )
     if check and proc.returncode != 0:
         raise AssertionError(f"speakerd {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
@@ -41,7 +61,7 @@ def speakerd(*args: str, timeout: float = CLI_TIMEOUT_S, check: bool = True) -> 
 def popen_speakerd(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO / "daemon") + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.Popen([sys.executable, "-m", "speakerd.cli", *args], text=True, env=env, **kwargs)
+    return subprocess.Popen([sys.executable, "-m", "speakerd.cli", *isolated(args)], text=True, env=env, **kwargs)
 
 
 @dataclass(frozen=True)

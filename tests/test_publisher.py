@@ -417,7 +417,7 @@ def listen_handshake(send: Callable[[], None], out: Lines) -> None:
 
 
 def test_listen_prints_readable_lines_from_a_real_publisher():
-    with EventPublisher(settings()) as pub, Listener(pub.bound_endpoint, as_json=False) as lis:
+    with EventPublisher(settings()) as pub, Listener(pub.bound_endpoint, as_json=False, verbose=True) as lis:
         listen_handshake(lambda: pub.publish(STATUS, stream_time=0.0, wall_time=1.0), lis.out)
         pub.publish(CHANGE, stream_time=12.34, wall_time=2.0)
         pub.publish(SEGMENT, stream_time=15.1, wall_time=2.0)
@@ -446,7 +446,7 @@ def test_listen_reports_seq_gaps_and_survives_malformed_messages(ctx, as_json):
             seq += 1
             raw.send_multipart(raw_event(STATUS, seq))
 
-        with Listener(endpoint, as_json=as_json) as lis:
+        with Listener(endpoint, as_json=as_json, verbose=True) as lis:
             listen_handshake(send_next, lis.out)
             raw.send_multipart([b"speaker.change", b"{not json"])
             raw.send_multipart([b"speaker.change"])

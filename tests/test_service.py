@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import configparser
 import plistlib
+import shlex
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -174,3 +176,42 @@ def test_the_program_is_absolute_and_a_missing_config_is_refused(tmp_path: Path)
     assert Path(spec.program[0]).is_absolute() and spec.program[-1] == "run"
     with pytest.raises(ServiceError, match="--config .*nowhere.toml: no such file"):
         build_spec(str(tmp_path / "nowhere.toml"), None, home=tmp_path)
+
+
+def _exec_start(unit: str) -> tuple[list[str], dict[str, str]]:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string(unit)
+    env = dict(line.strip('"').split("=", 1) for line in parser["Service"].get("Environment", "").splitlines() if line)
+    return shlex.split(parser["Service"]["ExecStart"]), env
+
+
+def test_a_venv_speakerd_run_without_activating_the_venv_installs_itself(tmp_path: Path) -> None:
+    """Issue 18: `.venv/bin/speakerd service install` with the venv not on PATH wrote the base
+    interpreter (python3.11 -m speakerd.cli), which cannot import speakerd's dependencies."""
+    venv_bin = Path(sys.executable).absolute().parent
+    if not (venv_bin / "speakerd").is_file():
+        pytest.skip(f"no speakerd entry point in {venv_bin} (pip install -e . makes it)")
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "daemon")}
+    proc = subprocess.run([str(venv_bin / "speakerd"), "service", "install", "--dry-run", "--kind", "systemd"],
+                          capture_output=True, text=True, env=env, timeout=60, check=True)
+    unit = proc.stdout.split("write ", 1)[1].split(":\n", 1)[1]
+    command, unit_env = _exec_start("\n".join(line[4:] for line in unit.splitlines() if line.startswith("    ")))
+    assert command[1:] == ["run"] and Path(command[0]).name == "speakerd"
+    assert Path(command[0]).parent.resolve() == venv_bin.resolve()  # the venv's own entry point
+    # what the service manager will start, in the environment the unit gives it, can import speakerd
+    # and its dependencies (numpy, through the model list)
+    check = subprocess.run([command[0], "models", "list"], capture_output=True, text=True, timeout=60,
+                           env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin", **unit_env})
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.startswith("ge2e-resemblyzer")
+
+
+def test_without_an_entry_point_the_venv_interpreter_is_kept_unresolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    venv_python = tmp_path / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(Path(sys.executable).resolve())
+    monkeypatch.setattr(sys, "executable", str(venv_python))
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    spec = build_spec(None, None, home=tmp_path)
+    assert spec.program == (str(venv_python), "-m", "speakerd.cli", "run")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .decisions.values import check_bundled
+from .errors import SpeakerdError
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,40 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 
 
-class BundleError(Exception):
-    """A model bundle is missing, incomplete or inconsistent."""
+class BundleError(SpeakerdError):
+    """A model bundle is missing, incomplete or inconsistent: the user chose or must build another
+    (exit 2, as for any setting they can fix)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """A model speakerd knows how to get, built or not."""
+
+    description: str
+    get: str
+    """The command (or commands) that build its bundle."""
+
+
+DEFAULT_MODEL = "ge2e-resemblyzer"
+KNOWN_MODELS: dict[str, KnownModel] = {
+    DEFAULT_MODEL: KnownModel(
+        "GE2E d-vector encoder from Resemblyzer 0.1.4 (3-layer LSTM, 256-d, LibriSpeech + VoxCeleb)",
+        f"speakerd models build {DEFAULT_MODEL}",
+    ),
+    "wespeaker-resnet34": KnownModel(
+        "WeSpeaker ResNet34 (VoxCeleb, EER 0.8 %, 256-d); see docs/wespeaker.md",
+        "speakerd models fetch wespeaker-resnet34 (downloads the checkpoint), "
+        "or offline: speakerd models convert wespeaker --checkpoint PATH",
+    ),
+}
+"""Every model `speakerd models list` shows, and the command that builds each."""
+
+
+def how_to_get(name: str) -> str:
+    known = KNOWN_MODELS.get(name)
+    return known.get if known is not None else f"speakerd models build {name}"
 
 
 @dataclass(frozen=True)
@@ -110,7 +143,7 @@ class ModelBundle:
         if path is None:
             raise BundleError(
                 f"model {self.name!r} has no built {kind} artifact in {self.path}; "
-                f"run `speakerd models build {self.name}`"
+                f"run `{how_to_get(self.name)}`"
             )
         return path
 
@@ -223,4 +256,10 @@ def resolve_bundle(name_or_dir: str) -> ModelBundle:
     named = models_root() / name_or_dir
     if named.is_dir():
         return load_bundle(named)
-    raise BundleError(f"no model {name_or_dir!r}: not a directory and not a bundle in {models_root()}")
+    if name_or_dir in KNOWN_MODELS:
+        raise BundleError(f"model {name_or_dir!r} is not built yet (no bundle in {models_root()}); "
+                          f"build it with: {how_to_get(name_or_dir)}")
+    raise BundleError(
+        f"no model {name_or_dir!r}: not a directory and not a bundle in {models_root()}; known models: "
+        f"{', '.join(KNOWN_MODELS)} (`speakerd models list` shows which are built and how to build the others)"
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from contextlib import ExitStack
@@ -235,12 +236,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .models.build import build_model, list_models
 
     if args.action == "list":
-        rows = list_models()
-        for row in rows:
-            state = "built" if row.get("built") else "not built"
-            print(f"{row['name']:<24} {state:<10} {row.get('fingerprint', '')}  {row.get('description', '')}")
-        if not rows:
-            print("no model bundles found")
+        for row in list_models():
+            print(format_model_row(row))
         return 0
     if args.action == "show":
         from .bundle import resolve_bundle
@@ -249,7 +246,7 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(describe(resolve_bundle(args.name), _settings(args).decision))
         return 0
     if args.action == "build":
-        bundle = build_model(args.name, Path(args.out) if args.out else None)
+        bundle = build_model(args.name, Path(args.out) if args.out else None, coreml=args.coreml)
         print(f"built {bundle.name} in {bundle.path} ({bundle.fingerprint})")
         return 0
     if args.action == "convert":
@@ -261,6 +258,28 @@ def cmd_models(args: argparse.Namespace) -> int:
 
         return main_fetch(args)
     raise AssertionError(args.action)
+
+
+def format_model_row(row: dict[str, Any]) -> str:
+    """A model's name and state on its first line (scripts/setup greps ``^NAME *built``), then what it
+    is and the command that builds it."""
+    from .bundle import DEFAULT_MODEL
+
+    built = [kind for kind, present in row["artifacts"].items() if present]
+    state = "broken" if row.get("error") else ("built" if row["built"] else "not built")
+    head = f"{row['name']:<24} {state:<10}"
+    if built:
+        head += f" {'+'.join(built):<12} {row['fingerprint']}"
+    if row["name"] == DEFAULT_MODEL:
+        head += "  (default)"
+    lines = [head.rstrip()]
+    if row["description"]:
+        lines.append(f"    {row['description']}")
+    if row.get("error"):
+        lines.append(f"    {row['error']}")
+    verb = "rebuild" if row["built"] else "build"
+    lines.append(f"    {verb}: {row['get']}" if row["get"] else "    a bundle of your own (not built by speakerd)")
+    return "\n".join(lines)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -284,7 +303,23 @@ def cmd_listen(args: argparse.Namespace) -> int:
 # -- parser ---------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_in(argv: Sequence[str]) -> str:
+    """The sub-command ``argv`` names: the first word that is not an option (global options take no
+    value), or "" when there is none (``speakerd --help``)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """Every command with every option; with ``only``, the options of that command alone.
+
+    A command's options can come from its own module (eval, bench, calibrate, listen, service, model
+    conversion), and importing them all costs 0.4 s (the evaluation imports scipy.optimize): ``main``
+    builds only the command it runs, so ``speakerd run --help`` starts in a tenth of that.
+    """
+
+    def wanted(command: str) -> bool:
+        return only is None or only == command
+
     parser = argparse.ArgumentParser(
         prog="speakerd",
         description="Listens to the microphone and tells subscribers, as it happens, who is speaking.",
@@ -377,9 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     speakers.set_defaults(func=cmd_speakers)
 
     listen = sub.add_parser("listen", help="print events from a running daemon (the reference subscriber)")
-    from .listen import add_listen_arguments
+    if wanted("listen"):
+        from .listen import add_listen_arguments
 
-    add_listen_arguments(listen)
+        add_listen_arguments(listen)
     listen.set_defaults(func=cmd_listen)
 
     service = sub.add_parser(
@@ -387,13 +423,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="install, uninstall or check the login service (launchd agent on macOS, systemd user unit elsewhere)",
         description="Run speakerd at login as a user service that restarts it after a crash, not after a clean exit.",
     )
-    from .service import add_service_arguments
+    if wanted("service"):
+        from .service import add_service_arguments
 
-    add_service_arguments(service)
+        add_service_arguments(service)
     service.set_defaults(func=cmd_service)
-
-    from .bench import add_bench_arguments
-    from .evaluation.evaluate import add_eval_arguments
 
     evaluate = sub.add_parser(
         "eval",
@@ -402,10 +436,16 @@ def build_parser() -> argparse.ArgumentParser:
         "other clips, run the real pipeline through the file source and report DER, identification, "
         "change and latency figures as JSON, Markdown and plots.",
     )
-    add_eval_arguments(evaluate)
+    if wanted("eval"):
+        from .evaluation.evaluate import add_eval_arguments
+
+        add_eval_arguments(evaluate)
     evaluate.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="measure the cost of every stage, real-time factor, ms per window, CPU and memory")
-    add_bench_arguments(bench)
+    if wanted("bench"):
+        from .bench import add_bench_arguments
+
+        add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
     calibrate = sub.add_parser(
@@ -414,10 +454,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Enroll known people in memory, score held-out and never-enrolled recordings, "
         "print false-accept / false-reject tables and write the chosen thresholds (see docs/calibration.md).",
     )
-    from .calibrate import add_calibrate_arguments
+    if wanted("calibrate"):
+        from .calibrate import add_calibrate_arguments
 
-    add_calibrate_arguments(calibrate)
-    _add_common(calibrate, store=False)
+        add_calibrate_arguments(calibrate)
+        _add_common(calibrate, store=False)
     calibrate.set_defaults(func=cmd_calibrate)
 
     keys = sub.add_parser("keys", help="generate CURVE keys for non-loopback endpoints")
@@ -432,22 +473,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list, build, convert or fetch model bundles")
     msub = models.add_subparsers(dest="action", required=True, metavar="ACTION")
-    msub.add_parser("list", help="list model bundles and whether they are built")
+    msub.add_parser("list", help="every known model, whether it is built, and the command that builds it")
     p = msub.add_parser("show", help="a bundle, its decision values and where each comes from (bundle or config)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--config", metavar="F", help="TOML settings file whose [decision] values override the bundle's")
     p = msub.add_parser("build", help="build a bundle from its packaged source (e.g. ge2e-resemblyzer)")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--out", metavar="DIR", help="bundle directory (default models/NAME)")
+    p.add_argument(
+        "--coreml",
+        action=argparse.BooleanOptionalAction,
+        help="also convert the CoreML packages (default: on macOS only; Linux cannot run them, and they take minutes)",
+    )
     p = msub.add_parser("convert", help="convert a checkpoint into a bundle (ONNX + CoreML + manifest)")
     p.add_argument("family", choices=("wespeaker",))
-    from .models.wespeaker.convert import add_convert_arguments
-    from .models.wespeaker.fetch import add_fetch_arguments
+    fetch = msub.add_parser("fetch", help="download an official checkpoint and convert it (needs internet)")
+    fetch.add_argument("name", choices=("wespeaker-resnet34",))
+    if wanted("models"):
+        from .models.wespeaker.convert import add_convert_arguments
+        from .models.wespeaker.fetch import add_fetch_arguments
 
-    add_convert_arguments(p)
-    p = msub.add_parser("fetch", help="download an official checkpoint and convert it (needs internet)")
-    p.add_argument("name", choices=("wespeaker-resnet34",))
-    add_fetch_arguments(p)
+        add_convert_arguments(p)
+        add_fetch_arguments(fetch)
     models.set_defaults(func=cmd_models)
     return parser
 
@@ -455,10 +502,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose < 0 else (logging.INFO if verbose == 0 else logging.DEBUG)
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # faiss logs four INFO lines about CPU instruction sets at every start; they say nothing to act on
+    logging.getLogger("faiss.loader").setLevel(max(level, logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=command_in(argv))
     args = parser.parse_args(argv)
     _configure_logging(-1 if args.quiet else args.verbose)
     try:
@@ -471,6 +521,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `speakerd models list | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 0
 
 
 if __name__ == "__main__":

@@ -150,10 +150,16 @@ def prepare_enrollment(
     files: list[FileEmbeddings] = []
     for path in paths:
         windows, speech_s, audio = file_speech(Path(path), settings, features)
-        if speech_s < es.min_file_speech_s or not windows:
+        if speech_s < es.min_file_speech_s:
             raise EnrollError(
-                f"{path}: only {speech_s:.1f} s of speech found ({len(windows)} usable windows); "
-                f"each file needs at least {es.min_file_speech_s:.1f} s of clear speech"
+                f"{path}: only {speech_s:.2f} s of speech found; each file needs at least "
+                f"{es.min_file_speech_s:.2f} s of clear speech (a few sentences make a better voiceprint)"
+            )
+        if not windows:
+            raise EnrollError(
+                f"{path}: {speech_s:.2f} s of speech found, but no stretch of it is long enough to embed: "
+                f"each file needs at least one stretch of {settings.windows.first_length_s:.2f} s of speech "
+                f"without a pause"
             )
         embeddings = embed_windows(windows, embed)
         refusal = speech_evidence(audio, embeddings, es.speech_check).refusal(es.speech_check)

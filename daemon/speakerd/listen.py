@@ -1,7 +1,8 @@
 """``speakerd listen``: the reference subscriber, and a way to watch a running daemon.
 
-Prints one line per event (or the raw JSON with ``--json``), reports lost events (seq gaps) and
-malformed messages on stderr so JSON output stays clean, and keeps going after either.
+Prints who speaks, finished turns and problems (every event with every figure with ``-v``, the raw
+JSON with ``--json``), reports lost events (seq gaps) and malformed messages on stderr so JSON
+output stays clean, and keeps going after either.
 """
 
 from __future__ import annotations
@@ -100,6 +101,58 @@ def format_event(event: dict[str, Any]) -> str:
     )
 
 
+PROBLEM_COUNTERS = (
+    "overflows", "dropped_blocks", "dropped_windows", "dropped_events", "embed_errors", "device_errors", "reload_errors",
+)  # fmt: skip
+"""Status counters whose growth a person watching should see: audio, windows or events lost, errors."""
+
+
+class Digest:
+    """The readable view without ``-v``: who speaks (changes, and tentative ones withdrawn), finished
+    turns, renames and merges, and problems (a problem counter that grew since the last status).
+    Speech regions, heartbeats and the status counters are for ``-v`` and ``--json``."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, int] = {}
+        self._session: str | None = None
+
+    def line(self, event: dict[str, Any]) -> str | None:
+        """The line to print for ``event``, or None; EventError if a known type has a bad payload."""
+        t = f"{event['stream_time']:7.2f}s"
+        if event["type"] not in PAYLOAD_TYPES:
+            return format_event(event)
+        payload = decode_payload(event)
+        if isinstance(payload, SpeakerChange):
+            if payload.previous is not None and payload.previous.id == payload.speaker.id:
+                return f"{t}  change   withdrawn: still {payload.speaker.label}"
+            line = f"{t}  change   {payload.speaker.label}"
+            if payload.previous is not None:
+                line += f" <- {payload.previous.label}"
+            return line + ("  [tentative]" if payload.tentative else "")
+        if isinstance(payload, SpeakerSegment):
+            return f"{t}  segment  {payload.speaker.label}  {payload.start:.2f}-{payload.end:.2f}s"
+        if isinstance(payload, (SpeakerRenamed, SpeakerMerged)):
+            return format_event(event)
+        if isinstance(payload, Status):
+            return self._problems(t, event["session"], payload)
+        return None  # speech.start / speech.end / heartbeat
+
+    def _problems(self, t: str, session: str, status: Status) -> str | None:
+        if session != self._session:  # a restarted daemon counts from zero again
+            self._session, self._seen = session, {}
+        grew = []
+        for name in PROBLEM_COUNTERS:
+            now = status.counters.get(name, 0)
+            if now > self._seen.get(name, 0):
+                grew.append(f"{name} +{now - self._seen.get(name, 0)} ({now} in all)")
+            self._seen[name] = now
+        down = status.counters.get("device_down", 0)
+        if down != self._seen.get("device_down", 0):
+            grew.append("microphone lost, reopening it" if down else "microphone back")
+        self._seen["device_down"] = down
+        return f"{t}  problem  {', '.join(grew)}" if grew else None
+
+
 def _json_line(raw: bytes, event: dict[str, Any]) -> str:
     """The raw JSON as received, unless it spans lines (another producer's pretty-printing)."""
     text = raw.decode("utf-8")
@@ -117,11 +170,14 @@ def listen(
     max_events: int | None = None,
     context: zmq.Context | None = None,
     curve: Any = None,
+    verbose: bool = False,
 ) -> int:
     """Subscribe to ``endpoint`` and print events until ``stop``, ``max_events`` or Ctrl-C; returns 0.
 
-    ``out``/``err`` default to sys.stdout/sys.stderr at call time. Seq gaps are only reported when
-    subscribed to every topic: with a prefix filter, the events filtered out leave gaps too.
+    Readable output is the :class:`Digest` of the events, or with ``verbose`` one line per event
+    with every figure. ``max_events`` counts events received, printed or not. ``out``/``err``
+    default to sys.stdout/sys.stderr at call time. Seq gaps are only reported when subscribed to
+    every topic: with a prefix filter, the events filtered out leave gaps too.
     """
     check(is_valid_endpoint(endpoint), "listen.sub", endpoint, "must look like tcp://host:port, ipc://path or inproc://name")
     out = sys.stdout if out is None else out
@@ -130,6 +186,7 @@ def listen(
     ctx = context if context is not None else zmq.Context()
     received = 0
     tracker = SeqTracker()
+    digest = None if as_json or verbose else Digest()
     try:
         with ctx.socket(zmq.SUB) as sock:
             sock.setsockopt(zmq.LINGER, 0)
@@ -151,14 +208,18 @@ def listen(
                     event = parse_event(frames[0], frames[1])
                     if event["type"] in PAYLOAD_TYPES:
                         decode_payload(event)  # a known type must carry a valid payload, in both modes
-                    line = _json_line(frames[1], event) if as_json else format_event(event)
+                    if as_json:
+                        line: str | None = _json_line(frames[1], event)
+                    else:
+                        line = format_event(event) if digest is None else digest.line(event)
                 except EventError as e:
                     print(f"malformed event skipped: {e}", file=err, flush=True)
                     continue
                 note = tracker.see(event["session"], event["seq"]) if track_loss else None
                 if note:
                     print(note, file=err, flush=True)
-                print(line, file=out, flush=True)
+                if line is not None:
+                    print(line, file=out, flush=True)
                 received += 1
     except KeyboardInterrupt:
         pass
@@ -181,6 +242,14 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"the daemon's publish endpoint (default: publish.endpoint of --config, else {PublishSettings().endpoint})",
     )
     parser.add_argument("--json", action="store_true", help="print each event as its raw JSON line")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS,  # `speakerd -v listen` counts too
+        help="one line per event with every figure: scores, margins, speech regions, heartbeats and "
+        "status counters (default: changes, segments and problems only)",
+    )
     parser.add_argument(
         "--topic",
         action="append",
@@ -215,7 +284,8 @@ def listen_target(args: argparse.Namespace) -> tuple[str, Any]:
 
 def main_listen(args: argparse.Namespace) -> int:
     endpoint, curve = listen_target(args)
-    return listen(endpoint, as_json=args.json, topics=tuple(args.topic or ("",)), max_events=args.max_events, curve=curve)
+    return listen(endpoint, as_json=args.json, topics=tuple(args.topic or ("",)), max_events=args.max_events, curve=curve,
+                  verbose=getattr(args, "verbose", 0) > 0)
 
 
 if __name__ == "__main__":

@@ -77,11 +77,20 @@ class ServiceSpec:
 
 
 def speakerd_program() -> tuple[str, ...]:
-    """The absolute command of the installed ``speakerd``; ``python -m speakerd.cli`` from a checkout."""
+    """The absolute command of the ``speakerd`` running now: the entry point beside this interpreter
+    (a virtualenv's own, activated or not), else the one on PATH, else ``python -m speakerd.cli``.
+
+    The interpreter's path is kept as it is: a virtualenv's ``python`` is a symlink, and resolving it
+    names the base interpreter, which cannot import speakerd.
+    """
+    interpreter = Path(sys.executable).absolute()
+    beside = interpreter.parent / "speakerd"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return (str(beside),)
     found = shutil.which("speakerd")
     if found:
         return (str(Path(found).resolve()),)
-    return (str(Path(sys.executable).resolve()), "-m", "speakerd.cli")
+    return (str(interpreter), "-m", "speakerd.cli")
 
 
 def default_environment() -> dict[str, str]:

@@ -90,6 +90,40 @@ def _accepts(value: Any, annotation: Any) -> bool:
     return True
 
 
+KIND_WORDS: dict[Any, str] = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+PROBES: dict[Any, tuple[Any, ...]] = {int: (-(10**9), 10**9), float: (-1e12, 1e12), str: ("\x00",)}
+"""Values of the right kind that no setting accepts: what a setting says of them is its range or choices."""
+
+
+def _kinds(annotation: Any) -> list[Any]:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return [k for arg in typing.get_args(annotation) for k in _kinds(arg)]
+    return [annotation]
+
+
+def describe_kind(annotation: Any) -> str:
+    """A setting's type in the words of a TOML file: 'an integer', 'a string, or "" for unset'."""
+    kinds = _kinds(annotation)
+    words = " or ".join(KIND_WORDS.get(k, getattr(k, "__name__", str(k))) for k in kinds if k is not type(None))
+    return words + (', or "" for unset' if type(None) in kinds else "")
+
+
+def _constraint(key: str, base: Any, field_name: str, annotation: Any) -> str:
+    """What the setting itself requires of a value of its kind (e.g. "must be 0, 1, 2 or 3"), found by
+    offering it a value of that kind that no setting accepts; "" when it takes any."""
+    for kind in _kinds(annotation):
+        for probe in PROBES.get(kind, ()):
+            try:
+                dataclasses.replace(base, **{field_name: probe})
+            except ConfigError as exc:
+                prefix = f"config {key} = {probe!r}: "
+                if exc.key == key and str(exc).startswith(prefix):
+                    return str(exc)[len(prefix):]
+            except Exception:  # noqa: BLE001 - a probe that breaks a check says nothing
+                continue
+    return ""
+
+
 def _section(name: str, cls: type, values: dict[str, Any], base: Any) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
@@ -97,7 +131,8 @@ def _section(name: str, cls: type, values: dict[str, Any], base: Any) -> Any:
         if key not in known:
             raise ConfigError(f"{name}.{key}", value, f"unknown key; {name} takes {', '.join(sorted(known))}")
         if not _accepts(value, hints[key]):
-            raise ConfigError(f"{name}.{key}", value, f"expected {hints[key]}")
+            need = _constraint(f"{name}.{key}", base, key, hints[key])
+            raise ConfigError(f"{name}.{key}", value, f"expected {describe_kind(hints[key])}" + (f" ({need})" if need else ""))
     try:
         return dataclasses.replace(base, **values)
     except TypeError as exc:

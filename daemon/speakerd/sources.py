@@ -29,6 +29,7 @@ import soundfile as sf
 
 from . import devices
 from .audio import SAMPLE_RATE, AudioChunk, to_samples
+from .audiofile import AudioFile, open_audio_file
 from .errors import AudioError, ConfigError, check
 from .resample import StreamingResampler
 
@@ -128,7 +129,7 @@ def mix_down(block: np.ndarray) -> np.ndarray:
 
 
 class FileSource(_ContextSource):
-    """Audio from anything libsndfile reads, in blocks, optionally at real speed.
+    """Audio from anything libsndfile or ffmpeg reads (see audiofile.py), in blocks, optionally at real speed.
 
     The file is opened (and so validated) at construction. Blocks of ``block_ms`` are read at the
     file's rate, mixed down and resampled. With ``realtime`` a chunk is delivered no earlier than the
@@ -143,10 +144,7 @@ class FileSource(_ContextSource):
         self.realtime = realtime
         self._monotonic = monotonic
         self._clock = clock
-        try:
-            self._file: sf.SoundFile | None = sf.SoundFile(str(self.path))
-        except (sf.LibsndfileError, RuntimeError, OSError, TypeError) as e:
-            raise AudioError(f"cannot read audio file {self.path}: {e}") from e
+        self._file: AudioFile | None = open_audio_file(self.path)
         self.file_rate = int(self._file.samplerate)
         self._block_frames = max(1, self.file_rate * self.settings.block_ms // 1000)
         self._resampler = StreamingResampler(self.file_rate, SAMPLE_RATE)

@@ -28,37 +28,43 @@ from typing import Any
 import numpy as np
 
 from ..bundle import (
+    DEFAULT_MODEL,
+    KNOWN_MODELS,
     MANIFEST,
     BundleError,
     FeatureRecipe,
     ModelBundle,
     fingerprint_of,
+    how_to_get,
     load_bundle,
     models_root,
     sha256_file,
     kept_decision,
     write_manifest,
 )
-from ..errors import SpeakerdError
-
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = "cache"
 ONNX_FILE = "model.onnx"
 COREML_FILE = "model.mlpackage"
+COREML_DIR = "coreml"
+"""The per-length CoreML packages' folder (coreml.layout.PER_LENGTH_DIR), named in every GE2E manifest
+whether built or not, as ``model.onnx`` is: a bundle's artifacts exist when their paths do."""
 ONNX_OPSET = 17
 MIN_EXPORT_COSINE = 0.99999
 """ONNX and torch must agree this closely on every checked window, or the build fails."""
 
 
-class BuildError(BundleError, SpeakerdError):
+class BuildError(BundleError):
     """A model cannot be built; the message says what to do (the CLI prints it, no traceback)."""
+
+    exit_code = 1
 
 
 @dataclass(frozen=True)
 class Builder:
     """A buildable model. ``target`` is "module:function" with signature
-    ``(out_dir: Path, *, progress: bool) -> ModelBundle``, imported only when building so that
+    ``(out_dir: Path, *, progress: bool, coreml: bool) -> ModelBundle``, imported only when building so that
     heavy dependencies load only then."""
 
     description: str
@@ -70,40 +76,48 @@ class Builder:
 
 
 BUILDERS: dict[str, Builder] = {
-    "ge2e-resemblyzer": Builder(
-        "GE2E d-vector encoder from Resemblyzer 0.1.4 (3-layer LSTM, 256-d, LibriSpeech + VoxCeleb)",
-        f"{__name__}:build_ge2e_resemblyzer",
-    ),
+    DEFAULT_MODEL: Builder(KNOWN_MODELS[DEFAULT_MODEL].description, f"{__name__}:build_ge2e_resemblyzer"),
 }
 """Names ``speakerd models build`` accepts. Add an entry per model family."""
 
 
-def build_model(name: str, out_dir: Path | None = None, *, progress: bool = True) -> ModelBundle:
-    """Build bundle ``name`` into ``out_dir`` (default ``models_root()/name``) and return it loaded."""
+def coreml_by_default() -> bool:
+    """CoreML packages are built where they run: converting them takes minutes and Linux cannot use
+    them (``--coreml`` builds them anywhere; the tests prove them on Linux)."""
+    return sys.platform == "darwin"
+
+
+def build_model(name: str, out_dir: Path | None = None, *, progress: bool = True, coreml: bool | None = None) -> ModelBundle:
+    """Build bundle ``name`` into ``out_dir`` (default ``models_root()/name``) and return it loaded;
+    ``coreml`` None builds the CoreML packages on macOS only."""
     builder = BUILDERS.get(name)
     if builder is None:
-        raise BuildError(f"no buildable model {name!r}; known: {', '.join(sorted(BUILDERS))}")
+        other = f"; {name} is built with: {how_to_get(name)}" if name in KNOWN_MODELS else ""
+        raise BuildError(f"`models build` builds {', '.join(sorted(BUILDERS))}, not {name!r}{other}")
     target = Path(out_dir) if out_dir is not None else models_root() / name
     logger.info("building %s into %s", name, target)
-    return builder.load()(target, progress=progress)
+    return builder.load()(target, progress=progress, coreml=coreml_by_default() if coreml is None else coreml)
 
 
 def list_models(root: Path | None = None) -> list[dict[str, Any]]:
-    """Every bundle under ``root`` (default ``models_root()``) and every buildable name, one dict each:
-    name, built (has an ONNX artifact), artifacts {kind: present}, fingerprint, description, buildable."""
+    """Every known model, every buildable name and every bundle under ``root`` (default ``models_root()``),
+    one dict each: name, built (has an ONNX artifact), artifacts {kind: present}, fingerprint,
+    description, buildable, get (the command that builds it; "" for a bundle of the user's own)."""
     root = models_root() if root is None else root
-    names = set(BUILDERS)
+    names = set(BUILDERS) | set(KNOWN_MODELS)
     if root.is_dir():
         names |= {p.name for p in root.iterdir() if (p / MANIFEST).is_file()}
     rows = []
     for name in sorted(names):
+        known = KNOWN_MODELS.get(name)
         row: dict[str, Any] = {
             "name": name,
             "built": False,
             "artifacts": {},
             "fingerprint": None,
-            "description": BUILDERS[name].description if name in BUILDERS else "",
+            "description": known.description if known is not None else "",
             "buildable": name in BUILDERS,
+            "get": how_to_get(name) if known is not None or name in BUILDERS else "",
         }
         path = root / name
         if (path / MANIFEST).is_file():
@@ -115,7 +129,7 @@ def list_models(root: Path | None = None) -> list[dict[str, Any]]:
                 row["artifacts"] = {kind: bundle.artifact(kind) is not None for kind in bundle.artifacts}
                 row["built"] = bundle.artifact("onnx") is not None
                 row["fingerprint"] = bundle.fingerprint
-                row["description"] = bundle.description or row["description"]
+                row["description"] = row["description"] or bundle.description
         rows.append(row)
     return rows
 
@@ -196,7 +210,7 @@ def build_ge2e_resemblyzer(
     out_dir: Path,
     *,
     progress: bool = True,
-    coreml: bool = True,
+    coreml: bool = False,
     window_frames: Sequence[int] | None = None,
 ) -> ModelBundle:
     """Fetch Resemblyzer's wheel (cached), verify, export ONNX and check it, convert and check the
@@ -204,9 +218,10 @@ def build_ge2e_resemblyzer(
 
     ``window_frames`` (default :func:`ge2e_default_window_frames`, i.e. (98, 148)) are the window
     lengths the CoreML packages serve, one fixed-shape package each, and go into the manifest.
-    Without coremltools the CoreML step is skipped with a warning (the bundle then has no ``coreml``
-    artifact and macOS uses ONNX Runtime); ``coreml=False`` skips it on purpose. A conversion or a
-    check that fails fails the build.
+    ``coreml`` converts the CoreML packages too (``build_model`` asks for them on macOS); without
+    coremltools that step is skipped with a warning. Either way the manifest names the ``coreml``
+    folder, which macOS uses only if it is there (else ONNX Runtime). A conversion or a check that
+    fails fails the build.
     """
     from tqdm import tqdm
 
@@ -249,12 +264,10 @@ def build_ge2e_resemblyzer(
         steps.update()
 
         steps.set_postfix_str("coreml")
-        artifacts = {"onnx": ONNX_FILE}
-        coreml_dir = build_ge2e_coreml(model, out_dir, frames) if coreml else None
-        if coreml_dir is not None:
-            artifacts["coreml"] = coreml_dir.relative_to(out_dir).as_posix()
-        elif not coreml:
-            logger.info("CoreML packages not built (coreml=False): macOS will use ONNX Runtime")
+        if coreml:
+            build_ge2e_coreml(model, out_dir, frames)
+        else:
+            logger.info("CoreML packages not built (they are for macOS; `speakerd models build --coreml` builds them)")
         steps.update()
 
         steps.set_postfix_str("manifest")
@@ -265,7 +278,7 @@ def build_ge2e_resemblyzer(
             embedding_dim=256,
             features=GE2E_RECIPE,
             fingerprint=ge2e_fingerprint(actual_sha),
-            artifacts=artifacts,
+            artifacts={"onnx": ONNX_FILE, "coreml": COREML_DIR},
             io={"input": "feats", "output": "embs"},
             window_frames=frames,
             description=GE2E_DESCRIPTION,
