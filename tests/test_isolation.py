@@ -18,7 +18,8 @@ import soundfile as sf
 
 from conftest import USER_DIRS
 from daemon_harness import OWN_PUB, REPO, isolated, read_events, speakerd
-from speakerd.control import ControlClient, default_control_endpoint
+from speakerd.control import default_control_endpoint
+from speakerd.control_client import ControlClient
 from speakerd.paths import data_dir, runtime_dir
 from speakerd.security import default_keys_dir
 from speakerd.store import default_store_dir
