@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -102,13 +103,16 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from .enroll import prepare_enrollment
+    from .enroll import add_room_versions, prepare_enrollment
 
     settings = _settings(args)
+    if args.room_versions is not None:
+        settings = dataclasses.replace(settings, enroll_rooms=dataclasses.replace(settings.enroll_rooms, versions=args.room_versions))
     bundle, store = _open_store(args, settings)
     with store:
         backend = _backend(bundle, settings)
         report = prepare_enrollment(args.name, [Path(p) for p in args.audio], settings, bundle.features, backend.embed)
+        report = add_room_versions(report, settings, bundle.features, backend.embed, settings.enroll_rooms)
         speaker = store.enroll(args.name, report.embeddings_matrix(), source=",".join(str(p) for p in args.audio))
         backend.close()
     print(f"enrolled {speaker.name} ({speaker.id}): {report.total_speech_s:.1f} s of speech, "
@@ -262,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     enroll.add_argument("audio", metavar="AUDIO", nargs="+")
     _add_common(enroll)
     enroll.add_argument("--backend", choices=("auto", "onnx", "coreml"))
+    enroll.add_argument("--room-versions", type=int, metavar="N",
+                        help="multi-condition enrollment: also embed each recording through N simulated rooms, so the voice "
+                             "is recognised across a room from a table microphone (default enroll_rooms.versions; needs pyroomacoustics)")
     enroll.set_defaults(func=cmd_enroll)
 
     speakers = sub.add_parser(

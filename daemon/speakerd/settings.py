@@ -20,6 +20,7 @@ from .control import ControlSettings
 from .matcher import MatchSettings
 from .provisional import ProvisionalSettings
 from .publisher import PublishSettings
+from .rooms import MultiConditionSettings
 from .sources import SourceSettings
 from .tracker import TrackerSettings
 from .vad import VadSettings
@@ -64,6 +65,7 @@ class Settings:
     provisional: ProvisionalSettings = field(default_factory=ProvisionalSettings)
     publish: PublishSettings = field(default_factory=PublishSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
+    enroll_rooms: MultiConditionSettings = field(default_factory=MultiConditionSettings)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Settings)}  # type: ignore[misc]
