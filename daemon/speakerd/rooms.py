@@ -36,6 +36,9 @@ ACTIVE_FLOOR_DB = 30.0
 """Frames this far below a signal's loud frames are not part of its active level."""
 FRAME_S = 0.02
 PLACE_TRIES = 200
+CALIBRATION_STEPS = 3
+CALIBRATION_TOLERANCE = 0.05
+MAX_ABSORPTION = 0.99
 MAX_VERSIONS = 32
 
 
@@ -132,8 +135,26 @@ def build_room(settings: RoomSettings, rng: np.random.Generator) -> Room:
         mic = (size[0] / 2 + rng.uniform(-0.5, 0.5), size[1] / 2 + rng.uniform(-0.5, 0.5), MIC_HEIGHT_M)
         if settings.max_order is not None:
             order = min(order, settings.max_order)
-        return Room(size, rt60, float(absorption), int(order), mic)  # type: ignore[arg-type]
+        room = Room(size, rt60, float(absorption), int(order), mic)  # type: ignore[arg-type]
+        return room if settings.max_order is not None else _calibrated(room)
     raise RoomError(f"no room size fits RT60 {rt60:.2f} s with talkers {settings.distance_m} m away")
+
+
+def _calibrated(room: Room) -> Room:
+    """The room with its wall absorption corrected until the RT60 measured on a response is the target.
+
+    Sabine's formula, which ``inverse_sabine`` inverts, assumes a diffuse field; image-source
+    shoeboxes reverberate up to 20 % longer than it says. RT60 goes about as 1 / absorption.
+    """
+    pra = pyroomacoustics()
+    probe = (room.mic[0] + 1.2, room.mic[1], 1.2) if room.mic[0] + 1.2 < room.size[0] - WALL_CLEARANCE_M else (room.mic[0] - 1.2, room.mic[1], 1.2)
+    for _ in range(CALIBRATION_STEPS):
+        measured = float(pra.experimental.measure_rt60(room.response(probe), fs=SAMPLE_RATE, decay_db=30))
+        if abs(measured / room.rt60_s - 1) <= CALIBRATION_TOLERANCE:
+            break
+        absorption = min(room.absorption * measured / room.rt60_s, MAX_ABSORPTION)
+        room = Room(room.size, room.rt60_s, absorption, room.max_order, room.mic)
+    return room
 
 
 def convolve(audio: np.ndarray, response: np.ndarray) -> np.ndarray:

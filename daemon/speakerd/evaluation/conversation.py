@@ -44,6 +44,8 @@ class Conversation:
     sample_rate: int = SAMPLE_RATE
     interjections: list[Turn] = field(default_factory=list)
     """Short words of another speaker over a turn: reference speech, but no change of speaker."""
+    noise: np.ndarray | None = None
+    """A room's noise bed as mixed into ``audio`` (what its SNR is measured against)."""
 
     @property
     def duration(self) -> float:
@@ -290,9 +292,10 @@ def build_conversation(
     shift = lead / SAMPLE_RATE
     turns = [t.shifted(shift) for t in turns]
     interjections = [turn.shifted(shift) for *_, turn in extra]
+    noise = None
     if s.room is not None:
         speech_mask = _mask([iv for t in [*turns, *interjections] for iv in t.speech], total)
-        audio = _in_room(placed, total, speech_mask, s, babble)
+        audio, noise = _in_room(placed, total, speech_mask, s, babble)
     else:
         audio = dry.copy()
         if s.rt60_s is not None:
@@ -302,7 +305,7 @@ def build_conversation(
         if s.snr_db is not None:
             speech_rms = _rms(np.concatenate([piece for at, piece, _ in placed[: len(turns)]]))
             audio = audio + _noise(s.noise_color, len(audio), noise_rng) * np.float32(speech_rms / 10 ** (s.snr_db / 20))
-    return Conversation(np.clip(audio, -1.0, 1.0).astype(np.float32), turns, interjections=interjections)
+    return Conversation(np.clip(audio, -1.0, 1.0).astype(np.float32), turns, interjections=interjections, noise=noise)
 
 
 Placed = tuple[int, np.ndarray, str]
@@ -361,7 +364,8 @@ def meeting_room(s: ConversationSettings, speakers: Sequence[str]) -> tuple[Any,
     return room, places, rng
 
 
-def _in_room(placed: Sequence[Placed], total: int, speech_mask: np.ndarray, s: ConversationSettings, babble: Sequence[Path]) -> np.ndarray:
+def _in_room(placed: Sequence[Placed], total: int, speech_mask: np.ndarray, s: ConversationSettings,
+             babble: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Everyone at their own place in one simulated room, one microphone, a noise bed at the SNR.
 
     The speech level is measured over the reference speech (the dry turns), the noise over all of it.
@@ -381,16 +385,19 @@ def _in_room(placed: Sequence[Placed], total: int, speech_mask: np.ndarray, s: C
 
 
 def room_mix(wet: np.ndarray, speech_mask: np.ndarray, s: ConversationSettings, room: Any, rng: np.random.Generator,
-             babble: Sequence[Path]) -> np.ndarray:
-    """Room speech at the recording level over the noise bed (coloured noise and babble) at the SNR."""
+             babble: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(room speech at the recording level over the noise bed at the SNR, that noise as mixed).
+
+    The bed is coloured noise and babble; without an SNR, only the quiet floor of ``noise_dbfs``.
+    """
     from .. import rooms
 
     assert s.room is not None
     if s.room.snr_db is None:
         floor = rng.normal(0, 10 ** (s.noise_dbfs / 20), len(wet)).astype(np.float32)
-        return rooms.mix_at_snr(wet, floor, 20 * np.log10(rooms.SPEECH_LEVEL) - s.noise_dbfs, speech_mask)[0]
+        return rooms.mix_at_snr(wet, floor, 20 * np.log10(rooms.SPEECH_LEVEL) - s.noise_dbfs, speech_mask)
     bed = rooms.noise_bed(len(wet), s.room, room, rng, [_load(Path(p)) for p in babble])
-    return np.clip(rooms.mix_at_snr(wet, bed, float(rng.uniform(*s.room.snr_db)), speech_mask)[0], -1.0, 1.0)
+    return rooms.mix_at_snr(wet, bed, float(rng.uniform(*s.room.snr_db)), speech_mask)
 
 
 def _reverberate(placed: Sequence[Placed], end: int, total: int, rt60_s: float, rng: np.random.Generator) -> np.ndarray:

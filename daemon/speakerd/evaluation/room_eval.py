@@ -44,9 +44,9 @@ def enroll_in_room(
             dry = _load(Path(clip))
             wet = rooms.convolve(dry, room.response(places[speaker]))
             rng = np.random.default_rng([cs.seed, 7, i, j])
-            mixed = room_mix(wet, rooms.active_mask(dry), cs, room, rng, babble)
+            mixed, _ = room_mix(wet, rooms.active_mask(dry), cs, room, rng, babble)
             path = work / f"{speaker}-{j}.wav"
-            sf.write(str(path), mixed, SAMPLE_RATE, subtype="FLOAT")
+            sf.write(str(path), np.clip(mixed, -1.0, 1.0), SAMPLE_RATE, subtype="FLOAT")
             out.setdefault(speaker, []).append(path)
     return out
 
