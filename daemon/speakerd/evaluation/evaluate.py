@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 from ..audio import SAMPLE_RATE
-from ..rooms import NOISE_COLORS as ROOM_NOISES
 from ..rooms import RoomSettings
 from ..vad import VAD_BACKENDS
 from .conversation import (
@@ -39,7 +38,7 @@ from .conversation import (
 from .der import DEFAULT_COLLAR_S, EMPTY, DerResult, Labelled, diarization_error, speech_share_labelled
 from .eer import equal_error_rate, threshold_table
 from .metrics import Segment, attribution_accuracy, change_scores
-from .room_eval import ENROLLMENTS, PROVISIONAL_PREFIX, enroll_in_room, pool_provisional, provisional_figures
+from .room_eval import ENROLLMENTS, PROVISIONAL_PREFIX, add_room_arguments, enroll_in_room, pool_provisional, provisional_figures, room_line
 from .runner import FileRun, run_file
 
 logger = logging.getLogger(__name__)
@@ -588,18 +587,6 @@ def _num(x: float | None, fmt: str = "{:.2f}") -> str:
     return "n/a" if x is None else fmt.format(x)
 
 
-def room_line(cfg: dict[str, Any], vad: dict[str, Any]) -> list[str]:
-    """The room conditions in one sentence (nothing when the meetings had no room)."""
-    if cfg.get("room_rt60_s") is None:
-        return []
-    snr = "no noise bed" if cfg["room_snr_db"] is None else (
-        f"{cfg['room_noise']} noise and {cfg['babble']} babble voices at {cfg['room_snr_db']} dB SNR")
-    return ["", f"Room: one simulated room per meeting (pyroomacoustics), RT60 {cfg['room_rt60_s']} s, talkers 0.8-2.5 m from "
-                f"one table microphone, {snr}; overlapping hand-overs {_pct(cfg['overlap'])}, turns with an interjection "
-                f"{_pct(cfg['interjections'])}; enrollment {', '.join(cfg['enrollment'])} (multi: {cfg['room_versions']} room "
-                f"versions per clip); VAD {vad.get('backend', 'webrtc')}."]
-
-
 def biggest_error(agg: dict[str, Any]) -> str:
     parts = {k: agg[k] for k in ("missed", "false_alarm", "confusion") if agg.get(k) is not None}
     if not parts:
@@ -725,23 +712,6 @@ def _lengths(text: str) -> tuple[float, ...]:
     return values
 
 
-def _snr(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an SNR in dB or 'none', got {text!r}") from None
-
-
-def _enrollments(text: str) -> tuple[str, ...]:
-    values = tuple(x.strip() for x in text.split(",") if x.strip())
-    wrong = [x for x in values if x not in ENROLLMENTS]
-    if wrong or not values:
-        raise argparse.ArgumentTypeError(f"enrollments are {', '.join(ENROLLMENTS)} (comma-separated), got {text!r}")
-    return values
-
-
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("audio_dir", metavar="AUDIO_DIR", type=Path, help="LibriSpeech-layout folder with test-other/ (and train-clean-100/ for unknown voices)")
     parser.add_argument("--meetings", type=int, default=4, metavar="N", help="conversations per condition (default 4)")
@@ -761,19 +731,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="NAME_OR_DIR", help="model bundle (default from settings)")
     parser.add_argument("--backend", choices=("auto", "onnx", "coreml"), help="embedding backend (default from settings)")
     parser.add_argument("--keep-audio", action="store_true", help="keep the conversations' WAV files in DIR/audio")
-    room = parser.add_argument_group("rooms", "one simulated room per meeting (needs pyroomacoustics: pip install 'speakerd[eval]')")
-    room.add_argument("--room", type=float, nargs="?", const=0.45, default=None, metavar="RT60",
-                      help="everyone in one simulated room, 0.8-2.5 m from one table microphone; RT60 in s (default 0.45 when given)")
-    room.add_argument("--snr", type=_snr, default=18.0, metavar="DB", help="SNR of the room's noise bed (coloured noise and babble), dB (default 18; 'none': no bed)")
-    room.add_argument("--room-noise", choices=ROOM_NOISES, default="pink", help="colour of the noise bed (default pink)")
-    room.add_argument("--babble", type=int, default=4, metavar="N", help="never-enrolled voices, none in the meeting, in the babble (default 4; 0: none)")
-    room.add_argument("--overlap", type=float, default=0.0, metavar="SHARE", help="share of hand-overs overlapping by 0.2-1 s (default 0)")
-    room.add_argument("--interjections", type=float, default=0.0, metavar="SHARE", help="share of turns with a 0.3-1 s interjection over them (default 0)")
-    room.add_argument("--enrollment", type=_enrollments, default=("clean",), metavar="E1,E2",
-                      help="enrollments to compare, each in its own rows: clean (the clean clips), room (the clips through the "
-                           "meeting's room, needs --room), multi (clean plus room versions) (default clean)")
-    room.add_argument("--room-versions", type=int, default=4, metavar="N", help="room versions per clip of the multi enrollment (default 4)")
-    room.add_argument("--nobody", type=int, default=0, metavar="N", help="also conversations of N voices nobody enrolled: provisional speakers and purity (default 0: off)")
+    add_room_arguments(parser)
     parser.add_argument("--vad", choices=VAD_BACKENDS, help="voice activity detector (default from settings)")
     parser.add_argument("--vad-compare", action="store_true",
                         help="only compare the voice activity detectors on the meetings (missed speech, noise and babble "
@@ -807,25 +765,6 @@ def eval_settings_from(args: argparse.Namespace) -> EvalSettings:
     )
 
 
-def _vad_compare(es: EvalSettings, settings: Any, out: Path, keep_audio: bool) -> int:
-    from . import vad_compare
-
-    with tempfile.TemporaryDirectory(prefix="speakerd-eval-") as tmp:
-        work = out / "audio" if keep_audio else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
-        _, meetings = build_meetings(es, work)
-    figures = vad_compare.compare(meetings, reference_intervals, vad_compare.default_variants(settings.vad))
-    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(es).items()}
-    header = (f"{len(meetings)} meetings ({', '.join(sorted({m.condition for m in meetings}))}), {es.turns} turns, seed {es.seed}."
-              + " ".join(room_line(cfg, {"backend": "each"})))
-    out.mkdir(parents=True, exist_ok=True)
-    text = vad_compare.markdown(figures, header)
-    (out / "vad.md").write_text(text)
-    (out / "vad.json").write_text(json.dumps({"config": cfg, "vad": figures}, indent=2) + "\n")
-    print(text)
-    return 0
-
-
 def main_eval(args: argparse.Namespace) -> int:
     from ..bundle import resolve_bundle
     from ..embedding import backend_for
@@ -848,7 +787,9 @@ def main_eval(args: argparse.Namespace) -> int:
         overrides.setdefault("vad", {})["backend"] = args.vad
     settings = load_settings(Path(args.config) if args.config else None, overrides)
     if args.vad_compare:
-        return _vad_compare(es, settings, Path(args.out), args.keep_audio)
+        from .vad_compare import main_vad_compare
+
+        return main_vad_compare(es, settings, Path(args.out), args.keep_audio)
     bundle = resolve_bundle(settings.embedding.model)
     backend = backend_for(bundle, settings.embedding, settings.windows)
     out = Path(args.out)

@@ -9,13 +9,16 @@ speaker, and how many provisional speakers, how pure, it makes of them.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 
 from ..audio import SAMPLE_RATE
+from ..rooms import NOISE_COLORS as ROOM_NOISES
 from .conversation import ConversationSettings, _load, meeting_room, room_mix
 from .der import Labelled, speech_share_labelled
 
@@ -96,3 +99,52 @@ def pool_provisional(figures: Sequence[Mapping[str, float]]) -> dict[str, float 
         "speakers_per_meeting": total["speakers"] / n if n else None,
         "voices_per_meeting": total["voices"] / n if n else None,
     }
+
+
+def room_line(cfg: dict[str, Any], vad: dict[str, Any]) -> list[str]:
+    """The room conditions in one sentence (nothing when the meetings had no room)."""
+    if cfg.get("room_rt60_s") is None:
+        return []
+    snr = "no noise bed" if cfg["room_snr_db"] is None else (
+        f"{cfg['room_noise']} noise and {cfg['babble']} babble voices at {cfg['room_snr_db']} dB SNR")
+    overlap, interjections = (f"{100 * cfg[k]:.0f} %" for k in ("overlap", "interjections"))
+    return ["", f"Room: one simulated room per meeting (pyroomacoustics), RT60 {cfg['room_rt60_s']} s, talkers 0.8-2.5 m from "
+                f"one table microphone, {snr}; overlapping hand-overs {overlap}, turns with an interjection "
+                f"{interjections}; enrollment {', '.join(cfg['enrollment'])} (multi: {cfg['room_versions']} room "
+                f"versions per clip); VAD {vad.get('backend', 'webrtc')}."]
+
+
+# -- command line ---------------------------------------------------------------------------------------
+
+
+def _snr(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an SNR in dB or 'none', got {text!r}") from None
+
+
+def _enrollments(text: str) -> tuple[str, ...]:
+    values = tuple(x.strip() for x in text.split(",") if x.strip())
+    wrong = [x for x in values if x not in ENROLLMENTS]
+    if wrong or not values:
+        raise argparse.ArgumentTypeError(f"enrollments are {', '.join(ENROLLMENTS)} (comma-separated), got {text!r}")
+    return values
+
+
+def add_room_arguments(parser: argparse.ArgumentParser) -> None:
+    room = parser.add_argument_group("rooms", "one simulated room per meeting (needs pyroomacoustics: pip install 'speakerd[eval]')")
+    room.add_argument("--room", type=float, nargs="?", const=0.45, default=None, metavar="RT60",
+                      help="everyone in one simulated room, 0.8-2.5 m from one table microphone; RT60 in s (default 0.45 when given)")
+    room.add_argument("--snr", type=_snr, default=18.0, metavar="DB", help="SNR of the room's noise bed (coloured noise and babble), dB (default 18; 'none': no bed)")
+    room.add_argument("--room-noise", choices=ROOM_NOISES, default="pink", help="colour of the noise bed (default pink)")
+    room.add_argument("--babble", type=int, default=4, metavar="N", help="never-enrolled voices, none in the meeting, in the babble (default 4; 0: none)")
+    room.add_argument("--overlap", type=float, default=0.0, metavar="SHARE", help="share of hand-overs overlapping by 0.2-1 s (default 0)")
+    room.add_argument("--interjections", type=float, default=0.0, metavar="SHARE", help="share of turns with a 0.3-1 s interjection over them (default 0)")
+    room.add_argument("--enrollment", type=_enrollments, default=("clean",), metavar="E1,E2",
+                      help="enrollments to compare, each in its own rows: clean (the clean clips), room (the clips through the "
+                           "meeting's room, needs --room), multi (clean plus room versions) (default clean)")
+    room.add_argument("--room-versions", type=int, default=4, metavar="N", help="room versions per clip of the multi enrollment (default 4)")
+    room.add_argument("--nobody", type=int, default=0, metavar="N", help="also conversations of N voices nobody enrolled: provisional speakers and purity (default 0: off)")

@@ -9,8 +9,11 @@ meeting room's noise bed (coloured noise and distant voices) with nobody in the 
 from __future__ import annotations
 
 import dataclasses
+import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -144,3 +147,24 @@ def markdown(figures: dict[str, Any], header: str) -> str:
               f"lead-out, reverberant tails), noise bed alone {first['babble_s']:.0f} s. Regions: what the daemon works on "
               "(start_frames, end_silence_ms and padding_ms as configured); frames: the detector's own decisions.", ""]
     return "\n".join(lines)
+
+
+def main_vad_compare(es: Any, settings: Any, out: Path, keep_audio: bool) -> int:
+    """``speakerd eval --vad-compare``: the meetings ``es`` describes, each VAD over them, vad.md and vad.json."""
+    from .evaluate import build_meetings, reference_intervals
+    from .room_eval import room_line
+
+    with tempfile.TemporaryDirectory(prefix="speakerd-eval-") as tmp:
+        work = out / "audio" if keep_audio else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        _, meetings = build_meetings(es, work)
+    figures = compare(meetings, reference_intervals, default_variants(settings.vad))
+    cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(es).items()}
+    header = (f"{len(meetings)} meetings ({', '.join(sorted({m.condition for m in meetings}))}), {es.turns} turns, seed {es.seed}."
+              + " ".join(room_line(cfg, {"backend": "each"})))
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(figures, header)
+    (out / "vad.md").write_text(text)
+    (out / "vad.json").write_text(json.dumps({"config": cfg, "vad": figures}, indent=2) + "\n")
+    print(text)
+    return 0
