@@ -88,3 +88,9 @@ def test_room_enrollment_without_a_room_is_refused(librispeech: Path, tmp_path: 
     argv = [str(librispeech), "--meetings", "1", "--enrollment", "room", "--out", str(tmp_path)]
     assert main_eval(_args(argv)) == 2
     assert not (tmp_path / "report.json").exists()
+
+
+@pytest.mark.parametrize("flags", [["--overlap", "1.5"], ["--interjections", "-0.1"], ["--room-versions", "99"], ["--nobody", "1"]])
+def test_bad_room_flags_are_refused_before_any_work(librispeech: Path, tmp_path: Path, flags: list[str]) -> None:
+    assert main_eval(_args([str(librispeech), "--room", *flags, "--out", str(tmp_path)])) == 2
+    assert not list(tmp_path.iterdir())

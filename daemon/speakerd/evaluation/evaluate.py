@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..audio import SAMPLE_RATE
-from ..rooms import RoomSettings
+from ..rooms import MAX_VERSIONS, RoomSettings
 from ..vad import VAD_BACKENDS
 from .conversation import (
     Conversation,
@@ -103,6 +103,10 @@ class EvalSettings:
             raise ValueError(f"enrollment must be some of {', '.join(ENROLLMENTS)}, got {self.enrollment}")
         if "room" in self.enrollment and self.room_rt60_s is None:
             raise ValueError("enrollment in the room needs a room: give --room")
+        if not (0.0 <= self.overlap <= 1.0 and 0.0 <= self.interjections <= 1.0):
+            raise ValueError(f"--overlap and --interjections are shares within 0 to 1, got {self.overlap} and {self.interjections}")
+        if self.babble < 0 or not 0 <= self.room_versions <= MAX_VERSIONS:
+            raise ValueError(f"--babble must be >= 0 and --room-versions within 0 to {MAX_VERSIONS}")
         if self.nobody == 1 or self.nobody < 0:
             raise ValueError(f"a conversation nobody is enrolled in needs at least two voices, got {self.nobody}")
 
