@@ -36,6 +36,12 @@ ACTIVE_FLOOR_DB = 30.0
 """Frames this far below a signal's loud frames are not part of its active level."""
 FRAME_S = 0.02
 PLACE_TRIES = 200
+MIN_WIDTH_IN_REACHES = 1.5
+"""Rooms at least this many farthest talker distances (plus clearance) wide: such a place fits at some angle."""
+PROBE_M = 1.2
+"""Where the response that calibrates a room's RT60 is measured: this far from the microphone, at
+``PROBE_HEIGHT_M``, a seated talker's mouth."""
+PROBE_HEIGHT_M = 1.2
 CALIBRATION_STEPS = 3
 CALIBRATION_TOLERANCE = 0.05
 MAX_ABSORPTION = 0.99
@@ -125,8 +131,7 @@ def build_room(settings: RoomSettings, rng: np.random.Generator) -> Room:
     rt60 = float(rng.uniform(*settings.rt60_s))
     for _ in range(PLACE_TRIES):
         size = tuple(float(rng.uniform(*r)) for r in ROOM_SIZE_M)
-        reach = settings.distance_m[1] + WALL_CLEARANCE_M
-        if min(size[0], size[1]) < 2 * reach * 0.75:
+        if min(size[0], size[1]) < MIN_WIDTH_IN_REACHES * (settings.distance_m[1] + WALL_CLEARANCE_M):
             continue
         try:
             absorption, order = pra.inverse_sabine(rt60, list(size))
@@ -147,7 +152,8 @@ def _calibrated(room: Room) -> Room:
     shoeboxes reverberate up to 20 % longer than it says. RT60 goes about as 1 / absorption.
     """
     pra = pyroomacoustics()
-    probe = (room.mic[0] + 1.2, room.mic[1], 1.2) if room.mic[0] + 1.2 < room.size[0] - WALL_CLEARANCE_M else (room.mic[0] - 1.2, room.mic[1], 1.2)
+    x = room.mic[0] + PROBE_M if room.mic[0] + PROBE_M < room.size[0] - WALL_CLEARANCE_M else room.mic[0] - PROBE_M
+    probe = (x, room.mic[1], PROBE_HEIGHT_M)
     for _ in range(CALIBRATION_STEPS):
         measured = float(pra.experimental.measure_rt60(room.response(probe), fs=SAMPLE_RATE, decay_db=30))
         if abs(measured / room.rt60_s - 1) <= CALIBRATION_TOLERANCE:
