@@ -58,6 +58,8 @@ CONDITIONS = ("enrolled", "open")
 """Conversations among enrolled speakers only, and with never-enrolled voices mixed in."""
 NOBODY = "nobody"
 """Conversations among voices nobody enrolled (``--nobody N``): judged by the provisional speakers."""
+NOBODY_SEED = 500
+"""Seed offset of the nobody-enrolled meetings, clear of the other conditions' seeds."""
 ROOM_LEVEL_DB = (-4.0, 0.0)
 """Per-turn level in a room: distance already makes the differences, this is only effort."""
 
@@ -132,10 +134,6 @@ class EvalSettings:
         )
 
 
-NOBODY_SEED = 500
-"""Seed offset of the nobody-enrolled meetings, clear of the other conditions' seeds."""
-
-
 @dataclass
 class Meeting:
     condition: str
@@ -161,8 +159,6 @@ class Meeting:
 def reference_intervals(meeting: Meeting) -> list[Labelled]:
     conv = meeting.conversation
     return [(a, b, meeting.label(t.speaker)) for t in [*conv.turns, *conv.interjections] for a, b in t.speech]
-
-
 
 
 def hypothesis_label(speaker: dict[str, Any]) -> str:
