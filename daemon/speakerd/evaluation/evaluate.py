@@ -91,8 +91,8 @@ class EvalSettings:
     interjections: float = 0.0
     """Share of turns with a 0.3 to 1 s interjection of another speaker."""
     enrollment: tuple[str, ...] = ("clean",)
-    room_versions: int = 4
-    """Room versions per recording of the "multi" enrollment."""
+    room_versions: int = 2
+    """Room versions per recording of the "multi" enrollment (2: docs/BENCHMARKS.md, Rooms)."""
     nobody: int = 0
     """Voices in conversations nobody is enrolled in (0: no such condition)."""
 

@@ -146,5 +146,5 @@ def add_room_arguments(parser: argparse.ArgumentParser) -> None:
     room.add_argument("--enrollment", type=_enrollments, default=("clean",), metavar="E1,E2",
                       help="enrollments to compare, each in its own rows: clean (the clean clips), room (the clips through the "
                            "meeting's room, needs --room), multi (clean plus room versions) (default clean)")
-    room.add_argument("--room-versions", type=int, default=4, metavar="N", help="room versions per clip of the multi enrollment (default 4)")
+    room.add_argument("--room-versions", type=int, default=2, metavar="N", help="room versions per clip of the multi enrollment (default 2)")
     room.add_argument("--nobody", type=int, default=0, metavar="N", help="also conversations of N voices nobody enrolled: provisional speakers and purity (default 0: off)")
