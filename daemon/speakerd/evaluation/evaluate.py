@@ -195,6 +195,8 @@ def true_changes(meeting: Meeting) -> list[float]:
 
 HANDOVER_GAP_S = 0.1
 """A change with less silence than this before it is a direct hand-over (with none, overlapping)."""
+OVERLAP_S = 0.01
+"""A change whose speech begins this much before the last speaker's ends overlaps it (less: rounding)."""
 CHANGE_KINDS = ("after_pause", "direct", "overlap")
 
 
@@ -206,7 +208,7 @@ def change_kinds(meeting: Meeting) -> list[tuple[float, str]]:
         if meeting.names.get(a.speaker, UNKNOWN_LABEL) != meeting.names.get(b.speaker, UNKNOWN_LABEL):
             start = b.speech[0][0] if b.speech else b.start
             end = a.speech[-1][1] if a.speech else a.end
-            out.append((start, "after_pause" if start - end >= HANDOVER_GAP_S else "direct" if start >= end else "overlap"))
+            out.append((start, "after_pause" if start - end >= HANDOVER_GAP_S else "direct" if start > end - OVERLAP_S else "overlap"))
     return out
 
 
