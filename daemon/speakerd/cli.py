@@ -120,6 +120,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
           f"{speaker.num_embeddings} embeddings stored in all")
     for f in report.files:
         print(f"  {f.path}: {f.speech_s:.1f} s speech, {len(f.embeddings)} windows")
+    if settings.enroll_rooms.versions:
+        print(f"  windows include {settings.enroll_rooms.versions} simulated room versions of each recording (multi-condition enrollment)")
     if report.consistency:
         worst = min(report.consistency)
         verdict = "consistent" if worst >= 0.6 else "INCONSISTENT: check that every file is the same person"
