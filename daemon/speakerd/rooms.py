@@ -29,7 +29,9 @@ MOUTH_HEIGHT_M = (1.1, 1.3)
 WALL_CLEARANCE_M = 0.4
 NOISE_COLORS = ("pink", "brown")
 BABBLE_DISTANCE_M = (2.5, 5.0)
-"""Babble comes from people further away than anyone in the meeting."""
+"""Babble comes from people further away than anyone in the meeting, where the room has the space
+(the microphone that far from every wall); else from ``BABBLE_NEAR_M``."""
+BABBLE_NEAR_M = (1.5, 2.5)
 SPEECH_LEVEL = 0.05
 """Active speech level of a simulated recording (-26 dBFS): clear of clipping with 0 dB SNR noise."""
 ACTIVE_FLOOR_DB = 30.0
@@ -193,7 +195,7 @@ def babble(voices: Sequence[np.ndarray], n: int, room: Room, rng: np.random.Gene
         looped = np.tile(voice, reps)
         start = int(rng.integers(0, len(voice)))
         track = looped[start : start + n]
-        where = room.place(rng, BABBLE_DISTANCE_M) if _fits(room, BABBLE_DISTANCE_M) else room.place(rng, (1.5, 2.5))
+        where = room.place(rng, BABBLE_DISTANCE_M) if _fits(room, BABBLE_DISTANCE_M) else room.place(rng, BABBLE_NEAR_M)
         track = convolve(track / max(rms(track), 1e-12), room.response(where))
         total += track / max(rms(track), 1e-12)
     return (total / max(rms(total), 1e-12)).astype(np.float32)
