@@ -58,6 +58,7 @@ def test_every_figure_is_reported_for_each_window_length(report: tuple[dict, Pat
             assert shares["right"] == pytest.approx(a["identification"], abs=0.02)  # exact vs 10 ms grid
             kinds = a["latency_by_kind"]
             # each kind is matched on its own, so it can only find as many changes as the joint matching or more
+            assert kinds["overlap"]["count"] == 0  # no overlapping hand-overs unless asked (--overlap)
             assert len_detected(a) <= kinds["after_pause"]["count"] + kinds["direct"]["count"] <= a["change_detection"]["true"]
         assert res["conditions"]["enrolled"]["unknown_false_accept"] is None  # no unknown voice in it
         assert _in_unit(res["conditions"]["open"]["unknown_false_accept"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -108,11 +109,13 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from .enroll import enroll_beside_daemon, prepare_enrollment
+    from .enroll import add_room_versions, enroll_beside_daemon, prepare_enrollment
 
     from .store import DB_NAME
 
     settings = _settings(args)
+    if args.room_versions is not None:
+        settings = dataclasses.replace(settings, enroll_rooms=dataclasses.replace(settings.enroll_rooms, versions=args.room_versions))
     # an existing store is opened first, so a wrong model is said before the work; a new one is
     # created only for an enrollment that is accepted
     exists = (_store_dir(args, settings) / DB_NAME).exists()
@@ -127,6 +130,7 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         backend = _backend(bundle, settings)
         held.callback(backend.close)
         report = prepare_enrollment(args.name, [Path(p) for p in args.audio], settings, bundle.features, backend.embed)
+        report = add_room_versions(report, settings, bundle.features, backend.embed, settings.enroll_rooms)
         if store is None:
             store = held.enter_context(_open_store(args, settings)[1])
         speaker, daemon = enroll_beside_daemon(store, args.name, report.embeddings_matrix(), ",".join(map(str, args.audio)))
@@ -135,6 +139,8 @@ def cmd_enroll(args: argparse.Namespace) -> int:
           f"{speaker.num_embeddings} embeddings stored in all")
     for f in report.files:
         print(f"  {f.path}: {f.speech_s:.1f} s speech, {len(f.embeddings)} windows")
+    if settings.enroll_rooms.versions:
+        print(f"  windows include {settings.enroll_rooms.versions} simulated room versions of each recording (multi-condition enrollment)")
     if report.consistency:
         worst = min(report.consistency)
         verdict = "consistent" if worst >= 0.6 else "INCONSISTENT: check that every file is the same person"
@@ -348,6 +354,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     enroll.add_argument("audio", metavar="AUDIO", nargs="+")
     _add_common(enroll)
     enroll.add_argument("--backend", choices=("auto", "onnx", "coreml"))
+    enroll.add_argument("--room-versions", type=int, metavar="N",
+                        help="multi-condition enrollment: also embed each recording through N simulated rooms, so the voice "
+                             "is recognised across a room from a table microphone (default enroll_rooms.versions; needs pyroomacoustics)")
     enroll.set_defaults(func=cmd_enroll)
 
     speakers = sub.add_parser(

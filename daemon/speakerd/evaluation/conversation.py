@@ -7,13 +7,15 @@ microphone; these conversations have all three, reproducibly from a seed.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 
 from ..audio import SAMPLE_RATE
+from ..rooms import RoomSettings
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,10 @@ class Conversation:
     audio: np.ndarray
     turns: list[Turn]
     sample_rate: int = SAMPLE_RATE
+    interjections: list[Turn] = field(default_factory=list)
+    """Short words of another speaker over a turn: reference speech, but no change of speaker."""
+    noise: np.ndarray | None = None
+    """A room's noise bed as mixed into ``audio`` (what its SNR is measured against)."""
 
     @property
     def duration(self) -> float:
@@ -77,19 +83,30 @@ class ConversationSettings:
     snr_db: float | None = None
     """If set, add noise at this SNR relative to the speech."""
     noise_color: str = "white"
-    """white, or pink (1/f, closer to fans and distant chatter)."""
+    """white, pink (1/f, closer to fans and distant chatter) or brown (1/f^2, rumble)."""
     rt60_s: float | None = None
     """If set, each speaker gets their own simulated room response with this reverberation time."""
+    room: RoomSettings | None = None
+    """If set, everyone speaks in one simulated room (pyroomacoustics) through one table microphone,
+    over a noise bed at the room's SNR (``snr_db``, ``noise_color`` and ``rt60_s`` are then unused)."""
+    overlap_share: float = 0.0
+    """Share of hand-overs where the next speaker starts before the last one stops."""
+    overlap_s: tuple[float, float] = (0.2, 1.0)
+    interjections: float = 0.0
+    """Share of turns (long enough) with a short interjection of another speaker over them."""
+    interjection_s: tuple[float, float] = (0.3, 1.0)
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.overlap_share <= 1.0 or not 0.0 <= self.interjections <= 1.0:
+            raise ValueError(f"overlap_share and interjections are shares within 0 to 1, got {self.overlap_share}, {self.interjections}")
         if self.noise_color not in NOISE_COLORS:
             raise ValueError(f"noise_color must be one of {', '.join(NOISE_COLORS)}, got {self.noise_color!r}")
         if self.rt60_s is not None and not 0.05 <= self.rt60_s <= 3.0:
             raise ValueError(f"rt60_s must be within 0.05 to 3 s, got {self.rt60_s}")
 
 
-NOISE_COLORS = ("white", "pink")
+NOISE_COLORS = ("white", "pink", "brown")
 UNKNOWN_PREFIX = "unknown-"
 """Speakers from the unknown pool are labelled with this prefix, so nobody mistakes them for enrolled ones."""
 
@@ -146,6 +163,10 @@ def room_response(rt60_s: float, rng: np.random.Generator, drr_db: float = 3.0) 
 
 def _noise(color: str, n: int, rng: np.random.Generator) -> np.ndarray:
     """Unit-RMS noise of the given colour."""
+    if color == "brown":
+        from ..rooms import colored_noise
+
+        return colored_noise(color, n, rng)
     white = rng.normal(0.0, 1.0, n)
     if color == "pink":
         spectrum = np.fft.rfft(white)
@@ -215,18 +236,22 @@ def _rms(x: np.ndarray) -> float:
 
 
 def build_conversation(
-    clips: dict[str, Sequence[Path]], settings: ConversationSettings | None = None
+    clips: dict[str, Sequence[Path]], settings: ConversationSettings | None = None, babble: Sequence[Path] = ()
 ) -> Conversation:
-    """Alternate speakers (never the same twice in a row), cutting turns from their clips."""
+    """Alternate speakers (never the same twice in a row), cutting turns from their clips.
+
+    With ``settings.room``, ``babble`` are the clips of the distant voices in its noise bed (people
+    who are not in the meeting).
+    """
     s = settings or ConversationSettings()
     rng = np.random.default_rng(s.seed)
+    overlap_rng = np.random.default_rng(s.seed + 4)  # its own draws: the turns stay the clean meeting's
     speakers = sorted(clips)
     if len(speakers) < 2:
         raise ValueError("a conversation needs at least two speakers")
     cache: dict[Path, np.ndarray] = {}
-    pieces: list[np.ndarray] = []
+    pieces: list[tuple[int, np.ndarray]] = []  # (start sample, audio) of every turn, pauses between
     turns: list[Turn] = []
-    turn_pieces: list[int] = []  # index in pieces of each turn's audio
     cursor = 0
     previous: str | None = None
     # every speaker speaks at least once: cycle a shuffled order first, then choose freely
@@ -243,52 +268,153 @@ def build_conversation(
         offset = int(rng.integers(0, len(audio) - want + 1))
         piece, speech = _speech_only(audio[offset : offset + want])
         piece *= np.float32(10 ** (rng.uniform(*s.level_db) / 20) * 0.1 / max(_rms(piece), 1e-6))  # -20 dBFS, then the turn's level
+        overlap = i > 0 and s.overlap_share > 0 and overlap_rng.random() < s.overlap_share
         if i > 0 and rng.random() < s.pause_probability:
             gap = int(rng.uniform(*s.pause_s) * SAMPLE_RATE)
-            pieces.append(np.zeros(gap, dtype=np.float32))
-            cursor += gap
+            if not overlap:
+                cursor += gap
+        if overlap:
+            back = int(overlap_rng.uniform(*s.overlap_s) * SAMPLE_RATE)
+            cursor -= min(back, len(pieces[-1][1]) // 2, len(piece) // 2)
         start = cursor / SAMPLE_RATE
         turns.append(Turn(speaker, start, start + len(piece) / SAMPLE_RATE, clip.name, tuple((start + a, start + b) for a, b in speech)))
-        turn_pieces.append(len(pieces))
-        pieces.append(piece)
-        cursor += len(piece)
+        pieces.append((cursor, piece))
+        cursor = max(cursor + len(piece), pieces[-2][0] + len(pieces[-2][1]) if len(pieces) > 1 else 0)
         previous = speaker
-    lead = np.zeros(SAMPLE_RATE // 2, dtype=np.float32)
-    dry = [p.copy() for p in pieces]
-    if s.rt60_s is not None:
-        _reverberate(pieces, turns, turn_pieces, s.rt60_s, np.random.default_rng(s.seed + 2))
-    audio = np.concatenate([lead, *pieces, lead])
-    shift = len(lead) / SAMPLE_RATE
+    extra = _interjections(turns, clips, cache, s) if s.interjections > 0 else []
+    lead = SAMPLE_RATE // 2
+    total = lead + cursor + lead
+    dry = np.zeros(total, dtype=np.float32)
+    placed = [(lead + at, piece, turn.speaker) for (at, piece), turn in zip(pieces, turns, strict=True)]
+    placed += [(lead + at, piece, turn.speaker) for at, piece, turn in extra]
+    for at, piece, _ in placed:
+        dry[at : at + len(piece)] += piece
+    shift = lead / SAMPLE_RATE
     turns = [t.shifted(shift) for t in turns]
-    noise_rng = np.random.default_rng(s.seed + 1)
-    audio = audio + noise_rng.normal(0, 10 ** (s.noise_dbfs / 20), len(audio)).astype(np.float32)
-    if s.snr_db is not None:
-        speech_rms = _rms(np.concatenate([dry[i] for i in turn_pieces]))
-        audio = audio + _noise(s.noise_color, len(audio), noise_rng) * np.float32(speech_rms / 10 ** (s.snr_db / 20))
-    return Conversation(np.clip(audio, -1.0, 1.0).astype(np.float32), turns)
+    interjections = [turn.shifted(shift) for *_, turn in extra]
+    noise = None
+    if s.room is not None:
+        speech_mask = _mask([iv for t in [*turns, *interjections] for iv in t.speech], total)
+        audio, noise = _in_room(placed, total, speech_mask, s, babble)
+    else:
+        audio = dry.copy()
+        if s.rt60_s is not None:
+            audio = _reverberate(placed, total - lead, total, s.rt60_s, np.random.default_rng(s.seed + 2))
+        noise_rng = np.random.default_rng(s.seed + 1)
+        audio = audio + noise_rng.normal(0, 10 ** (s.noise_dbfs / 20), len(audio)).astype(np.float32)
+        if s.snr_db is not None:
+            speech_rms = _rms(np.concatenate([piece for at, piece, _ in placed[: len(turns)]]))
+            audio = audio + _noise(s.noise_color, len(audio), noise_rng) * np.float32(speech_rms / 10 ** (s.snr_db / 20))
+    return Conversation(np.clip(audio, -1.0, 1.0).astype(np.float32), turns, interjections=interjections, noise=noise)
 
 
-def _reverberate(
-    pieces: list[np.ndarray], turns: list[Turn], turn_pieces: list[int], rt60_s: float, rng: np.random.Generator
-) -> None:
-    """Convolve every turn with its speaker's room response, in place, tails spilling into what follows.
+Placed = tuple[int, np.ndarray, str]
+"""(start sample, dry audio, speaker) of one turn or interjection."""
+
+
+def _interjections(
+    turns: list[Turn], clips: dict[str, Sequence[Path]], cache: dict[Path, np.ndarray], s: ConversationSettings
+) -> list[tuple[int, np.ndarray, Turn]]:
+    """Short words of another speaker ("yes", "right") inside a share of the turns, over the speaker.
+
+    Drawn from their own generator, so the turns stay those of the meeting without interjections.
+    """
+    rng = np.random.default_rng(s.seed + 3)
+    out: list[tuple[int, np.ndarray, Turn]] = []
+    for turn in turns:
+        if rng.random() >= s.interjections or turn.end - turn.start < 2 * s.interjection_s[1] + 1.0:
+            continue
+        who = str(rng.choice([x for x in sorted(clips) if x != turn.speaker]))
+        clip = Path(clips[who][int(rng.integers(len(clips[who])))])
+        audio = cache.setdefault(clip, _load(clip))
+        length = int(rng.uniform(*s.interjection_s) * SAMPLE_RATE)
+        # from the clip's speech, so the interjection is words, not a pause
+        speech = speech_intervals(audio, 0.0)
+        long = [(a, b) for a, b in speech if (b - a) * SAMPLE_RATE >= length] or [(0.0, len(audio) / SAMPLE_RATE)]
+        a, b = long[int(rng.integers(len(long)))]
+        first = int(rng.uniform(a * SAMPLE_RATE, max(a * SAMPLE_RATE, b * SAMPLE_RATE - length)))
+        piece = audio[first : first + length].copy()
+        piece *= np.float32(10 ** (rng.uniform(*s.level_db) / 20) * 0.1 / max(_rms(piece), 1e-6))
+        at = rng.uniform(turn.start + 0.5, turn.end - 0.5 - length / SAMPLE_RATE)
+        start = int(at * SAMPLE_RATE)
+        t0 = start / SAMPLE_RATE
+        out.append((start, piece, Turn(who, t0, t0 + length / SAMPLE_RATE, clip.name, ((t0, t0 + length / SAMPLE_RATE),))))
+    return out
+
+
+def _mask(intervals: Sequence[tuple[float, float]], n: int) -> np.ndarray:
+    mask = np.zeros(n, dtype=bool)
+    for a, b in intervals:
+        mask[int(a * SAMPLE_RATE) : int(b * SAMPLE_RATE)] = True
+    return mask
+
+
+def meeting_room(s: ConversationSettings, speakers: Sequence[str]) -> tuple[Any, dict[str, tuple[float, float, float]], np.random.Generator]:
+    """The meeting's room, each speaker's place in it, and the generator that draws its noise.
+
+    Also what an enrollment "in the same room" needs to put a speaker's clips where they sit.
+    """
+    from .. import rooms
+
+    if s.room is None:
+        raise ValueError("the conversation has no room")
+    rng = np.random.default_rng(s.seed + 5)
+    room = rooms.build_room(s.room, rng)
+    places = {speaker: room.place(rng, s.room.distance_m) for speaker in sorted(speakers)}
+    return room, places, rng
+
+
+def _in_room(placed: Sequence[Placed], total: int, speech_mask: np.ndarray, s: ConversationSettings,
+             babble: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Everyone at their own place in one simulated room, one microphone, a noise bed at the SNR.
+
+    The speech level is measured over the reference speech (the dry turns), the noise over all of it.
+    """
+    from .. import rooms
+
+    assert s.room is not None
+    room, places, rng = meeting_room(s, sorted({who for *_, who in placed}))
+    wet = np.zeros(total, dtype=np.float64)
+    for speaker, where in places.items():
+        track = np.zeros(total, dtype=np.float32)
+        for at, piece, who in placed:
+            if who == speaker:
+                track[at : at + len(piece)] += piece
+        wet += rooms.convolve(track, room.response(where))
+    return room_mix(wet.astype(np.float32), speech_mask, s, room, rng, babble)
+
+
+def room_mix(wet: np.ndarray, speech_mask: np.ndarray, s: ConversationSettings, room: Any, rng: np.random.Generator,
+             babble: Sequence[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """(room speech at the recording level over the noise bed at the SNR, that noise as mixed).
+
+    The bed is coloured noise and babble; without an SNR, only the quiet floor of ``noise_dbfs``.
+    """
+    from .. import rooms
+
+    assert s.room is not None
+    if s.room.snr_db is None:
+        floor = rng.normal(0, 10 ** (s.noise_dbfs / 20), len(wet)).astype(np.float32)
+        return rooms.mix_at_snr(wet, floor, 20 * np.log10(rooms.SPEECH_LEVEL) - s.noise_dbfs, speech_mask)
+    bed = rooms.noise_bed(len(wet), s.room, room, rng, [_load(Path(p)) for p in babble])
+    return rooms.mix_at_snr(wet, bed, float(rng.uniform(*s.room.snr_db)), speech_mask)
+
+
+def _reverberate(placed: Sequence[Placed], end: int, total: int, rt60_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Every turn convolved with its speaker's room response, tails spilling into what follows up to
+    ``end`` (the last turn's end), then the silent lead-out.
 
     Each speaker sits at their own place in the room (own response, own direct-to-reverberant
     ratio); the reference turns stay the dry ones, as a listener would mark them.
     """
     from scipy.signal import fftconvolve
 
-    rooms: dict[str, np.ndarray] = {}
-    for speaker in sorted({t.speaker for t in turns}):
-        rooms[speaker] = room_response(rt60_s, rng, drr_db=float(rng.uniform(-3.0, 6.0)))
-    flat = np.concatenate(pieces)
-    wet = np.zeros(len(flat) + max(len(r) for r in rooms.values()), dtype=np.float64)
-    bounds = np.cumsum([0, *map(len, pieces)])
-    for turn, i in zip(turns, turn_pieces, strict=True):
-        piece = pieces[i]
-        out = fftconvolve(piece, rooms[turn.speaker])
+    responses: dict[str, np.ndarray] = {}
+    for speaker in sorted({who for *_, who in placed}):
+        responses[speaker] = room_response(rt60_s, rng, drr_db=float(rng.uniform(-3.0, 6.0)))
+    wet = np.zeros(end + max(len(r) for r in responses.values()), dtype=np.float64)
+    for at, piece, who in placed:
+        out = fftconvolve(piece, responses[who])
         out *= _rms(piece) / max(_rms(out[: len(piece)]), 1e-12)  # keep the turn's level
-        wet[bounds[i] : bounds[i] + len(out)] += out
-    wet = wet[: len(flat)].astype(np.float32)
-    for i in range(len(pieces)):
-        pieces[i] = wet[bounds[i] : bounds[i + 1]]
+        wet[at : at + len(out)] += out
+    return np.concatenate([wet[:end], np.zeros(total - end, dtype=np.float64)]).astype(np.float32)

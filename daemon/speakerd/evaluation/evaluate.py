@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..audio import SAMPLE_RATE
+from ..rooms import MAX_VERSIONS, RoomSettings
+from ..vad import VAD_BACKENDS
 from .conversation import (
     Conversation,
     ConversationSettings,
@@ -36,6 +38,7 @@ from .conversation import (
 from .der import DEFAULT_COLLAR_S, EMPTY, DerResult, Labelled, diarization_error, speech_share_labelled
 from .eer import equal_error_rate, threshold_table
 from .metrics import Segment, attribution_accuracy, change_scores
+from .room_eval import ENROLLMENTS, PROVISIONAL_PREFIX, add_room_arguments, enroll_in_room, pool_provisional, provisional_figures, room_line
 from .runner import FileRun, run_file
 
 logger = logging.getLogger(__name__)
@@ -53,6 +56,12 @@ DETECTION_WINDOW_S = (0.5, 3.0)
 THRESHOLDS = tuple(round(0.40 + 0.05 * i, 2) for i in range(12))
 CONDITIONS = ("enrolled", "open")
 """Conversations among enrolled speakers only, and with never-enrolled voices mixed in."""
+NOBODY = "nobody"
+"""Conversations among voices nobody enrolled (``--nobody N``): judged by the provisional speakers."""
+NOBODY_SEED = 500
+"""Seed offset of the nobody-enrolled meetings, clear of the other conditions' seeds."""
+ROOM_LEVEL_DB = (-4.0, 0.0)
+"""Per-turn level in a room: distance already makes the differences, this is only effort."""
 
 
 @dataclass(frozen=True)
@@ -70,20 +79,58 @@ class EvalSettings:
     window_lengths: tuple[float, ...] = (1.5, 2.0)
     collar_s: float = DEFAULT_COLLAR_S
     tolerance_s: float = 0.5
+    room_rt60_s: float | None = None
+    """One simulated room per meeting (pyroomacoustics) with this RT60, a table microphone."""
+    room_snr_db: float | None = 18.0
+    """SNR of the room's noise bed (coloured noise and babble); None: no bed."""
+    room_noise: str = "pink"
+    babble: int = 4
+    """Voices (never in the meeting) in the room's babble."""
+    overlap: float = 0.0
+    """Share of hand-overs that overlap by 0.2 to 1 s."""
+    interjections: float = 0.0
+    """Share of turns with a 0.3 to 1 s interjection of another speaker."""
+    enrollment: tuple[str, ...] = ("clean",)
+    room_versions: int = 2
+    """Room versions per recording of the "multi" enrollment (2: docs/BENCHMARKS.md, Rooms)."""
+    nobody: int = 0
+    """Voices in conversations nobody is enrolled in (0: no such condition)."""
 
     def __post_init__(self) -> None:
         if self.meetings < 1 or self.enrolled < 2 and self.unknown == 0 or self.enrolled < 1:
             raise ValueError("need at least one meeting and two voices per conversation")
         if self.unknown < 0 or self.turns < 2 or not self.window_lengths:
             raise ValueError("unknown must be >= 0, turns >= 2, and at least one window length given")
+        if not self.enrollment or any(e not in ENROLLMENTS for e in self.enrollment):
+            raise ValueError(f"enrollment must be some of {', '.join(ENROLLMENTS)}, got {self.enrollment}")
+        if "room" in self.enrollment and self.room_rt60_s is None:
+            raise ValueError("enrollment in the room needs a room: give --room")
+        if not (0.0 <= self.overlap <= 1.0 and 0.0 <= self.interjections <= 1.0):
+            raise ValueError(f"--overlap and --interjections are shares within 0 to 1, got {self.overlap} and {self.interjections}")
+        if self.babble < 0 or not 0 <= self.room_versions <= MAX_VERSIONS:
+            raise ValueError(f"--babble must be >= 0 and --room-versions within 0 to {MAX_VERSIONS}")
+        if self.nobody == 1 or self.nobody < 0:
+            raise ValueError(f"a conversation nobody is enrolled in needs at least two voices, got {self.nobody}")
+
+    def room(self) -> RoomSettings | None:
+        if self.room_rt60_s is None:
+            return None
+        snr = None if self.room_snr_db is None else (self.room_snr_db, self.room_snr_db)
+        return RoomSettings(rt60_s=(self.room_rt60_s, self.room_rt60_s), snr_db=snr, noise_color=self.room_noise)
 
     def conversation(self, meeting: int, condition: str) -> ConversationSettings:
+        room = self.room()
+        seed = self.seed * 1000 + (NOBODY_SEED + meeting if condition == NOBODY else meeting * 2 + CONDITIONS.index(condition))
         return ConversationSettings(
             turns=self.turns,
             snr_db=self.snr_db,
             noise_color=self.noise_color,
             rt60_s=self.rt60_s,
-            seed=self.seed * 1000 + meeting * 2 + CONDITIONS.index(condition),
+            room=room,
+            level_db=ROOM_LEVEL_DB if room is not None else ConversationSettings.level_db,
+            overlap_share=self.overlap,
+            interjections=self.interjections,
+            seed=seed,
         )
 
 
@@ -95,20 +142,23 @@ class Meeting:
     wav: Path
     names: dict[str, str]
     """Conversation speaker id -> enrolled name (enrolled speakers only)."""
+    settings: ConversationSettings | None = None
+    babble: tuple[Path, ...] = ()
+    """Clips of the voices in the room's babble."""
 
     def label(self, speaker: str) -> str:
         return self.names.get(speaker, speaker)
+
+    def conversation_speakers(self) -> set[str]:
+        return {t.speaker for t in [*self.conversation.turns, *self.conversation.interjections]}
 
 
 # -- truth and output as labelled intervals -----------------------------------------------------------
 
 
 def reference_intervals(meeting: Meeting) -> list[Labelled]:
-    return [(a, b, meeting.label(t.speaker)) for t in meeting.conversation.turns for a, b in t.speech]
-
-
-PROVISIONAL_PREFIX = "(daemon) "
-"""Marks the daemon's provisional speaker ids (``unknown-3``) apart from the reference's unknown voices."""
+    conv = meeting.conversation
+    return [(a, b, meeting.label(t.speaker)) for t in [*conv.turns, *conv.interjections] for a, b in t.speech]
 
 
 def hypothesis_label(speaker: dict[str, Any]) -> str:
@@ -144,7 +194,10 @@ def true_changes(meeting: Meeting) -> list[float]:
 
 
 HANDOVER_GAP_S = 0.1
-"""A change with less silence than this before it is a direct hand-over."""
+"""A change with less silence than this before it is a direct hand-over (with none, overlapping)."""
+OVERLAP_S = 0.01
+"""A change whose speech begins this much before the last speaker's ends overlaps it (less: rounding)."""
+CHANGE_KINDS = ("after_pause", "direct", "overlap")
 
 
 def change_kinds(meeting: Meeting) -> list[tuple[float, str]]:
@@ -155,7 +208,7 @@ def change_kinds(meeting: Meeting) -> list[tuple[float, str]]:
         if meeting.names.get(a.speaker, UNKNOWN_LABEL) != meeting.names.get(b.speaker, UNKNOWN_LABEL):
             start = b.speech[0][0] if b.speech else b.start
             end = a.speech[-1][1] if a.speech else a.end
-            out.append((start, "after_pause" if start - end >= HANDOVER_GAP_S else "direct"))
+            out.append((start, "after_pause" if start - end >= HANDOVER_GAP_S else "direct" if start > end - OVERLAP_S else "overlap"))
     return out
 
 
@@ -269,7 +322,9 @@ class MeetingScore:
     enrolled_as: dict[str, float] = field(default_factory=dict)
     """Seconds of enrolled speech labelled right, with another name, unknown, or not at all."""
     latency_by_kind: dict[str, list[float]] = field(default_factory=dict)
-    """Decision latencies of changes after a pause and of direct hand-overs."""
+    """Decision latencies of changes after a pause, of direct and of overlapping hand-overs."""
+    provisional: dict[str, float] = field(default_factory=dict)
+    """What became of never-enrolled speech: ``room_eval.provisional_figures``."""
 
 
 def score_meeting(meeting: Meeting, run: FileRun, embeddings: Sequence[np.ndarray], index: Any, es: EvalSettings, run_s: float) -> MeetingScore:
@@ -301,10 +356,10 @@ def score_meeting(meeting: Meeting, run: FileRun, embeddings: Sequence[np.ndarra
     kinds = change_kinds(meeting)
     by_kind = {
         kind: change_scores([t for t, k in kinds if k == kind], decided, before=DETECTION_WINDOW_S[0], after=DETECTION_WINDOW_S[1]).latencies
-        for kind in ("after_pause", "direct")
+        for kind in CHANGE_KINDS
     }
     return MeetingScore(der, ident, enrolled_s, accepted, unknown_s, boundary, detection, trials, run_s, conv.duration,
-                        hyp, decided, enrolled_as, by_kind)
+                        hyp, decided, enrolled_as, by_kind, provisional_figures(ref, hyp, unknown_labels))
 
 
 def _f1(tp: int, reported: int, true: int) -> dict[str, float]:
@@ -347,7 +402,8 @@ def aggregate(scores: Sequence[MeetingScore]) -> dict[str, Any]:
         "enrolled_speech_as": {k: sum(s.enrolled_as.get(k, 0.0) for s in scores) / enrolled_s for k in
                                ("right", "other_name", "unknown", "unlabelled")} if enrolled_s else None,
         "latency_by_kind": {kind: _latency([x for s in scores for x in s.latency_by_kind.get(kind, [])])
-                            for kind in ("after_pause", "direct")},
+                            for kind in CHANGE_KINDS},
+        "provisional": pool_provisional([s.provisional for s in scores]),
     }
 
 
@@ -390,32 +446,85 @@ def build_meetings(es: EvalSettings, work: Path) -> tuple[dict[str, list[Path]],
     chosen = pick_speakers(test, es.enrolled, es.seed)
     enroll, rest = split_enrollment(chosen, es.enroll_clips)
     names = {spk: NAME_PREFIX + spk for spk in chosen}
-    pool = unknown_pool(es.audio_dir) if es.unknown else {}
+    room = es.room_rt60_s is not None
+    pool = unknown_pool(es.audio_dir) if es.unknown or (room and es.babble) else {}
     meetings: list[Meeting] = []
-    conditions = [c for c in CONDITIONS if c == "enrolled" or es.unknown > 0]
+    conditions = [c for c in CONDITIONS if c == "enrolled" or es.unknown > 0] + ([NOBODY] if es.nobody else [])
     for condition in conditions:
         for m in range(es.meetings):
             cs = es.conversation(m, condition)
-            clips = dict(rest)
-            if condition == "open":
-                clips.update(pick_speakers(pool, es.unknown, cs.seed))
-            conv = build_conversation(clips, cs)
+            if condition == NOBODY:
+                clips, meeting_names = pick_speakers(test, es.nobody, cs.seed), {}
+            else:
+                clips, meeting_names = dict(rest), names
+                if condition == "open":
+                    clips.update(pick_speakers(pool, es.unknown, cs.seed))
+            babble = _babble(pool, set(clips), es.babble, cs.seed) if room else ()
+            conv = build_conversation(clips, cs, babble)
             wav = conv.write(work / f"{condition}-{m}.wav")
-            meetings.append(Meeting(condition, m, conv, wav, names))
+            meetings.append(Meeting(condition, m, conv, wav, meeting_names, cs, babble))
     return enroll, meetings
 
 
-def enroll_store(directory: Path, enroll: dict[str, list[Path]], settings: Any, bundle: Any, backend: Any) -> Any:
-    """A fresh store with every enrolled speaker, through the real enrollment path; its index."""
-    from ..enroll import prepare_enrollment
+def _babble(pool: dict[str, list[Path]], meeting: set[str], count: int, seed: int) -> tuple[Path, ...]:
+    """Clips of ``count`` never-enrolled voices that are not in the meeting, for its babble."""
+    others = {k: v for k, v in pool.items() if k not in meeting}
+    return tuple(clip for clips in pick_speakers(others, min(count, len(others)), seed + 1).values() for clip in clips)
+
+
+def enroll_store(directory: Path, enroll: dict[str, list[Path]], settings: Any, bundle: Any, backend: Any,
+                 room_versions: int = 0) -> Any:
+    """A fresh store with every enrolled speaker, through the real enrollment path; its index.
+
+    ``room_versions``: multi-condition enrollment, each clip also through that many simulated rooms.
+    """
+    from ..enroll import add_room_versions, prepare_enrollment
     from ..matcher import SpeakerIndex
+    from ..rooms import MultiConditionSettings
     from ..store import SpeakerStore
 
+    multi = MultiConditionSettings(versions=room_versions)
     with SpeakerStore(directory, fingerprint=bundle.fingerprint, dim=bundle.embedding_dim) as store:
         for spk, paths in sorted(enroll.items()):
             report = prepare_enrollment(NAME_PREFIX + spk, paths, settings, bundle.features, backend.embed)
+            report = add_room_versions(report, settings, bundle.features, backend.embed, multi)
             store.enroll(NAME_PREFIX + spk, report.embeddings_matrix(), source=",".join(map(str, paths)))
         return SpeakerIndex.from_store(store, settings.matching)
+
+
+def condition_key(condition: str, enrollment: str) -> str:
+    """Report key of a condition: clean enrollment keeps the bare name the report always had."""
+    return condition if enrollment == "clean" or condition == NOBODY else f"{condition}, {enrollment} enrollment"
+
+
+class _Indexes:
+    """The speaker index each meeting is judged against, built once per window length and enrollment."""
+
+    def __init__(self, es: EvalSettings, enroll: dict[str, list[Path]], bundle: Any, backend: Any, work: Path) -> None:
+        self.es, self.enroll, self.bundle, self.backend, self.work = es, enroll, bundle, backend, work
+        self._built: dict[tuple[float, str, str], Any] = {}
+        self._in_room: dict[str, dict[str, list[Path]]] = {}  # meeting -> its enrollment clips (any window length)
+
+    def get(self, settings: Any, enrollment: str, meeting: Meeting) -> Any:
+        name = f"{meeting.condition}-{meeting.index}"
+        if meeting.condition == NOBODY:
+            enrollment, name = NOBODY, ""
+        elif enrollment != "room":
+            name = ""
+        key = (settings.windows.length_s, enrollment, name)
+        if key not in self._built:
+            clips = {} if enrollment == NOBODY else self._room_clips(meeting) if enrollment == "room" else self.enroll
+            self._built[key] = enroll_store(self.work / "stores" / "-".join(map(str, key)).rstrip("-"), clips, settings,
+                                            self.bundle, self.backend, self.es.room_versions if enrollment == "multi" else 0)
+        return self._built[key]
+
+    def _room_clips(self, meeting: Meeting) -> dict[str, list[Path]]:
+        name = f"{meeting.condition}-{meeting.index}"
+        if name not in self._in_room:
+            assert meeting.settings is not None
+            self._in_room[name] = enroll_in_room(meeting.settings, sorted(meeting.conversation_speakers()), self.enroll,
+                                                 meeting.babble, self.work / "enroll-in-room" / name)
+        return self._in_room[name]
 
 
 def evaluate(es: EvalSettings, settings: Any, bundle: Any, backend: Any, out: Path, work: Path) -> dict[str, Any]:
@@ -426,35 +535,43 @@ def evaluate(es: EvalSettings, settings: Any, bundle: Any, backend: Any, out: Pa
     logger.info("%d meetings, %.0f s of audio, enrolled: %s", len(meetings), sum(m.conversation.duration for m in meetings), ", ".join(sorted(enroll)))
     results: list[dict[str, Any]] = []
     timeline: dict[str, Any] = {}
-    bar = tqdm(total=len(es.window_lengths) * len(meetings), desc="eval", unit="meeting", file=sys.stderr)
+    runs = [(e, m) for e in es.enrollment for m in meetings if m.condition != NOBODY or e == es.enrollment[0]]
+    bar = tqdm(total=len(es.window_lengths) * len(runs), desc="eval", unit="meeting", file=sys.stderr)
+    indexes = _Indexes(es, enroll, bundle, backend, work)
     for length in es.window_lengths:
         windows = dataclasses.replace(settings.windows, length_s=length, first_length_s=min(settings.windows.first_length_s, length))
         s_len = dataclasses.replace(settings, windows=windows)
-        index = enroll_store(work / f"store-{length}", enroll, s_len, bundle, backend)
         by_condition: dict[str, list[MeetingScore]] = {}
+        by_enrollment: dict[str, list[MeetingScore]] = {}
         per_meeting: list[dict[str, Any]] = []
-        for meeting in meetings:
+        for enrollment, meeting in runs:
+            index = indexes.get(s_len, enrollment, meeting)
             started = time.perf_counter()
             run = run_file(meeting.wav, s_len, bundle=bundle, backend=backend, matcher=index)
             elapsed = time.perf_counter() - started
             score = score_meeting(meeting, run, [mw.embedding for mw in run.windows], index, es, elapsed)
-            by_condition.setdefault(meeting.condition, []).append(score)
+            key = condition_key(meeting.condition, enrollment)
+            by_condition.setdefault(key, []).append(score)
+            if meeting.condition != NOBODY:
+                by_enrollment.setdefault(enrollment, []).append(score)
             row = aggregate([score])
-            per_meeting.append({"condition": meeting.condition, "meeting": meeting.index, **{k: row[k] for k in (
+            per_meeting.append({"condition": key, "meeting": meeting.index, **{k: row[k] for k in (
                 "audio_s", "der", "missed", "false_alarm", "confusion", "identification", "unknown_false_accept",
                 "latency_median_s", "latency_p95_s")}, "change_f1": row["change_boundary"]["f1"]})
-            if not timeline and (meeting.condition == "open" or es.unknown == 0) and length == es.window_lengths[0]:
+            if (not timeline and (meeting.condition == "open" or es.unknown == 0) and length == es.window_lengths[0]
+                    and enrollment == es.enrollment[0]):
                 timeline = {"meeting": f"{meeting.condition}-{meeting.index}", "window_length_s": length,
                             "reference": reference_intervals(meeting), "hypothesis": score.hypothesis,
                             "true_changes": true_changes(meeting), "decisions": score.decisions,
                             "duration": meeting.conversation.duration}
             bar.update(1)
-        all_scores = [s for v in by_condition.values() for s in v]
+        first = by_enrollment[es.enrollment[0]]
         results.append({
             "window_length_s": length,
             "conditions": {c: aggregate(v) for c, v in by_condition.items()},
-            "all": aggregate(all_scores),
-            "windows": window_summary(all_scores),
+            "all": aggregate(first),
+            "windows": window_summary(first),
+            "windows_by_enrollment": {e: window_summary(v) for e, v in by_enrollment.items()},
             "per_meeting": per_meeting,
         })
     bar.close()
@@ -490,13 +607,16 @@ def markdown(report: dict[str, Any]) -> str:
         f"{cfg['turns']} turns; noise {cfg['snr_db'] if cfg['snr_db'] is not None else 'none'} dB SNR; "
         f"reverb RT60 {cfg['rt60_s'] if cfg['rt60_s'] is not None else 'none'} s; seed {cfg['seed']}; "
         f"collar {cfg['collar_s']} s; change tolerance {cfg['tolerance_s']} s.",
+        *room_line(cfg, report["settings"]["vad"]),
         "",
         "| window | condition | audio | DER | missed | false alarm | confusion | identification | unknown FA | "
         f"change P / R / F1 (±{cfg['tolerance_s']} s) | detection P / R / F1 (0.5 s before, 3 s after) | latency median / p95 | RTF |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in report["results"]:
-        for cond, a in [*res["conditions"].items(), ("all", res["all"])]:
+        several = len(res["windows_by_enrollment"]) > 1
+        all_label = f"all, {next(iter(res['windows_by_enrollment']))} enrollment" if several else "all"
+        for cond, a in [*res["conditions"].items(), (all_label, res["all"])]:
             b, d = a["change_boundary"], a["change_detection"]
             lines.append(
                 f"| {res['window_length_s']} s | {cond} | {a['audio_s']:.0f} s | {_pct(a['der'])} | {_pct(a['missed'])} | "
@@ -505,24 +625,39 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{d['precision']:.2f} / {d['recall']:.2f} / {d['f1']:.2f} | "
                 f"{_num(a['latency_median_s'])} / {_num(a['latency_p95_s'])} s | {_num(a['real_time_factor'], '{:.3f}')} |"
             )
+    lines += ["", "Never-enrolled voices: their speech named as someone enrolled, given a provisional speaker, and the "
+              "provisional speakers made (per meeting, against the voices that spoke; purity: share of their time that is "
+              "their main voice):", "",
+              "| window | condition | named as enrolled | provisional coverage | provisional speakers / voices | purity |",
+              "|---|---|---|---|---|---|"]
+    for res in report["results"]:
+        for cond, a in res["conditions"].items():
+            p = a["provisional"]
+            if not a["unknown_speech_s"]:
+                continue
+            lines.append(f"| {res['window_length_s']} s | {cond} | {_pct(a['unknown_false_accept'])} | {_pct(p['coverage'])} | "
+                         f"{_num(p['speakers_per_meeting'], '{:.1f}')} / {_num(p['voices_per_meeting'], '{:.1f}')} | {_pct(p['purity'])} |")
     lines += ["", "Where enrolled speech went, and change latency by kind of hand-over (decision time minus true change):", "",
-              "| window | condition | right name | other name | unknown | unlabelled | after a pause: n, median / p95 | direct: n, median / p95 |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| window | condition | right name | other name | unknown | unlabelled | after a pause: n, median / p95 | direct: n, median / p95 | overlapping: n, median / p95 |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for res in report["results"]:
         for cond, a in res["conditions"].items():
             e = a["enrolled_speech_as"] or {}
             lk = a["latency_by_kind"]
-            cells = [f"{lk[k]['count']}, {_num(lk[k]['median_s'])} / {_num(lk[k]['p95_s'])} s" for k in ("after_pause", "direct")]
+            if cond == NOBODY:
+                continue
+            cells = [f"{lk[k]['count']}, {_num(lk[k]['median_s'])} / {_num(lk[k]['p95_s'])} s" for k in CHANGE_KINDS]
             lines.append(f"| {res['window_length_s']} s | {cond} | {_pct(e.get('right'))} | {_pct(e.get('other_name'))} | "
-                         f"{_pct(e.get('unknown'))} | {_pct(e.get('unlabelled'))} | {cells[0]} | {cells[1]} |")
+                         f"{_pct(e.get('unknown'))} | {_pct(e.get('unlabelled'))} | {' | '.join(cells)} |")
     lines += ["", "Window-level verification (pure windows scored against every enrolled speaker):", "",
               "| window | EER | at threshold | target / non-target trials | pure / mixed windows | nearest speaker right | unknown-voice windows accepted |",
               "|---|---|---|---|---|---|---|"]
     for res in report["results"]:
-        w = res["windows"]
-        lines.append(f"| {res['window_length_s']} s | {_pct(w['eer'])} | {_num(w['eer_threshold'])} | "
-                     f"{w['target_trials']} / {w['nontarget_trials']} | {w['pure']} / {w['mixed']} | {_pct(w['nearest_accuracy'])} | "
-                     f"{_pct(w['unknown_window_accept'])} of {w['unknown_pure']} |")
+        for enrollment, w in res["windows_by_enrollment"].items():
+            label = "" if len(res["windows_by_enrollment"]) == 1 else f", {enrollment} enrollment"
+            lines.append(f"| {res['window_length_s']} s{label} | {_pct(w['eer'])} | {_num(w['eer_threshold'])} | "
+                         f"{w['target_trials']} / {w['nontarget_trials']} | {w['pure']} / {w['mixed']} | {_pct(w['nearest_accuracy'])} | "
+                         f"{_pct(w['unknown_window_accept'])} of {w['unknown_pure']} |")
     lines += ["", "False accepts / false rejects of single windows by threshold:", "",
               "| threshold | " + " | ".join(f"FA / FR ({r['window_length_s']} s)" for r in report["results"]) + " |",
               "|---" * (1 + len(report["results"])) + "|"]
@@ -558,6 +693,7 @@ def write_outputs(report: dict[str, Any], out: Path) -> dict[str, Path]:
     public = json.loads(json.dumps(report, default=float))
     for r in public["results"]:
         r["windows"] = {k: v for k, v in r["windows"].items() if not k.startswith("_")}
+        r["windows_by_enrollment"] = {e: {k: v for k, v in w.items() if not k.startswith("_")} for e, w in r["windows_by_enrollment"].items()}
     public["plots"] = {k: str(v) for k, v in paths.items()}
     (out / "report.json").write_text(json.dumps(public, indent=2) + "\n")
     (out / "report.md").write_text(markdown(report))
@@ -597,6 +733,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="NAME_OR_DIR", help="model bundle (default from settings)")
     parser.add_argument("--backend", choices=("auto", "onnx", "coreml"), help="embedding backend (default from settings)")
     parser.add_argument("--keep-audio", action="store_true", help="keep the conversations' WAV files in DIR/audio")
+    add_room_arguments(parser)
+    parser.add_argument("--vad", choices=VAD_BACKENDS, help="voice activity detector (default from settings)")
+    parser.add_argument("--vad-compare", action="store_true",
+                        help="only compare the voice activity detectors on the meetings (missed speech, noise and babble "
+                             "admitted): DIR/vad.md and vad.json, no model needed")
 
 
 def eval_settings_from(args: argparse.Namespace) -> EvalSettings:
@@ -614,6 +755,15 @@ def eval_settings_from(args: argparse.Namespace) -> EvalSettings:
         window_lengths=tuple(args.window_lengths),
         collar_s=args.collar,
         tolerance_s=args.tolerance,
+        room_rt60_s=args.room,
+        room_snr_db=args.snr,
+        room_noise=args.room_noise,
+        babble=args.babble,
+        overlap=args.overlap,
+        interjections=args.interjections,
+        enrollment=tuple(args.enrollment),
+        room_versions=args.room_versions,
+        nobody=args.nobody,
     )
 
 
@@ -623,7 +773,11 @@ def main_eval(args: argparse.Namespace) -> int:
     from ..embedding import backend_for
     from ..settings import load_settings
 
-    es = eval_settings_from(args)
+    try:
+        es = eval_settings_from(args)
+    except ValueError as exc:
+        logger.error("%s", exc)
+        return 2
     if not (es.audio_dir / "test-other").is_dir():
         logger.error("%s has no test-other/ folder (LibriSpeech layout expected)", es.audio_dir)
         return 2
@@ -632,7 +786,13 @@ def main_eval(args: argparse.Namespace) -> int:
         overrides.setdefault("embedding", {})["model"] = args.model
     if args.backend:
         overrides.setdefault("embedding", {})["backend"] = args.backend
+    if args.vad:
+        overrides.setdefault("vad", {})["backend"] = args.vad
     settings = load_settings(Path(args.config) if args.config else None, overrides)
+    if args.vad_compare:
+        from .vad_compare import main_vad_compare
+
+        return main_vad_compare(es, settings, Path(args.out), args.keep_audio)
     bundle = resolve_bundle(settings.embedding.model)
     backend = backend_for(bundle, settings.embedding, settings.windows)
     out = Path(args.out)
