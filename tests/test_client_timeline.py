@@ -248,3 +248,15 @@ def test_a_day_of_events_stays_under_50_mb_in_seconds(keep_s: float) -> None:
     last = max(tl.segments(0, 1e9), key=lambda s: s.end)
     assert tl.speaker_at(last.end - 0.1).speaker is not None
     assert tl.segments(0.0, 3600.0) == []
+
+
+def test_a_withdrawal_keeps_the_previous_speaker_even_when_it_was_named_after_its_turn_closed() -> None:
+    # from a real run: anonymous speech, its segment closed, then the voice became unknown-1 and a
+    # tentative change away from it was withdrawn under its new id
+    ev = Stream()
+    tl = SpeakerTimeline().feed_all([
+        ev(SpeechStart(2.0), 2.2), ev(change(ANON, None, 2.0, tentative=True), 3.0), ev(segment(ANON, 2.0, 4.2), 4.9),
+        ev(change(ALICE, ANON, 4.2, tentative=True), 4.9), ev(SpeechEnd(2.0, 4.6), 4.9), ev(SpeechStart(4.8), 5.0),
+        ev(change(U1, U1, 4.2), 5.8),
+    ])
+    assert tl.who(4.8, 5.8) == Who(U1, 1.0, False)

@@ -243,6 +243,10 @@ class SpeakerTimeline:
         b = s.boundaries
         while b and b[-1].tentative and _key(self._resolve(b[-1].speaker)) != prev_key:
             affected = min(affected, b.pop().at)
+        if previous is not None and (_key(self._resolve(b[-1].speaker)) if b else None) != prev_key:
+            # the daemon says ``previous`` was speaking (e.g. anonymous speech that became a
+            # provisional speaker after its turn closed): it is, from the end of what is final
+            b.append(_Boundary(at if b else min(at, s.final_end), previous, False))
         if previous is not None and _key(self._resolve(speaker)) == prev_key:
             return affected  # withdrawn: the speaker did not change after all
         while b and b[-1].at >= at:

@@ -1,0 +1,71 @@
+"""Word-level speaker attribution: a recogniser's words, named through ``speakerd.client``,
+judged against a conversation's known turns.
+
+A word's true speaker is the turn holding its midpoint; words in no turn (the recogniser heard
+something in a pause) are not judged, nor words within ``exclude_s`` of a true change, where a
+word's own timing error decides more than the daemon does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from .conversation import Conversation
+
+EXCLUDE_S = 0.25
+
+
+@dataclass(frozen=True)
+class TimedLabel:
+    start: float
+    end: float
+    label: str | None
+    """The name (or provisional id) the timeline gave the word; None for nobody."""
+
+
+@dataclass(frozen=True)
+class WordScore:
+    correct: int
+    judged: int
+    near_change: int
+    outside_turns: int
+    by_truth: dict[str, dict[str | None, int]]
+    """True speaker -> label given -> words."""
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.judged if self.judged else float("nan")
+
+
+def true_speaker(conv: Conversation, t: float) -> str | None:
+    for turn in conv.turns:
+        if turn.start <= t < turn.end:
+            return turn.speaker
+    return None
+
+
+def word_attribution(
+    conv: Conversation, words: Sequence[TimedLabel], names: Mapping[str, str], *, exclude_s: float = EXCLUDE_S
+) -> WordScore:
+    """``names``: conversation speaker -> the name the daemon should give (enrolled speakers);
+    a never-enrolled speaker's words count as right when they carry any provisional id."""
+    changes = [t for t, _, _ in conv.changes()]
+    correct = judged = near = outside = 0
+    by_truth: dict[str, dict[str | None, int]] = {}
+    for w in words:
+        truth = true_speaker(conv, (w.start + w.end) / 2)
+        if truth is None:
+            outside += 1
+            continue
+        if any(w.start - exclude_s <= c <= w.end + exclude_s for c in changes):
+            near += 1
+            continue
+        judged += 1
+        by_truth.setdefault(truth, {})
+        by_truth[truth][w.label] = by_truth[truth].get(w.label, 0) + 1
+        if truth in names:
+            correct += w.label == names[truth]
+        else:
+            correct += bool(w.label and w.label.startswith("unknown-"))
+    return WordScore(correct, judged, near, outside, by_truth)
