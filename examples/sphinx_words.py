@@ -59,7 +59,7 @@ class SphinxWords:
             return []
         speech = self.endpointer.end_stream(self._buffer)
         self._buffer = b""
-        if speech is not None:
+        if speech:
             self.decoder.process_raw(speech, False, False)
         return self._end()
 
