@@ -31,7 +31,16 @@ class FakeDaemon:
     def __init__(self, ctx: zmq.Context, endpoint: str) -> None:
         self.sock = ctx.socket(zmq.XPUB)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
+        deadline = time.monotonic() + WAIT_S
+        while True:  # the port of a daemon just closed is released by ZeroMQ's I/O thread, a moment later
+            try:
+                self.sock.bind(endpoint)
+                return
+            except zmq.ZMQError:
+                if time.monotonic() > deadline:
+                    self.sock.close(0)
+                    raise
+                threading.Event().wait(0.05)
 
     def wait_for_subscriber(self) -> None:
         assert self.sock.poll(int(WAIT_S * 1000)), "no subscriber connected"

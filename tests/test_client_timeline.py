@@ -260,3 +260,22 @@ def test_a_withdrawal_keeps_the_previous_speaker_even_when_it_was_named_after_it
         ev(change(U1, U1, 4.2), 5.8),
     ])
     assert tl.who(4.8, 5.8) == Who(U1, 1.0, False)
+
+
+def test_revisions_answer_lines_as_label_did_and_callback_errors_stay_the_callbacks() -> None:
+    ev = Stream()
+    revised: list[Any] = []
+    tl = SpeakerTimeline(on_revision=lambda line, a, b: revised.append((line.key, a.label, b.label)))
+    tl.feed_all([ev(SpeechStart(0.0), 0.2), ev(change(ALICE, None, 0.0), 1.0), ev(SpeechEnd(0.0, 4.0), 4.4),
+                 ev(segment(ALICE, 0.0, 4.0), 4.4)])
+    assert tl.label("soft word", 4.1, 4.3, reach=0.5).label == "Alice"  # in the pause, within reach
+    tl.feed_all([ev(SpeechStart(6.0), 6.2), ev(change(BOB, ALICE, 6.0), 7.0)])
+    assert revised == []  # answered again with the same reach: still Alice, nothing to report
+
+    def broken(*_: Any) -> None:
+        raise KeyError("the callback's own bug")
+
+    tl.on_revision = broken
+    tl.label("w", 6.5, 7.0)
+    with pytest.raises(KeyError, match="own bug"):  # not disguised as a bad event
+        tl.feed(ev(SpeakerRenamed(old=BOB, new=SpeakerRef("spk-b", "Robert", True)), 8.0))

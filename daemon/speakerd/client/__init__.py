@@ -7,7 +7,8 @@ restarts, reports lost events and feeds a timeline. Neither imports torch or the
 """
 
 from .subscriber import Gap, Subscriber
-from .timeline import Line, Span, SpeakerTimeline, TimelineSettings, Who
+from .timeline import SpeakerTimeline
+from .types import Clock, Line, Revision, Span, TimelineSettings, Who
 from ..events import SpeakerRef
 
-__all__ = ["Gap", "Line", "Span", "SpeakerRef", "SpeakerTimeline", "Subscriber", "TimelineSettings", "Who"]
+__all__ = ["Clock", "Gap", "Line", "Revision", "Span", "SpeakerRef", "SpeakerTimeline", "Subscriber", "TimelineSettings", "Who"]

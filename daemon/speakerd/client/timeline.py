@@ -17,82 +17,21 @@ import bisect
 import json
 import logging
 import threading
-from collections.abc import Callable, Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from ..events import EventError, SpeakerRef
 from .clock import SessionClock
+from .types import Clock, Line, Revision, Span, TimelineSettings, Who
 
 logger = logging.getLogger(__name__)
 
-Clock = Literal["stream", "wall"]
 INF = float("inf")
 LINE_LOOKBACK_S = 600.0
 """Registered lines are looked at back to this long before a change: no transcript line is longer."""
 ALIAS_DEPTH = 64
 """Longest relabel chain followed (``unknown-3`` -> ``unknown-1`` -> Alice); stops a cycle from hanging."""
-
-
-@dataclass(frozen=True)
-class Span:
-    """``speaker`` spoke ``start``-``end`` (on the clock asked for). ``final``: from a finished
-    segment, so only a rename or merge can still change it; otherwise from change events after the
-    last finished segment, which later events may revise."""
-
-    start: float
-    end: float
-    speaker: SpeakerRef
-    final: bool
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-
-@dataclass(frozen=True)
-class Who:
-    """The answer to "who spoke in this span": the speaker covering most of it (None if nobody),
-    their ``share`` of the span's length, and ``final`` (False while a later event may still
-    change the answer, renames and merges aside, which ``on_revision`` reports)."""
-
-    speaker: SpeakerRef | None
-    share: float
-    final: bool
-
-    @property
-    def label(self) -> str | None:
-        """What a transcript shows: the name, else the provisional id, else "unknown"; None for nobody."""
-        return None if self.speaker is None else self.speaker.label
-
-
-NOBODY = Who(None, 0.0, False)
-
-
-@dataclass(frozen=True)
-class Line:
-    """A transcript line registered with ``SpeakerTimeline.label``; ``key`` is the caller's own."""
-
-    key: Hashable
-    start: float
-    end: float
-    clock: Clock
-
-
-Revision = Callable[[Line, Who, Who], None]
-"""``on_revision(line, before, after)``: a registered line now carries another speaker."""
-
-
-@dataclass(frozen=True)
-class TimelineSettings:
-    keep_s: float = 12 * 3600.0
-    """Segments, sessions and registered lines that ended longer ago than this are forgotten."""
-    max_lines: int = 100_000
-    """Registered lines kept for revision at most (the oldest go first)."""
-
-    def __post_init__(self) -> None:
-        if not self.keep_s > 0 or self.max_lines < 1:
-            raise ValueError(f"keep_s must be > 0 and max_lines >= 1, got {self.keep_s}, {self.max_lines}")
 
 
 @dataclass(slots=True)
@@ -128,6 +67,7 @@ class _Registered:
     line: Line
     session: str | None
     answer: Who
+    reach: float
 
 
 def _key(ref: SpeakerRef | None) -> str | None:
@@ -164,18 +104,21 @@ class SpeakerTimeline:
                 raise EventError(f"event is not JSON: {e}") from None
         if not isinstance(event, Mapping):
             raise EventError(f"an event is a JSON object, got {type(event).__name__}")
-        try:
-            with self._lock:
-                self._apply(event)
-        except (KeyError, TypeError, ValueError) as e:
-            raise EventError(f"bad {event.get('type', 'untyped')} event: {e!r}") from None
+        with self._lock:
+            try:
+                revised = self._apply(event)
+            except (KeyError, TypeError, ValueError) as e:
+                raise EventError(f"bad {event.get('type', 'untyped')} event: {e!r}") from None
+            if self.on_revision is not None:
+                for line, before, after in revised:  # outside the try: the callback's errors are its own
+                    self.on_revision(line, before, after)
 
     def feed_all(self, events: Iterable[Mapping[str, Any] | str | bytes]) -> SpeakerTimeline:
         for event in events:
             self.feed(event)
         return self
 
-    def _apply(self, e: Mapping[str, Any]) -> None:
+    def _apply(self, e: Mapping[str, Any]) -> list[tuple[Line, Who, Who]]:
         session = self._session_for(str(e["session"]))
         stream_time, wall_time = float(e["stream_time"]), float(e["wall_time"])
         session.clock.anchor(stream_time, wall_time)
@@ -198,9 +141,9 @@ class SpeakerTimeline:
             if old.id is not None:
                 self._alias[old.id] = new  # same id: the new name; another: that speaker from now on
             renamed = old.id
-        if affected is not None or renamed is not None:
-            self._revise(session, affected, renamed is not None)
+        revised = self._revise(session, affected, renamed is not None) if affected is not None or renamed else []
         self._forget(session)
+        return revised
 
     def _session_for(self, sid: str) -> _Session:
         if self._sessions and self._sessions[-1].id == sid:
@@ -316,10 +259,10 @@ class SpeakerTimeline:
         with self._lock:
             return self._resolve(_ref(ref) if isinstance(ref, Mapping) else ref)
 
-    def _revise(self, session: _Session, affected: float | None, everything: bool) -> None:
-        """Re-answer the registered lines an event may have changed; report those whose speaker did."""
+    def _revise(self, session: _Session, affected: float | None, everything: bool) -> list[tuple[Line, Who, Who]]:
+        """Re-answer the registered lines an event may have changed; those whose speaker did."""
         if not self._lines:
-            return
+            return []
         if everything:
             candidates = self._lines
         else:
@@ -332,14 +275,15 @@ class SpeakerTimeline:
                     break  # lines come roughly in time order: none before this can reach the change
                 if r.line.end > limit and (r.line.clock == "wall" or r.session == session.id):
                     candidates.append(r)
+        revised = []
         for r in candidates:
-            after = self._who(r.line.start, r.line.end, r.line.clock, r.session, 0.0)
+            after = self._who(r.line.start, r.line.end, r.line.clock, r.session, r.reach)
             before, r.answer = r.answer, after
             if _key(before.speaker) != _key(after.speaker) or (
                 before.speaker is not None and after.speaker is not None and before.speaker.name != after.speaker.name
             ):
-                if self.on_revision is not None:
-                    self.on_revision(r.line, before, after)
+                revised.append((r.line, before, after))
+        return revised
 
     # -- queries ---------------------------------------------------------------------------------
 
@@ -382,7 +326,7 @@ class SpeakerTimeline:
         with self._lock:
             sid = self._sessions[-1].id if self._sessions and clock == "stream" else None
             answer = self._who(start, end, clock, sid, reach)
-            self._lines.append(_Registered(Line(key, start, end, clock), sid, answer))
+            self._lines.append(_Registered(Line(key, start, end, clock), sid, answer, reach))
             return answer
 
     def _who(self, start: float, end: float, clock: Clock, session: str | None, reach: float) -> Who:
