@@ -334,18 +334,18 @@ class SpeakerTimeline:
             spans = self._spans(start, start, clock, session)
             return Who(spans[-1].speaker, 1.0, spans[-1].final) if spans else Who(None, 0.0, self._final_at(end, clock, session))
         spans = self._spans(start, end, clock, session)
-        time: dict[str | None, float] = {}
+        spoken: dict[str | None, float] = {}
         refs: dict[str | None, SpeakerRef] = {}
         for sp in spans:
             k = _key(sp.speaker)
-            time[k] = time.get(k, 0.0) + sp.duration
+            spoken[k] = spoken.get(k, 0.0) + sp.duration
             refs[k] = sp.speaker
         final = all(sp.final for sp in spans) and self._final_at(end, clock, session)
-        if not time:
+        if not spoken:
             near = self._nearest(start, end, clock, session, reach) if reach > 0 else None
             return Who(near, 0.0, final) if near is not None else Who(None, 0.0, final)
-        best = max(time, key=lambda k: time[k])
-        return Who(refs[best], min(1.0, time[best] / (end - start)), final)
+        best = max(spoken, key=lambda k: spoken[k])
+        return Who(refs[best], min(1.0, spoken[best] / (end - start)), final)
 
     def _nearest(self, start: float, end: float, clock: Clock, session: str | None, reach: float) -> SpeakerRef | None:
         spans = self._spans(start - reach, end + reach, clock, session)
@@ -391,7 +391,8 @@ class SpeakerTimeline:
     def _session_spans(self, s: _Session, start: float, end: float) -> list[Span]:
         out = []
         i = max(0, bisect.bisect_right(s.starts, start) - 1)
-        for seg in s.finals[i:]:
+        for j in range(i, len(s.finals)):  # no slice: a query of the morning must not copy the day
+            seg = s.finals[j]
             if seg.start > end:
                 break
             if seg.end >= start and (seg.end > start or start == end):
