@@ -18,9 +18,9 @@ import pulse
 import pytest
 from daemon_harness import REPO, Enrolled, make_conversation, popen_speakerd
 from test_client_subscriber import free_port
+from test_mic_live import sink  # noqa: F401 - the null sink as the microphone, PortAudio rescanned
 
 from speakerd.client import SpeakerTimeline, Subscriber
-from speakerd.devices import rescan_devices
 from speakerd.evaluation.words import TimedLabel, word_attribution
 
 pytest.importorskip("pocketsphinx", reason="the recogniser of these tests: pip install 'speakerd[dev]'")
@@ -34,20 +34,6 @@ SPEAKERS = ["1688", "1998", "2033", "3080"]
 START_TIMEOUT_S = 30.0
 SETTLE_S = 3.0
 """After the recording ends: the daemon's last window, the end of speech and its segment."""
-
-
-@pytest.fixture(scope="module")
-def sink():
-    missing = pulse.missing_tools()
-    if missing:
-        pytest.skip(f"live test needs {', '.join(missing)} (apt-get install pulseaudio pulseaudio-utils)")
-    s = pulse.ensure_pulse()
-    try:
-        rescan_devices()  # PortAudio lists ALSA's pulse PCM only if a server answered at initialisation
-        yield s
-    finally:
-        s.close()
-        rescan_devices()
 
 
 def test_words_heard_live_are_named_on_the_wall_clock(sink: pulse.PulseSink, enrolled: Enrolled, tmp_path: Path) -> None:

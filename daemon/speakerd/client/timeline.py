@@ -14,7 +14,6 @@ and what is still open (the speech after the last finished segment) is a handful
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import threading
 from collections.abc import Hashable, Iterable, Mapping
@@ -94,14 +93,10 @@ class SpeakerTimeline:
 
     # -- feeding ---------------------------------------------------------------------------------
 
-    def feed(self, event: Mapping[str, Any] | str | bytes) -> None:
-        """Apply one event (a parsed dict, or its JSON line). Unknown types only move the clock;
-        EventError if the event lacks what its type needs."""
-        if isinstance(event, (str, bytes)):
-            try:
-                event = json.loads(event)
-            except json.JSONDecodeError as e:
-                raise EventError(f"event is not JSON: {e}") from None
+    def feed(self, event: Mapping[str, Any]) -> None:
+        """Apply one event (a parsed dict: ``json.loads`` of an events-file line, or what
+        ``speakerd.events.parse_event`` returns). Unknown types only move the clock; EventError if
+        the event lacks what its type needs."""
         if not isinstance(event, Mapping):
             raise EventError(f"an event is a JSON object, got {type(event).__name__}")
         with self._lock:
@@ -113,7 +108,7 @@ class SpeakerTimeline:
                 for line, before, after in revised:  # outside the try: the callback's errors are its own
                     self.on_revision(line, before, after)
 
-    def feed_all(self, events: Iterable[Mapping[str, Any] | str | bytes]) -> SpeakerTimeline:
+    def feed_all(self, events: Iterable[Mapping[str, Any]]) -> SpeakerTimeline:
         for event in events:
             self.feed(event)
         return self
