@@ -142,3 +142,29 @@ def test_from_config_connects_where_listen_would(tmp_path: Path) -> None:
     assert Subscriber.from_config(cfg, endpoint="ipc:///tmp/x.sock").endpoint == "ipc:///tmp/x.sock"
     with pytest.raises(SecurityError, match="--curve-keys"):
         Subscriber.from_config(cfg, endpoint="tcp://192.0.2.1:5560")
+
+
+def test_from_config_uses_the_daemons_curve_keys(tmp_path: Path) -> None:
+    from speakerd.publisher import EventPublisher, PublishSettings
+    from speakerd.security import CurveServer, generate_keypair
+
+    keys = tmp_path / "keys"
+    generate_keypair(keys, "server")
+    (keys / "authorized").mkdir(mode=0o700)
+    ctx = zmq.Context()
+    server = CurveServer(keys)
+    server.start(ctx)
+    try:
+        with EventPublisher(PublishSettings(endpoint="tcp://0.0.0.0:*", heartbeat_s=0), context=ctx, curve=server) as pub:
+            endpoint = f"tcp://127.0.0.1:{pub.bound_endpoint.rsplit(':', 1)[1]}"
+            cfg = tmp_path / "speakerd.toml"
+            cfg.write_text(f'[daemon]\ncurve_keys = "{keys}"\n[publish]\nendpoint = "{endpoint}"\n')
+            seen: list[dict[str, Any]] = []
+            with Subscriber.from_config(cfg, on_event=seen.append, context=ctx):  # the daemon's own keys, as listen
+                assert pub.wait_for_subscriber(WAIT_S)
+                pub.publish(SpeechStart(1.0), stream_time=1.0, wall_time=1.0)
+                wait_until(lambda: len(seen) == 1, "an event through CURVE")
+            assert seen[0]["type"] == "speech.start"
+    finally:
+        server.close()
+        ctx.term()
