@@ -279,3 +279,25 @@ def test_revisions_answer_lines_as_label_did_and_callback_errors_stay_the_callba
     tl.label("w", 6.5, 7.0)
     with pytest.raises(KeyError, match="own bug"):  # not disguised as a bad event
         tl.feed(ev(SpeakerRenamed(old=BOB, new=SpeakerRef("spk-b", "Robert", True)), 8.0))
+
+
+def test_the_worked_example_of_docs_client_md() -> None:
+    ev = Stream()
+    revised: list[tuple[str, str | None, str | None]] = []
+    tl = SpeakerTimeline(on_revision=lambda line, a, b: revised.append((str(line.key), a.label, b.label)))
+    tl.feed(ev(change(ALICE, None, 0.0), 1.0))
+    tl.feed(ev(change(BOB, ALICE, 5.0, tentative=True), 5.5))
+    assert tl.label("L", 5.2, 5.8) == Who(BOB, 1.0, False)
+    tl.feed(ev(change(ALICE, ALICE, 5.0), 6.5))
+    assert revised == [("L", "Bob", "Alice")]
+    tl.feed(ev(segment(ALICE, 0.0, 10.4), 10.8))
+    assert tl.who(0.0, 10.4) == Who(ALICE, 1.0, True)
+    tl.feed(ev(change(ANON, ALICE, 10.4, tentative=True), 11.0))
+    assert tl.speaker_at(11.0).label == "unknown"
+    tl.feed(ev(change(U1, ALICE, 10.4), 13.5))
+    assert tl.label("M", 12.0, 13.0).label == "unknown-1"
+    tl.feed(ev(segment(U1, 10.4, 16.0), 16.4))
+    carol = SpeakerRef("spk-3f2a9c1b", "Carol", True)
+    tl.feed(ev(SpeakerRenamed(old=U1, new=carol), 30.0))
+    assert revised[1:] == [("M", "unknown-1", "Carol")]
+    assert [(s.start, s.end, s.speaker.label) for s in tl.segments(0.0, 16.0)] == [(0.0, 10.4, "Alice"), (10.4, 16.0, "Carol")]

@@ -335,7 +335,7 @@ class SpeakerTimeline:
             k = _key(sp.speaker)
             spoken[k] = spoken.get(k, 0.0) + sp.duration
             refs[k] = sp.speaker
-        final = all(sp.final for sp in spans) and self._final_at(end, clock, session)
+        final = all(sp.final for sp in spans) and self._final_at(end, clock, session, span_end=True)
         if not spoken:
             near = self._nearest(start, end, clock, session, reach) if reach > 0 else None
             return Who(near, 0.0, final) if near is not None else Who(None, 0.0, final)
@@ -348,11 +348,12 @@ class SpeakerTimeline:
             return None
         return min(spans, key=lambda sp: max(sp.start - end, start - sp.end, 0.0)).speaker
 
-    def _final_at(self, t: float, clock: Clock, session: str | None) -> bool:
-        """True when nothing the daemon may still say can change the answer at ``t``."""
+    def _final_at(self, t: float, clock: Clock, session: str | None, *, span_end: bool = False) -> bool:
+        """True when nothing the daemon may still say can change the answer at ``t`` (or, with
+        ``span_end``, for a span ending at ``t``: one ending where the finished part ends is final)."""
         for s in self._sessions_for(clock, session):
             st = s.clock.to_stream(t) if clock == "wall" else t
-            if s is self._sessions[-1] and st >= s.final_end:
+            if s is self._sessions[-1] and (st > s.final_end or st == s.final_end and not span_end):
                 return False
         return True
 
