@@ -27,6 +27,7 @@ examples:
   speakerd run                                    listen to the default microphone
   speakerd run --source file:meeting.wav --no-realtime --events-out -
   speakerd listen                                 print events from a running daemon
+  speakerd label events.jsonl meeting.srt -o named.srt   name a transcript's lines from recorded events
   speakerd service install --dry-run              show the login service it would install
 """
 
@@ -426,6 +427,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
         add_listen_arguments(listen)
     listen.set_defaults(func=cmd_listen)
+
+    from .label import add_label_arguments, main_label
+
+    label = sub.add_parser("label", help="name the lines of a transcript (Whisper JSON, SRT, VTT) from an events file",
+                           description="Name the lines of a transcript from events recorded with --events-out.")
+    add_label_arguments(label)
+    label.set_defaults(func=main_label)
 
     service = sub.add_parser(
         "service",

@@ -266,16 +266,24 @@ def add_listen_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def listen_target(args: argparse.Namespace) -> tuple[str, Any]:
-    """The endpoint and CURVE client keys (or None) the options ask for: ``--sub`` and
-    ``--curve-keys`` first, then ``--config``'s ``publish.endpoint`` and ``daemon.curve_keys``."""
+    """The endpoint and CURVE client keys (or None) the options ask for (see ``subscribe_target``)."""
+    return subscribe_target(args.config, args.sub, args.curve_keys)
+
+
+def subscribe_target(
+    config: str | Path | None = None, endpoint: str | None = None, curve_keys: str | Path | None = None
+) -> tuple[str, Any]:
+    """Where a subscriber connects, and its CURVE client keys (or None): ``endpoint`` and
+    ``curve_keys`` first, then ``config``'s ``publish.endpoint`` and ``daemon.curve_keys``.
+    Shared by ``speakerd listen`` and ``speakerd.client.Subscriber.from_config``."""
     from .security import CurveClient, require_curve_to_connect
     from .settings import load_settings
 
-    settings = load_settings(Path(args.config) if args.config else None)
-    endpoint = args.sub or settings.publish.endpoint
+    settings = load_settings(Path(config) if config else None)
+    endpoint = endpoint or settings.publish.endpoint
     curve = None
-    if args.curve_keys:
-        curve = CurveClient.from_dir(Path(args.curve_keys).expanduser())
+    if curve_keys:
+        curve = CurveClient.from_dir(Path(curve_keys).expanduser())
     elif settings.daemon.curve_keys:  # as `speakerd speakers` does: the daemon's own keys, or a client's
         curve = CurveClient.for_daemon_keys(Path(settings.daemon.curve_keys).expanduser())
     require_curve_to_connect(endpoint, curve, what="publish", option="--curve-keys DIR")
