@@ -428,12 +428,13 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         add_listen_arguments(listen)
     listen.set_defaults(func=cmd_listen)
 
-    from .label import add_label_arguments, main_label
-
     label = sub.add_parser("label", help="name the lines of a transcript (Whisper JSON, SRT, VTT) from an events file",
                            description="Name the lines of a transcript from events recorded with --events-out.")
-    add_label_arguments(label)
-    label.set_defaults(func=main_label)
+    if wanted("label"):
+        from .label import add_label_arguments, main_label
+
+        add_label_arguments(label)
+        label.set_defaults(func=main_label)
 
     service = sub.add_parser(
         "service",
