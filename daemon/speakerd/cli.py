@@ -103,7 +103,9 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from .enroll import prepare_enrollment
+    from .names import check_name
 
+    check_name(args.name)  # before any audio is read: a refused name wastes no work
     settings = _settings(args)
     bundle, store = _open_store(args, settings)
     with store:

@@ -28,8 +28,10 @@ import zmq
 
 from .errors import SpeakerdError, check
 from .events import SpeakerRef
+from .guard import RequestGuard
 from .paths import runtime_dir
 from .provisional import is_provisional_id
+from .security import wants_ipv6
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +62,8 @@ class ControlSettings:
     history_s: float = 120.0
     """Seconds of recent speech windows kept for "the last N seconds were Alice"."""
     max_request_bytes: int = 65536
-    """Larger requests are refused by ZeroMQ before they are read."""
+    """A request (all its frames together) larger than this closes its connection before the rest
+    is read (see guard.py)."""
     client_timeout_s: float = 3.0
     """How long ``speakerd speakers`` waits for the daemon's reply."""
 
@@ -120,6 +123,16 @@ class ControlHandler(Protocol):
 # -- protocol ------------------------------------------------------------------------------------
 
 
+def _name(req: Mapping[str, Any], key: str = "name") -> str:
+    """A new speaker name: the one rule of names.py, refused as a bad request."""
+    from .names import BadName, check_name
+
+    try:
+        return check_name(_arg(req, key, str))
+    except BadName as e:
+        raise ControlError("bad_request", str(e)) from None
+
+
 def _arg(req: Mapping[str, Any], key: str, kind: type, *, required: bool = True) -> Any:
     value = req.get(key)
     if value is None:
@@ -151,9 +164,9 @@ def _dispatch(handler: ControlHandler, req: Mapping[str, Any]) -> dict[str, Any]
             raise ControlError("bad_request", "enroll needs exactly one of 'last_s' (seconds) or 'speaker' (an id)")
         if last_s is not None and not 0 < last_s <= 3600:
             raise ControlError("bad_request", f"'last_s' must be within 0 and 3600, got {last_s}")
-        return handler.enroll(_arg(req, "name", str), last_s=last_s, speaker=speaker)
+        return handler.enroll(_name(req), last_s=last_s, speaker=speaker)
     if op == "rename":
-        return handler.rename(_arg(req, "speaker", str), _arg(req, "name", str))
+        return handler.rename(_arg(req, "speaker", str), _name(req))
     if op == "merge":
         return handler.merge(_arg(req, "source", str), _arg(req, "target", str))
     return handler.forget(_arg(req, "speaker", str))
@@ -163,17 +176,39 @@ def error_reply(code: str, message: str) -> dict[str, Any]:
     return {"v": CONTROL_VERSION, "ok": False, "error": {"code": code, "message": message}}
 
 
+def parse_request(data: bytes) -> dict[str, Any]:
+    """The request object in ``data``; ControlError ``bad_request``/``bad_version`` for anything
+    else: not UTF-8 JSON, nested too deeply to parse, strings no UTF-8 can carry (lone surrogates
+    such as ``"\\ud800"``), not an object, or ``v`` other than the integer 1 (``true`` and ``1.0``
+    compare equal to 1 in Python; they are not the version)."""
+    try:
+        req = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ControlError("bad_request", f"request is not UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ControlError("bad_request", "request is nested too deeply; send a flat JSON object") from None
+    if not isinstance(req, dict):
+        raise ControlError("bad_request", f"request must be a JSON object, got {type(req).__name__}")
+    try:
+        encode(req)
+    except UnicodeEncodeError as e:
+        raise ControlError(
+            "bad_request", f"request holds a lone surrogate ({e.object[e.start:e.end]!r}); send text as UTF-8"
+        ) from None
+    except RecursionError:
+        raise ControlError("bad_request", "request is nested too deeply; send a flat JSON object") from None
+    except ValueError:
+        raise ControlError("bad_request", "request holds NaN or Infinity, which JSON does not allow") from None
+    v = req.get("v")
+    if type(v) is not int or v != CONTROL_VERSION:
+        raise ControlError("bad_version", f"request v must be the integer {CONTROL_VERSION}, got {v!r}")
+    return req
+
+
 def handle_request(handler: ControlHandler, data: bytes) -> dict[str, Any]:
     """One request's reply. Never raises: every failure is an error reply, logged, nothing else."""
     try:
-        try:
-            req = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ControlError("bad_request", f"request is not UTF-8 JSON: {e}") from None
-        if not isinstance(req, dict):
-            raise ControlError("bad_request", f"request must be a JSON object, got {type(req).__name__}")
-        if req.get("v") != CONTROL_VERSION:
-            raise ControlError("bad_version", f"request v must be {CONTROL_VERSION}, got {req.get('v')!r}")
+        req = parse_request(data)
         result = _dispatch(handler, req)
         return {"v": CONTROL_VERSION, "ok": True, "result": result}
     except ControlError as e:
@@ -212,6 +247,7 @@ class ControlServer:
         self._curve = curve
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._guard: RequestGuard | None = None
         self.endpoint: str | None = None
         self.requests = 0
 
@@ -223,29 +259,44 @@ class ControlServer:
         self.close()
 
     def start(self) -> None:
-        from .security import prepare_endpoint
+        from .security import prepare_control_endpoint
 
         endpoint = self.settings.resolved_endpoint
-        prepare_endpoint(endpoint, self._curve, what="control")
+        prepare_control_endpoint(endpoint, self._curve)
         if endpoint.startswith("ipc://") and local_listener(endpoint, STALE_CHECK_S):
             # binding ipc over a live socket file would silently steal it from the other daemon; the
             # operating system is asked, since a CURVE daemon never answers a plain status request
             raise SpeakerdError(f"another speakerd listens on the control socket {endpoint}")
+        bind = endpoint
+        if not endpoint.startswith("inproc://"):  # in-process callers need no gate
+            self._guard = RequestGuard(endpoint, self.settings.max_request_bytes)
+            self._guard.bind()
+            bind = self._guard.inner_endpoint
         if self._context is None:
             self._context = zmq.Context()
         ready: Future[str] = Future()
-        self._thread = threading.Thread(target=self._run, args=(endpoint, ready), name="speakerd-control", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(bind, ready), name="speakerd-control", daemon=True)
         self._thread.start()
         try:
             self.endpoint = ready.result(timeout=START_TIMEOUT_S)
         except BaseException:
             self._thread.join(START_TIMEOUT_S)
             self._thread = None
+            self._close_guard()
             self._term()
             raise
+        if self._guard is not None:
+            self._guard.start()
+            self.endpoint = self._guard.endpoint
         logger.info("control socket on %s", self.endpoint)
 
+    def _close_guard(self) -> None:
+        if self._guard is not None:
+            self._guard.close()
+            self._guard = None
+
     def close(self) -> None:
+        self._close_guard()  # first: no new request gets in
         self._stop.set()
         if self._thread is not None:
             self._thread.join(START_TIMEOUT_S)
@@ -266,6 +317,7 @@ class ControlServer:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_request_bytes)
+            sock.setsockopt(zmq.RCVHWM, 1)  # per client: one whole request waits, no queue of them
             if self._curve is not None:
                 self._curve.apply_server(sock)
             try:
@@ -342,6 +394,8 @@ class ControlClient:
             with ctx.socket(zmq.REQ) as sock:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a daemon that is not there
+                if wants_ipv6(self.endpoint):
+                    sock.setsockopt(zmq.IPV6, 1)
                 if self._curve is not None:
                     self._curve.apply_client(sock)
                 sock.connect(self.endpoint)

@@ -9,13 +9,22 @@ the slow-joiner problem. While anyone subscribes, a heartbeat fills every silenc
 thread creates, uses and closes the socket. Nothing can block the caller: a full queue drops the
 event (counted; the seq gap tells subscribers), and ZeroMQ's PUB socket drops, per subscriber, what a
 subscriber that does not read leaves beyond its high-water mark (the seq gap again tells it so).
+
+Any local process can subscribe, so subscriptions are bounded: ZeroMQ keeps every subscription in
+a trie (about 50 bytes of memory per byte of topic), so a frame over ``MAX_SUBSCRIPTION_BYTES``
+closes that connection before it is read, and more than ``MAX_SUBSCRIPTIONS`` at once make the
+publisher close and rebind its socket (every subscriber is dropped and reconnects by itself, with
+a seq gap), the only way to free subscriptions ZeroMQ offers. Subscription messages are read in
+bounded batches, so a flood never keeps the thread from noticing ``close()``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -28,6 +37,7 @@ import zmq
 
 from .errors import SpeakerdError, check
 from .events import FIRST_SEQ, Heartbeat, Payload, encode_event, make_event, new_session_id
+from .security import wants_ipv6
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +53,20 @@ _START_TIMEOUT_S = 10.0
 _JOIN_SLACK_S = 1.0
 _SUBSCRIPTION_POLL_S = 0.05
 """How long the socket thread waits for queued events before it reads subscription messages."""
+MAX_SUBSCRIPTION_BYTES = 512
+"""Largest frame a subscriber may send (the longest topic is 15 bytes; a CURVE handshake command
+is about 300); ZeroMQ drops the connection of a peer that sends a larger one, before allocating it."""
+MAX_SUBSCRIPTIONS = 1000
+"""Subscriptions held at once, over all subscribers; more make the publisher rebind its socket."""
+_SUBSCRIPTION_HWM = 100
+"""Subscription messages ZeroMQ takes in from a peer per batch (backpressure beyond that)."""
+_SUBSCRIPTION_BATCH = 1000
+"""Subscription messages read per pass of the socket thread, so a flood cannot hold it."""
+_REBIND_RETRY_S = 0.01
+_REBIND_WARN_S = 1.0
+_RESET_LOG_EVERY_S = 60.0
+EVENTS_OUT_MODE = 0o600
+"""Who spoke when is private: a new events_out file is readable by its owner only."""
 
 
 def is_valid_endpoint(endpoint: str) -> bool:
@@ -157,8 +181,12 @@ class EventPublisher:
         self._warned_send_error = False
         self._thread: threading.Thread | None = None
         self._endpoint: str | None = None
+        self._sock: zmq.Socket | None = None
+        """The XPUB socket, used by the owner thread only."""
         self._curve = curve
         self._subscriptions = 0
+        self._resets = 0
+        self._last_reset_log = -_RESET_LOG_EVERY_S
         self._last_stream_time = 0.0
         self._started = time.monotonic()
         self._last_publish = time.monotonic()
@@ -272,6 +300,12 @@ class EventPublisher:
             return {"published": self._published, "dropped_events": self._dropped, "queue_depth": len(self._queue)}
 
     @property
+    def subscriber_resets(self) -> int:
+        """How often too many subscriptions made the publisher rebind (see MAX_SUBSCRIPTIONS)."""
+        with self._cond:
+            return self._resets
+
+    @property
     def subscribers(self) -> int:
         """Topic subscriptions currently seen on the XPUB socket."""
         with self._cond:
@@ -301,15 +335,24 @@ class EventPublisher:
 
     # --- the owner thread ---
 
-    def _run(self, ready: Future[str]) -> None:
+    def _socket(self) -> zmq.Socket:
         assert self._context is not None
         s = self.settings
         sock = self._context.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, s.hwm)
         sock.setsockopt(zmq.LINGER, s.linger_ms)
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, so the count is exact
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
+        sock.setsockopt(zmq.RCVHWM, _SUBSCRIPTION_HWM)
+        if wants_ipv6(s.endpoint):
+            sock.setsockopt(zmq.IPV6, 1)
         if self._curve is not None:
             self._curve.apply_server(sock)  # type: ignore[attr-defined]
+        return sock
+
+    def _run(self, ready: Future[str]) -> None:
+        s = self.settings
+        sock = self._socket()
         out: TextIO | None = None
         try:
             try:
@@ -321,27 +364,29 @@ class EventPublisher:
             if s.events_out == "-":
                 out = sys.stdout
             elif s.events_out is not None:
-                try:
-                    out = open(s.events_out, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
-                except OSError as e:
-                    raise PublishError(f"cannot open events_out {s.events_out}: {e.strerror}") from None
+                out = open_events_out(s.events_out)
         except PublishError as e:
             sock.close(linger=0)
             ready.set_exception(e)
             return
         ready.set_result(endpoint)
+        self._sock = sock
         try:
-            out = self._loop(sock, out)
+            out = self._loop(out)
         finally:
-            sock.close(linger=s.linger_ms)
+            if self._sock is not None:
+                self._sock.close(linger=s.linger_ms)
             if out is not None and out is not sys.stdout:
                 out.close()
 
-    def _loop(self, sock: zmq.Socket, out: TextIO | None) -> TextIO | None:
+    def _loop(self, out: TextIO | None) -> TextIO | None:
         """Send until closing and drained (or the drain deadline passes); returns events_out if still open."""
         beat = self.settings.heartbeat_s
         while True:
-            self._read_subscriptions(sock)
+            if self._read_subscriptions() and not self._rebind():
+                return out  # closing while the endpoint could not be bound again
+            sock = self._sock
+            assert sock is not None
             if beat and self._quiet_for(beat):
                 self.publish(
                     Heartbeat(interval_s=beat, uptime_s=time.monotonic() - self._started, subscriptions=self.subscribers),
@@ -389,10 +434,13 @@ class EventPublisher:
                 not self._closing and self._subscriptions > 0 and time.monotonic() - self._last_publish >= seconds
             )
 
-    def _read_subscriptions(self, sock: zmq.Socket) -> None:
-        """Count (un)subscriptions: XPUB delivers them as b"\\x01topic" / b"\\x00topic"."""
+    def _read_subscriptions(self) -> bool:
+        """Count (un)subscriptions: XPUB delivers them as b"\\x01topic" / b"\\x00topic". At most
+        ``_SUBSCRIPTION_BATCH`` per call; True when there are more than MAX_SUBSCRIPTIONS."""
+        sock = self._sock
+        assert sock is not None
         changed = False
-        while True:
+        for _ in range(_SUBSCRIPTION_BATCH):
             try:
                 msg = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -410,6 +458,44 @@ class EventPublisher:
         if changed:
             with self._cond:
                 self._cond.notify_all()
+        with self._cond:
+            return self._subscriptions > MAX_SUBSCRIPTIONS
+
+    def _rebind(self) -> bool:
+        """Close the socket, freeing every subscription in it, and bind a new one on the same
+        endpoint. Subscribers reconnect and resubscribe by themselves. False if ``close()`` came
+        before the endpoint could be bound again."""
+        assert self._sock is not None and self._endpoint is not None
+        with self._cond:
+            held, self._subscriptions = self._subscriptions, 0
+            self._resets += 1
+            resets = self._resets
+        self._sock.close(linger=0)
+        self._sock = None
+        now = time.monotonic()
+        if now - self._last_reset_log >= _RESET_LOG_EVERY_S:
+            self._last_reset_log = now
+            logger.warning(
+                "%d subscriptions on %s exceed %d: dropped every subscriber to free them (reset %d; "
+                "a local process is subscribing without bound); subscribers reconnect by themselves",
+                held, self._endpoint, MAX_SUBSCRIPTIONS, resets,
+            )
+        started = time.monotonic()
+        warned = False
+        while True:
+            sock = self._socket()
+            try:
+                sock.bind(self._endpoint)  # the resolved endpoint: a tcp "*" port stays the same
+                self._sock = sock
+                return True
+            except zmq.ZMQError as e:
+                sock.close(linger=0)
+                if not warned and time.monotonic() - started > _REBIND_WARN_S:
+                    warned = True
+                    logger.error("cannot bind %s again yet (%s); events are queued meanwhile", self._endpoint, e.strerror)
+            with self._cond:
+                if self._cond.wait_for(lambda: self._closing, timeout=_REBIND_RETRY_S):
+                    return False
 
     def _send(self, sock: zmq.Socket, topic: bytes, data: bytes) -> bool:
         try:
@@ -435,3 +521,16 @@ class EventPublisher:
             if out is not sys.stdout:
                 out.close()
             return None
+
+
+def open_events_out(path: str) -> TextIO:
+    """``path`` for appending JSON lines, created 0600 (who spoke when is private). An existing
+    file keeps its mode; if others can read it, say so once."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, EVENTS_OUT_MODE)
+    except OSError as e:
+        raise PublishError(f"cannot open events_out {path}: {e.strerror}") from None
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o077:
+        logger.warning("events_out %s is mode %o: other users can read who spoke when; chmod 600 it", path, mode)
+    return os.fdopen(fd, "a", encoding="utf-8")
