@@ -28,7 +28,7 @@ import zmq
 
 from .errors import SpeakerdError, check
 from .events import SpeakerRef
-from .guard import RequestGuard
+from .guard import Gate, RequestMeter, why_not_bound
 from .paths import runtime_dir
 from .provisional import is_provisional_id
 from .security import wants_ipv6
@@ -40,6 +40,8 @@ OPS = ("list", "status", "enroll", "rename", "merge", "forget", "reload")
 POLL_MS = 100
 """How often the server loop looks at its stop flag."""
 START_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 64
+"""Control clients connected at once (the REP socket answers one at a time); more are refused."""
 STALE_CHECK_S = 0.3
 """How long start() waits for an answer on an existing ipc socket file before taking it over."""
 MIN_STREAM_ENROLL_S = 2.0
@@ -247,7 +249,7 @@ class ControlServer:
         self._curve = curve
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._guard: RequestGuard | None = None
+        self._guard: Gate | None = None
         self.endpoint: str | None = None
         self.requests = 0
 
@@ -269,8 +271,13 @@ class ControlServer:
             raise SpeakerdError(f"another speakerd listens on the control socket {endpoint}")
         bind = endpoint
         if not endpoint.startswith("inproc://"):  # in-process callers need no gate
-            self._guard = RequestGuard(endpoint, self.settings.max_request_bytes)
-            self._guard.bind()
+            limit = self.settings.max_request_bytes
+            self._guard = Gate(endpoint, lambda: RequestMeter(limit), max_connections=MAX_CONNECTIONS, what="control")
+            try:
+                self._guard.bind()
+            except OSError as e:
+                self._guard = None
+                raise SpeakerdError(f"cannot open the control socket {endpoint}: {why_not_bound(e)}") from None
             bind = self._guard.inner_endpoint
         if self._context is None:
             self._context = zmq.Context()

@@ -1,15 +1,20 @@
-"""A gate in front of the control socket that measures each request while it arrives.
+"""A gate in front of the daemon's sockets that reads what each client sends while it arrives.
 
-ZeroMQ caps a single frame (``MAXMSGSIZE``) but not a message: it buffers every frame of a
-multi-frame message until the last one arrives, so one request of 5,000 frames of 60 KiB is read
-whole into memory before the REP socket sees any of it. So the daemon accepts control connections
-itself and relays their bytes to the REP socket on a private ipc path, following the ZMTP 3 framing
-of what each client sends: a connection whose message in progress passes ``limit`` bytes is closed
-before the rest is read, and ZeroMQ drops the incomplete message. At most ``MAX_CONNECTIONS``
-clients are relayed at once. Replies pass through untouched.
+ZeroMQ caps a single frame (``MAXMSGSIZE``) but nothing else a peer sends. It buffers every frame of
+a multi-frame message until the last one arrives, so one control request of 5,000 frames of 60 KiB
+is read whole before the REP socket sees any of it; and an XPUB takes in every subscription a peer
+sends (each costs about 50 bytes of memory per byte of topic) in one unbounded loop, before the
+application can count them. So the daemon accepts connections itself and relays their bytes to the
+ZeroMQ socket on a private ipc path, following the ZMTP 3 framing of what each client sends:
 
-With CURVE every frame is encrypted on its own, so the gate sees frames rather than messages; only
-authorised clients get past the handshake there, and ZeroMQ's ``MAXMSGSIZE`` still caps each frame.
+- ``RequestMeter`` (control): a connection whose message in progress passes ``limit`` bytes is
+  closed before the rest is read; ZeroMQ drops the incomplete message.
+- ``SubscriptionMeter`` (events): a connection that holds more than ``max_subscriptions`` at once,
+  or subscribes to a topic over ``max_topic_bytes``, is closed; ZeroMQ then frees its subscriptions.
+
+At most ``max_connections`` clients are relayed at once. What the daemon sends passes untouched.
+With CURVE every frame is encrypted on its own, so the meters see frames, not messages or topics;
+only authorised clients get past the handshake there, and ``MAXMSGSIZE`` still caps each frame.
 """
 
 from __future__ import annotations
@@ -23,18 +28,17 @@ import stat
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-
-from .errors import SpeakerdError
 
 logger = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 64
-"""Clients relayed at once; more are closed as they arrive (the REP socket answers one at a time)."""
 GREETING_BYTES = 64
 """A ZMTP 3 greeting; byte 0 is 0xFF and byte 10 the major version."""
 FRAME_SLACK = 64
 """Bytes of a request beyond its payload: the empty delimiter frame and the frame headers."""
+_PREFIX_BYTES = 11
+"""Body bytes a meter sees of each frame: enough for a command name (``\\x09SUBSCRIBE``)."""
 _MORE, _LONG, _COMMAND = 1, 2, 4
 _CHUNK = 65536
 _POLL_S = 0.1
@@ -42,72 +46,125 @@ _CONNECT_TIMEOUT_S = 1.0
 _LOG_EVERY_S = 60.0
 
 
-class Meter:
-    """Follows the ZMTP 3 frames one client sends and says when to cut it off.
+class FrameMeter:
+    """Follows the ZMTP 3 frames one client sends; ``feed`` returns None while the client may go
+    on, otherwise why its connection must close. Subclasses judge each frame in ``frame``."""
 
-    ``feed`` returns None while every message stays within ``limit`` bytes of frames, otherwise
-    why the connection must close."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit + FRAME_SLACK
+    def __init__(self) -> None:
         self._greeting = 0
         self._header = bytearray()
+        self._prefix = bytearray()
+        self._want_prefix = 0
         self._body_left = 0
-        self._message = 0
-        """Bytes of frames (headers included) of the message in progress."""
 
     def feed(self, data: bytes) -> str | None:
         i, n = 0, len(data)
         while i < n:
             if self._greeting < GREETING_BYTES:
-                take = min(GREETING_BYTES - self._greeting, n - i)
-                why = self._check_greeting(data[i : i + take])
-                if why:
-                    return why
+                why = self._check_greeting(data[i])
+                i += 1
+            elif self._want_prefix:
+                take = min(self._want_prefix, n - i)
+                self._prefix += data[i : i + take]
+                self._want_prefix -= take
+                self._body_left -= take
                 i += take
+                why = None if self._want_prefix else self._judge()
             elif self._body_left:
                 take = min(self._body_left, n - i)
                 self._body_left -= take
                 i += take
+                why = None
             else:
                 self._header.append(data[i])
                 i += 1
                 why = self._header_done()
-                if why:
-                    return why
+            if why:
+                return why
         return None
 
-    def _check_greeting(self, part: bytes) -> str | None:
-        for b in part:
-            if self._greeting == 0 and b != 0xFF or self._greeting == 10 and b < 3:
-                return "it does not speak ZMTP 3 (libzmq 4 or later)"
-            self._greeting += 1
+    def _check_greeting(self, b: int) -> str | None:
+        if self._greeting == 0 and b != 0xFF or self._greeting == 10 and b < 3:
+            return "it does not speak ZMTP 3 (libzmq 4 or later)"
+        self._greeting += 1
         return None
 
     def _header_done(self) -> str | None:
-        flags = self._header[0]
-        size_bytes = 8 if flags & _LONG else 1
+        size_bytes = 8 if self._header[0] & _LONG else 1
         if len(self._header) < 1 + size_bytes:
             return None
+        self._body_left = int.from_bytes(self._header[1:], "big")
+        self._want_prefix = min(self._body_left, _PREFIX_BYTES)
+        self._prefix.clear()
+        return None if self._want_prefix else self._judge()
+
+    def _judge(self) -> str | None:
+        flags, size_bytes = self._header[0], 8 if self._header[0] & _LONG else 1
         size = int.from_bytes(self._header[1:], "big")
         self._header.clear()
-        self._body_left = size
+        return self.frame(flags, 1 + size_bytes + size, size, bytes(self._prefix))
+
+    def frame(self, flags: int, wire: int, size: int, prefix: bytes) -> str | None:
+        """One frame: its flags, bytes on the wire, body size and first body bytes."""
+        raise NotImplementedError
+
+
+class RequestMeter(FrameMeter):
+    """Control requests: the frames of one message together stay within ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+        self._message = 0
+
+    def frame(self, flags: int, wire: int, size: int, prefix: bytes) -> str | None:
         if flags & _COMMAND:  # handshake, ping: ZeroMQ's MAXMSGSIZE caps them
             return None
-        self._message += 1 + size_bytes + size
-        if self._message > self.limit:
-            return f"its request passed {self.limit - FRAME_SLACK} bytes (control.max_request_bytes)"
+        self._message += wire
+        if self._message > self.limit + FRAME_SLACK:
+            return f"its request passed {self.limit} bytes (control.max_request_bytes)"
         if not flags & _MORE:
             self._message = 0
+        return None
+
+
+class SubscriptionMeter(FrameMeter):
+    """Subscribers: at most ``max_subscriptions`` held at once, none over ``max_topic_bytes``.
+
+    A subscription is a message whose first byte is 1 (0 cancels it), or, from ZMTP 3.1 peers, a
+    SUBSCRIBE (CANCEL) command."""
+
+    def __init__(self, max_subscriptions: int, max_topic_bytes: int) -> None:
+        super().__init__()
+        self.max_subscriptions, self.max_topic_bytes = max_subscriptions, max_topic_bytes
+        self.held = 0
+        self._continued = False
+
+    def frame(self, flags: int, wire: int, size: int, prefix: bytes) -> str | None:
+        delta, topic = 0, 0
+        if flags & _COMMAND:
+            if prefix.startswith(b"\x09SUBSCRIBE"):
+                delta, topic = 1, size - 10
+            elif prefix.startswith(b"\x06CANCEL"):
+                delta = -1
+        elif not self._continued and prefix[:1] in (b"\x00", b"\x01"):
+            delta, topic = (1, size - 1) if prefix[:1] == b"\x01" else (-1, 0)
+        if not flags & _COMMAND:
+            self._continued = bool(flags & _MORE)
+        if topic > self.max_topic_bytes:
+            return f"it subscribed to a topic of {topic} bytes (at most {self.max_topic_bytes})"
+        self.held = max(0, self.held + delta)
+        if self.held > self.max_subscriptions:
+            return f"it held more than {self.max_subscriptions} subscriptions"
         return None
 
 
 class _Relay:
     """One client connection and its connection to the REP socket."""
 
-    def __init__(self, client: socket.socket, inner: socket.socket, limit: int) -> None:
+    def __init__(self, client: socket.socket, inner: socket.socket, meter: FrameMeter) -> None:
         self.client, self.inner = client, inner
-        self.meter = Meter(limit)
+        self.meter = meter
         self.up = b""
         """Read from the client, not yet written to the REP socket (read only when empty)."""
         self.down = b""
@@ -150,6 +207,12 @@ def _send_some(sock: socket.socket, data: bytes) -> bytes:
         return data
 
 
+def why_not_bound(e: OSError) -> str:
+    """What a user reads when an endpoint cannot be bound."""
+    hint = " (is another speakerd running?)" if e.errno == errno.EADDRINUSE else ""
+    return f"{e.strerror or e}{hint}"
+
+
 def listen_on(endpoint: str) -> tuple[socket.socket, str]:
     """A listening socket for a tcp or ipc endpoint, and the endpoint as bound (a tcp ``*`` port
     resolved). A tcp host is an address or a name (IPv4, as ZeroMQ resolves it), ``*`` for all."""
@@ -168,7 +231,7 @@ def listen_on(endpoint: str) -> tuple[socket.socket, str]:
         except OSError:
             sock.close()
             raise
-        sock.listen(MAX_CONNECTIONS)
+        sock.listen(socket.SOMAXCONN)
         return sock, endpoint
     host, _, port = endpoint[len("tcp://") :].rpartition(":")
     family, address = socket.AF_INET, host
@@ -180,23 +243,26 @@ def listen_on(endpoint: str) -> tuple[socket.socket, str]:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((address, 0 if port == "*" else int(port)))
-    except (OSError, UnicodeError):
+    except (OSError, UnicodeError) as e:
         sock.close()
-        raise
-    sock.listen(MAX_CONNECTIONS)
+        raise e if isinstance(e, OSError) else OSError(errno.EINVAL, f"cannot bind host {host!r}") from None
+    sock.listen(socket.SOMAXCONN)
     bound = sock.getsockname()[1]
     shown = "0.0.0.0" if host == "*" else host
     return sock, f"tcp://{shown}:{bound}"
 
 
-class RequestGuard:
-    """Relays a public tcp or ipc control endpoint to ``inner_endpoint``, where the REP socket
-    binds. ``bind()`` first (errors surface before anything starts), then ``start()``; ``close()``."""
+class Gate:
+    """Relays a public tcp or ipc endpoint to ``inner_endpoint``, where the ZeroMQ socket binds,
+    judging each client with a fresh ``meter()``. ``bind()`` first (errors surface before anything
+    starts), then ``start()``; ``close()``."""
 
-    def __init__(self, endpoint: str, limit: int) -> None:
+    def __init__(self, endpoint: str, meter: Callable[[], FrameMeter], *, max_connections: int, what: str) -> None:
         self.endpoint = endpoint
-        self.limit = limit
-        self._dir = Path(tempfile.mkdtemp(prefix="speakerd-control-"))  # 0700: only this user gets in
+        self.meter = meter
+        self.max_connections = max_connections
+        self.what = what
+        self._dir = Path(tempfile.mkdtemp(prefix=f"speakerd-{what}-"))  # 0700: only this user gets in
         self._inner_path = str(self._dir / "rep.sock")
         self.inner_endpoint = f"ipc://{self._inner_path}"
         self._listener: socket.socket | None = None
@@ -205,26 +271,25 @@ class RequestGuard:
         self._thread: threading.Thread | None = None
         self._sel = selectors.DefaultSelector()
         self.cut = 0
-        """Connections closed for an oversized request (for tests and the log)."""
+        """Connections its meter closed (for tests and the log)."""
         self.refused = 0
         self._last_log = -_LOG_EVERY_S
 
     def bind(self) -> str:
-        """Listen on the public endpoint; SpeakerdError if it cannot be bound. Returns it as bound."""
+        """Listen on the public endpoint and return it as bound; OSError (``why_not_bound``
+        words it) if it cannot be bound."""
         try:
             self._listener, bound = listen_on(self.endpoint)
-        except (OSError, UnicodeError, ValueError) as e:
+        except OSError:
             shutil.rmtree(self._dir, ignore_errors=True)
-            reason = getattr(e, "strerror", None) or str(e)
-            hint = " (is another speakerd running?)" if getattr(e, "errno", None) == errno.EADDRINUSE else ""
-            raise SpeakerdError(f"cannot open the control socket {self.endpoint}: {reason}{hint}") from None
+            raise
         self._listener.setblocking(False)
         self._sel.register(self._listener, selectors.EVENT_READ, None)
         self.endpoint = bound
         return bound
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._serve, name="speakerd-control-guard", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"speakerd-{self.what}-gate", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
@@ -283,12 +348,12 @@ class RequestGuard:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:  # out of file descriptors, ...
-            self._log(f"cannot accept a control connection: {e.strerror}")
+            self._log(f"cannot accept a {self.what} connection: {e.strerror}")
             return
-        if len({id(r) for r in self._relays.values()}) >= MAX_CONNECTIONS:
+        if len({id(r) for r in self._relays.values()}) >= self.max_connections:
             client.close()
             self.refused += 1
-            self._log(f"{MAX_CONNECTIONS} control connections are open; refused another ({self.refused} so far)")
+            self._log(f"{self.max_connections} {self.what} connections are open; refused another ({self.refused} so far)")
             return
         inner = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -297,13 +362,13 @@ class RequestGuard:
         except OSError as e:
             client.close()
             inner.close()
-            self._log(f"cannot reach the control socket: {e}")
+            self._log(f"cannot reach the {self.what} socket: {e}")
             return
         if client.family in (socket.AF_INET, socket.AF_INET6):
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for s in (client, inner):
             s.setblocking(False)
-        relay = _Relay(client, inner, self.limit)
+        relay = _Relay(client, inner, self.meter())
         for s in (client, inner):
             self._watch(s, relay)
 
@@ -315,7 +380,7 @@ class RequestGuard:
         relay.close()
         if relay.cut:
             self.cut += 1
-            self._log(f"closed a control connection: {relay.cut} ({self.cut} so far)")
+            self._log(f"closed a {self.what} connection: {relay.cut} ({self.cut} so far)")
 
     def _log(self, message: str) -> None:
         now = time.monotonic()

@@ -10,12 +10,13 @@ thread creates, uses and closes the socket. Nothing can block the caller: a full
 event (counted; the seq gap tells subscribers), and ZeroMQ's PUB socket drops, per subscriber, what a
 subscriber that does not read leaves beyond its high-water mark (the seq gap again tells it so).
 
-Any local process can subscribe, so subscriptions are bounded: ZeroMQ keeps every subscription in
-a trie (about 50 bytes of memory per byte of topic), so a frame over ``MAX_SUBSCRIPTION_BYTES``
-closes that connection before it is read, and more than ``MAX_SUBSCRIPTIONS`` at once make the
-publisher close and rebind its socket (every subscriber is dropped and reconnects by itself, with
-a seq gap), the only way to free subscriptions ZeroMQ offers. Subscription messages are read in
-bounded batches, so a flood never keeps the thread from noticing ``close()``.
+Any local process can subscribe, and ZeroMQ keeps every subscription in a trie (about 50 bytes of
+memory per byte of topic) that it fills in one unbounded loop. So subscribers connect through a
+``guard.Gate``: a connection holding more than ``MAX_SUBSCRIPTIONS_PER_CONNECTION`` subscriptions
+or subscribing to a topic over ``MAX_TOPIC_BYTES`` is closed (ZeroMQ then frees its subscriptions),
+and at most ``MAX_SUBSCRIBERS`` are connected at once; ZeroMQ's ``MAXMSGSIZE`` caps any frame.
+Subscription messages are read in bounded batches, so a flood never keeps the socket thread from
+noticing ``close()``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import zmq
 
 from .errors import SpeakerdError, check
 from .events import FIRST_SEQ, Heartbeat, Payload, encode_event, make_event, new_session_id
+from .guard import Gate, SubscriptionMeter, why_not_bound
 from .security import wants_ipv6
 
 logger = logging.getLogger(__name__)
@@ -53,20 +55,22 @@ _START_TIMEOUT_S = 10.0
 _JOIN_SLACK_S = 1.0
 _SUBSCRIPTION_POLL_S = 0.05
 """How long the socket thread waits for queued events before it reads subscription messages."""
-MAX_SUBSCRIPTION_BYTES = 512
-"""Largest frame a subscriber may send (the longest topic is 15 bytes; a CURVE handshake command
-is about 300); ZeroMQ drops the connection of a peer that sends a larger one, before allocating it."""
-MAX_SUBSCRIPTIONS = 1000
-"""Subscriptions held at once, over all subscribers; more make the publisher rebind its socket."""
-_SUBSCRIPTION_HWM = 100
-"""Subscription messages ZeroMQ takes in from a peer per batch (backpressure beyond that)."""
+MAX_FRAME_BYTES = 512
+"""Largest frame a subscriber may send (a CURVE handshake command is about 300 bytes); ZeroMQ drops
+the connection of a peer that sends a larger one, before allocating it."""
+MAX_TOPIC_BYTES = 64
+"""Longest subscription accepted (the longest topic is 15 bytes, so a longer one matches nothing)."""
+MAX_SUBSCRIPTIONS_PER_CONNECTION = 64
+MAX_SUBSCRIBERS = 128
+"""Subscriber connections at once; with the two limits above, subscriptions cost at most ~30 MB."""
 _SUBSCRIPTION_BATCH = 1000
 """Subscription messages read per pass of the socket thread, so a flood cannot hold it."""
-_REBIND_RETRY_S = 0.01
-_REBIND_WARN_S = 1.0
-_RESET_LOG_EVERY_S = 60.0
 EVENTS_OUT_MODE = 0o600
 """Who spoke when is private: a new events_out file is readable by its owner only."""
+
+
+def _subscription_meter() -> SubscriptionMeter:
+    return SubscriptionMeter(MAX_SUBSCRIPTIONS_PER_CONNECTION, MAX_TOPIC_BYTES)
 
 
 def is_valid_endpoint(endpoint: str) -> bool:
@@ -181,12 +185,9 @@ class EventPublisher:
         self._warned_send_error = False
         self._thread: threading.Thread | None = None
         self._endpoint: str | None = None
-        self._sock: zmq.Socket | None = None
-        """The XPUB socket, used by the owner thread only."""
         self._curve = curve
         self._subscriptions = 0
-        self._resets = 0
-        self._last_reset_log = -_RESET_LOG_EVERY_S
+        self._gate: Gate | None = None
         self._last_stream_time = 0.0
         self._started = time.monotonic()
         self._last_publish = time.monotonic()
@@ -217,10 +218,19 @@ class EventPublisher:
         except SecurityError as e:
             raise PublishError(f"cannot publish events on {self.settings.endpoint}: {e}") from None
         self._started = time.monotonic()
+        bind = self.settings.endpoint
+        if not bind.startswith("inproc://"):  # in-process subscribers need no gate
+            self._gate = Gate(self.settings.endpoint, _subscription_meter, max_connections=MAX_SUBSCRIBERS, what="publish")
+            try:
+                self._gate.bind()
+            except OSError as e:
+                self._gate = None
+                raise PublishError(f"cannot publish events on {self.settings.endpoint}: {why_not_bound(e)}") from None
+            bind = self._gate.inner_endpoint
         if self._context is None:
             self._context = zmq.Context()
         ready: Future[str] = Future()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="speakerd-publisher", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(bind, ready), name="speakerd-publisher", daemon=True)
         self._thread.start()
         try:
             self._endpoint = ready.result(timeout=_START_TIMEOUT_S)
@@ -228,8 +238,12 @@ class EventPublisher:
             self._thread.join()
             self._thread = None
             self._closed = True
+            self._close_gate()
             self._term_context()
             raise
+        if self._gate is not None:
+            self._gate.start()
+            self._endpoint = self._gate.endpoint
         logger.info("publishing events on %s (session %s)", self._endpoint, self.session)
         if self._endpoint.startswith("tcp://") and not self._endpoint[6:].startswith(_LOOPBACK_HOSTS):
             logger.warning("events are published beyond this machine on %s", self._endpoint)
@@ -243,6 +257,7 @@ class EventPublisher:
             self._closing = True
             self._deadline = time.monotonic() + timeout
             self._cond.notify_all()
+        self._close_gate()  # subscribers go first: nothing they send can hold the socket thread
         thread = self._thread
         if thread is None:
             # Never started: whatever was queued will never be sent.
@@ -258,6 +273,11 @@ class EventPublisher:
         self._term_context()
         stats = self.stats()
         logger.info("publisher closed: %d published, %d dropped", stats["published"], stats["dropped_events"])
+
+    def _close_gate(self) -> None:
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None
 
     def _term_context(self) -> None:
         if self._own_context and self._context is not None:
@@ -300,10 +320,9 @@ class EventPublisher:
             return {"published": self._published, "dropped_events": self._dropped, "queue_depth": len(self._queue)}
 
     @property
-    def subscriber_resets(self) -> int:
-        """How often too many subscriptions made the publisher rebind (see MAX_SUBSCRIPTIONS)."""
-        with self._cond:
-            return self._resets
+    def gate(self) -> Gate | None:
+        """The gate subscribers connect through (None for inproc)."""
+        return self._gate
 
     @property
     def subscribers(self) -> int:
@@ -342,21 +361,20 @@ class EventPublisher:
         sock.setsockopt(zmq.SNDHWM, s.hwm)
         sock.setsockopt(zmq.LINGER, s.linger_ms)
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, so the count is exact
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
-        sock.setsockopt(zmq.RCVHWM, _SUBSCRIPTION_HWM)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         if wants_ipv6(s.endpoint):
             sock.setsockopt(zmq.IPV6, 1)
         if self._curve is not None:
             self._curve.apply_server(sock)  # type: ignore[attr-defined]
         return sock
 
-    def _run(self, ready: Future[str]) -> None:
+    def _run(self, bind: str, ready: Future[str]) -> None:
         s = self.settings
         sock = self._socket()
         out: TextIO | None = None
         try:
             try:
-                sock.bind(s.endpoint)
+                sock.bind(bind)
             except zmq.ZMQError as e:
                 hint = " (is another speakerd running?)" if e.errno == zmq.EADDRINUSE else ""
                 raise PublishError(f"cannot publish events on {s.endpoint}: {e.strerror}{hint}") from None
@@ -370,23 +388,18 @@ class EventPublisher:
             ready.set_exception(e)
             return
         ready.set_result(endpoint)
-        self._sock = sock
         try:
-            out = self._loop(out)
+            out = self._loop(sock, out)
         finally:
-            if self._sock is not None:
-                self._sock.close(linger=s.linger_ms)
+            sock.close(linger=s.linger_ms)
             if out is not None and out is not sys.stdout:
                 out.close()
 
-    def _loop(self, out: TextIO | None) -> TextIO | None:
+    def _loop(self, sock: zmq.Socket, out: TextIO | None) -> TextIO | None:
         """Send until closing and drained (or the drain deadline passes); returns events_out if still open."""
         beat = self.settings.heartbeat_s
         while True:
-            if self._read_subscriptions() and not self._rebind():
-                return out  # closing while the endpoint could not be bound again
-            sock = self._sock
-            assert sock is not None
+            self._read_subscriptions(sock)
             if beat and self._quiet_for(beat):
                 self.publish(
                     Heartbeat(interval_s=beat, uptime_s=time.monotonic() - self._started, subscriptions=self.subscribers),
@@ -434,11 +447,9 @@ class EventPublisher:
                 not self._closing and self._subscriptions > 0 and time.monotonic() - self._last_publish >= seconds
             )
 
-    def _read_subscriptions(self) -> bool:
+    def _read_subscriptions(self, sock: zmq.Socket) -> None:
         """Count (un)subscriptions: XPUB delivers them as b"\\x01topic" / b"\\x00topic". At most
-        ``_SUBSCRIPTION_BATCH`` per call; True when there are more than MAX_SUBSCRIPTIONS."""
-        sock = self._sock
-        assert sock is not None
+        ``_SUBSCRIPTION_BATCH`` per call."""
         changed = False
         for _ in range(_SUBSCRIPTION_BATCH):
             try:
@@ -458,44 +469,6 @@ class EventPublisher:
         if changed:
             with self._cond:
                 self._cond.notify_all()
-        with self._cond:
-            return self._subscriptions > MAX_SUBSCRIPTIONS
-
-    def _rebind(self) -> bool:
-        """Close the socket, freeing every subscription in it, and bind a new one on the same
-        endpoint. Subscribers reconnect and resubscribe by themselves. False if ``close()`` came
-        before the endpoint could be bound again."""
-        assert self._sock is not None and self._endpoint is not None
-        with self._cond:
-            held, self._subscriptions = self._subscriptions, 0
-            self._resets += 1
-            resets = self._resets
-        self._sock.close(linger=0)
-        self._sock = None
-        now = time.monotonic()
-        if now - self._last_reset_log >= _RESET_LOG_EVERY_S:
-            self._last_reset_log = now
-            logger.warning(
-                "%d subscriptions on %s exceed %d: dropped every subscriber to free them (reset %d; "
-                "a local process is subscribing without bound); subscribers reconnect by themselves",
-                held, self._endpoint, MAX_SUBSCRIPTIONS, resets,
-            )
-        started = time.monotonic()
-        warned = False
-        while True:
-            sock = self._socket()
-            try:
-                sock.bind(self._endpoint)  # the resolved endpoint: a tcp "*" port stays the same
-                self._sock = sock
-                return True
-            except zmq.ZMQError as e:
-                sock.close(linger=0)
-                if not warned and time.monotonic() - started > _REBIND_WARN_S:
-                    warned = True
-                    logger.error("cannot bind %s again yet (%s); events are queued meanwhile", self._endpoint, e.strerror)
-            with self._cond:
-                if self._cond.wait_for(lambda: self._closing, timeout=_REBIND_RETRY_S):
-                    return False
 
     def _send(self, sock: zmq.Socket, topic: bytes, data: bytes) -> bool:
         try:
