@@ -132,7 +132,7 @@ class SubscriptionFlood:
 # -- measuring a real daemon ------------------------------------------------------------------------
 
 
-def _sample_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
+def sample_rss(pid: int, stop: threading.Event, peak: list[float]) -> None:
     while not stop.is_set():
         try:
             peak[0] = max(peak[0], rss_mb(pid))
@@ -167,7 +167,7 @@ def measure(args: argparse.Namespace) -> int:
         base = rss_mb(daemon.pid)
         peak = [base]
         stop = threading.Event()
-        sampler = threading.Thread(target=_sample_rss, args=(daemon.pid, stop, peak), daemon=True)
+        sampler = threading.Thread(target=sample_rss, args=(daemon.pid, stop, peak), daemon=True)
         sampler.start()
         print(f"daemon pid {daemon.pid}, RSS at rest {base:.0f} MB")
         t = time.monotonic()
