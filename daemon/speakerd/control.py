@@ -324,7 +324,9 @@ class ControlServer:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_request_bytes)
-            sock.setsockopt(zmq.RCVHWM, 1)  # per client: one whole request waits, no queue of them
+            # per client: a request or two wait, no queue of them (1 stalls CURVE: the handshake
+            # leaves a credential message in the pipe that counts against it)
+            sock.setsockopt(zmq.RCVHWM, 2)
             if self._curve is not None:
                 self._curve.apply_server(sock)
             try:
