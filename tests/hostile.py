@@ -60,6 +60,25 @@ class Outcome:
     seconds: float
 
 
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            raise ConnectionResetError("the peer closed the connection during the handshake")
+        data += more
+    return data
+
+
+def _read_handshake(sock: socket.socket) -> None:
+    """The peer's greeting and its READY command (NULL mechanism)."""
+    _recv_exactly(sock, len(_ZMTP_GREETING))
+    flags, size = _recv_exactly(sock, 2)
+    if flags & 0x02:
+        size = int.from_bytes(bytes([size]) + _recv_exactly(sock, 7), "big")
+    assert _recv_exactly(sock, size).startswith(b"\x05READY")
+
+
 def _send_until_cut(endpoint: str, socket_type: bytes, head: bytes, piece: bytes, total_bytes: int, timeout_s: float) -> Outcome:
     """A ZMTP 3 greeting and READY as ``socket_type``, ``head``, then ``piece`` repeated until
     ``total_bytes`` are sent or the peer closes the connection."""
@@ -68,7 +87,9 @@ def _send_until_cut(endpoint: str, socket_type: bytes, head: bytes, piece: bytes
     properties = b"\x0bSocket-Type" + len(socket_type).to_bytes(4, "big") + socket_type
     with _connect(endpoint, timeout_s) as sock:
         try:
-            sock.sendall(_ZMTP_GREETING + _zmtp_command(b"\x05READY" + properties) + head)
+            sock.sendall(_ZMTP_GREETING + _zmtp_command(b"\x05READY" + properties))
+            _read_handshake(sock)  # data sent before the peer's READY is a protocol error
+            sock.sendall(head)
             while sent < total_bytes and time.monotonic() - started < timeout_s:
                 sock.sendall(piece)
                 sent += len(piece)
