@@ -26,6 +26,7 @@ from test_xpub import receive, sub_socket
 
 from speakerd.control import MAX_CONNECTIONS, ControlClient, ControlServer, ControlService, ControlSettings
 from speakerd.events import SpeechStart
+from speakerd.guard import Gate
 from speakerd.publisher import (
     MAX_SUBSCRIBERS,
     MAX_SUBSCRIPTIONS_PER_CONNECTION,
@@ -110,22 +111,27 @@ def test_a_topic_longer_than_any_event_topic_is_refused(publisher: tuple[EventPu
         s.close(0)
 
 
-def test_subscriber_connections_beyond_the_cap_are_refused(publisher: tuple[EventPublisher, zmq.Context]) -> None:
-    pub, ctx = publisher
-    path = pub.bound_endpoint[len("ipc://") :]
+def refused_beyond(gate: Gate | None, endpoint: str, cap: int, extra: int) -> int:
+    """Open ``cap + extra`` idle connections to an ipc endpoint; how many the gate refused."""
+    assert gate is not None
     held = []
     try:
-        for _ in range(MAX_SUBSCRIBERS + 3):
+        for _ in range(cap + extra):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(path)
+            s.connect(endpoint[len("ipc://") :])
             held.append(s)
         deadline = time.monotonic() + WAIT_S
-        while pub.gate.refused < 3 and time.monotonic() < deadline:
+        while gate.refused < extra and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert pub.gate.refused == 3
+        return gate.refused
     finally:
         for s in held:
             s.close()
+
+
+def test_subscriber_connections_beyond_the_cap_are_refused(publisher: tuple[EventPublisher, zmq.Context]) -> None:
+    pub, ctx = publisher
+    assert refused_beyond(pub.gate, pub.bound_endpoint, MAX_SUBSCRIBERS, 3) == 3
     friend = sub_socket(ctx, pub.bound_endpoint)
     assert pub.wait_for_subscriber(WAIT_S) and still_served(pub, friend, 3.0)
     friend.close(0)
@@ -208,20 +214,8 @@ def test_a_request_in_frames_within_the_limit_still_gets_an_answer(control: Cont
 
 
 def test_control_connections_beyond_the_cap_are_refused(control: ControlServer) -> None:
-    path = control.endpoint[len("ipc://") :]
-    held = []
-    try:
-        for _ in range(MAX_CONNECTIONS + 2):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(path)
-            held.append(s)
-        deadline = time.monotonic() + WAIT_S
-        while control._guard.refused < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert control._guard.refused == 2
-    finally:
-        for s in held:
-            s.close()
+    assert control.endpoint is not None
+    assert refused_beyond(control.gate, control.endpoint, MAX_CONNECTIONS, 2) == 2
     assert ControlClient(control.endpoint, timeout_s=5.0).request("status")["enrolled"] == 2
 
 

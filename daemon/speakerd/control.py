@@ -297,6 +297,11 @@ class ControlServer:
             self.endpoint = self._guard.endpoint
         logger.info("control socket on %s", self.endpoint)
 
+    @property
+    def gate(self) -> Gate | None:
+        """The gate clients connect through (None for inproc)."""
+        return self._guard
+
     def _close_guard(self) -> None:
         if self._guard is not None:
             self._guard.close()
