@@ -263,11 +263,12 @@ class Gate:
         self.max_connections = max_connections
         self.what = what
         self._dir = Path(tempfile.mkdtemp(prefix=f"speakerd-{what}-"))  # 0700: only this user gets in
-        self._inner_path = str(self._dir / "rep.sock")
+        self._inner_path = str(self._dir / "zmq.sock")
         self.inner_endpoint = f"ipc://{self._inner_path}"
         self._listener: socket.socket | None = None
         self._relays: dict[socket.socket, _Relay] = {}
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = socket.socketpair()  # close() wakes the thread at once
         self._thread: threading.Thread | None = None
         self._sel = selectors.DefaultSelector()
         self.cut = 0
@@ -281,7 +282,7 @@ class Gate:
         try:
             self._listener, bound = listen_on(self.endpoint)
         except OSError:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            self._release()
             raise
         self._listener.setblocking(False)
         self._sel.register(self._listener, selectors.EVENT_READ, None)
@@ -289,11 +290,13 @@ class Gate:
         return bound
 
     def start(self) -> None:
+        self._sel.register(self._wake_r, selectors.EVENT_READ, self)
         self._thread = threading.Thread(target=self._serve, name=f"speakerd-{self.what}-gate", daemon=True)
         self._thread.start()
 
     def close(self) -> None:
         self._stop.set()
+        self._wake_w.send(b"x")
         if self._thread is not None:
             self._thread.join(5.0)
             self._thread = None
@@ -305,7 +308,12 @@ class Gate:
             self._listener = None
             if self.endpoint.startswith("ipc://") and not self.endpoint.startswith("ipc://@"):
                 Path(self.endpoint[len("ipc://") :]).expanduser().unlink(missing_ok=True)
+        self._release()
+
+    def _release(self) -> None:
         self._sel.close()
+        for s in (self._wake_r, self._wake_w):
+            s.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
     # -- the relay thread --
@@ -313,6 +321,8 @@ class Gate:
     def _serve(self) -> None:
         while not self._stop.is_set():
             for key, mask in self._sel.select(timeout=_POLL_S):
+                if key.data is self:
+                    return
                 if key.data is None:
                     self._accept()
                     continue
