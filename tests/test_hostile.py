@@ -255,3 +255,54 @@ def test_a_real_daemon_stays_small_and_stops_in_time_under_attack(default_model:
         log.close()
     assert code == 0, (tmp_path / "daemon.log").read_text()[-3000:]
     assert took < 2.0 and peak[0] < 400, (took, peak[0])
+
+
+# -- the meters, frame by frame --------------------------------------------------------------------
+
+GREETING = b"\xff" + bytes(8) + b"\x7f\x03\x01" + b"NULL".ljust(20, b"\x00") + bytes(32)
+
+
+def frame(body: bytes, *, more: bool = False, command: bool = False) -> bytes:
+    flags = (1 if more else 0) | (4 if command else 0)
+    if len(body) > 255:
+        return bytes([flags | 2]) + len(body).to_bytes(8, "big") + body
+    return bytes([flags, len(body)]) + body
+
+
+def fed_in_pieces(meter, data: bytes, piece: int = 7) -> str | None:
+    """Feed ``data`` a few bytes at a time, as the network may deliver it."""
+    for i in range(0, len(data), piece):
+        why = meter.feed(data[i : i + piece])
+        if why:
+            return why
+    return None
+
+
+@pytest.mark.parametrize("as_command", [False, True])
+def test_the_subscription_meter_counts_held_subscriptions_and_topic_sizes(as_command: bool) -> None:
+    from speakerd.guard import SubscriptionMeter
+
+    def sub(topic: bytes, on: bool = True) -> bytes:
+        if as_command:
+            return frame((b"\x09SUBSCRIBE" if on else b"\x06CANCEL") + topic, command=True)
+        return frame((b"\x01" if on else b"\x00") + topic)
+
+    churn = b"".join(sub(b"speaker.") + sub(b"speaker.", on=False) for _ in range(500))
+    assert fed_in_pieces(SubscriptionMeter(64, 64), GREETING + churn) is None  # held at most 1 at once
+    many = b"".join(sub(b"t%03d" % i) for i in range(65))
+    assert "more than 64 subscriptions" in fed_in_pieces(SubscriptionMeter(64, 64), GREETING + many)
+    assert "topic of 65 bytes" in fed_in_pieces(SubscriptionMeter(64, 64), GREETING + sub(b"x" * 65))
+    assert fed_in_pieces(SubscriptionMeter(64, 64), GREETING + sub(b"x" * 64)) is None
+
+
+def test_the_request_meter_bounds_a_message_not_a_frame_or_a_connection() -> None:
+    from speakerd.guard import RequestMeter
+
+    delimiter = frame(b"", more=True)
+    request = delimiter + frame(b"{" + b" " * 40_000 + b"}")
+    assert fed_in_pieces(RequestMeter(65536), GREETING + request * 20, piece=4096) is None  # 20 requests of 40 kB
+    split = delimiter + frame(b"x" * 30_000, more=True) * 2 + frame(b"x" * 30_000)
+    assert "passed 65536 bytes" in fed_in_pieces(RequestMeter(65536), GREETING + split, piece=4096)
+    pings = frame(b"\x04PING" + bytes(6), command=True) * 1000  # commands are ZeroMQ's to cap
+    assert fed_in_pieces(RequestMeter(65536), GREETING + pings + request) is None
+    assert "ZMTP 3" in RequestMeter(65536).feed(b"\x00\x05hello")
