@@ -169,27 +169,31 @@ class _Relay:
         """Read from the client, not yet written to the REP socket (read only when empty)."""
         self.down = b""
         self.cut: str | None = None
+        self.ended = False
+        """The ZeroMQ side closed (e.g. the daemon stopping): deliver what it sent, then close."""
         self.closed = False
 
     def pump(self, sock: socket.socket, mask: int) -> None:
-        src_is_client = sock is self.client
         if mask & selectors.EVENT_READ:
             data = sock.recv(_CHUNK)
-            if not data:
-                self.closed = True
-                return
-            if src_is_client:
-                self.cut = self.meter.feed(data)
-                if self.cut:
+            if sock is self.client:
+                self.cut = self.meter.feed(data) if data else None
+                if not data or self.cut:
                     self.closed = True
                     return
                 self.up = data
-            else:
+            elif data:
                 self.down = data
-        self.up = _send_some(self.inner, self.up)
+            else:
+                self.ended, self.up = True, b""
+        if not self.ended:
+            self.up = _send_some(self.inner, self.up)
         self.down = _send_some(self.client, self.down)
+        self.closed = self.ended and not self.down
 
     def interest(self, sock: socket.socket) -> int:
+        if self.ended:
+            return selectors.EVENT_WRITE if sock is self.client and self.down else 0
         pending_in, pending_out = (self.up, self.down) if sock is self.client else (self.down, self.up)
         return (0 if pending_in else selectors.EVENT_READ) | (selectors.EVENT_WRITE if pending_out else 0)
 
@@ -294,7 +298,15 @@ class Gate:
         self._thread = threading.Thread(target=self._serve, name=f"speakerd-{self.what}-gate", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
+    def close(self, drain_s: float = 0.0) -> None:
+        """Stop. With ``drain_s``, first give the relays that long to deliver what the ZeroMQ
+        socket sent before it closed (the last events of a stopping daemon). Idempotent."""
+        if self._stop.is_set():
+            return
+        if drain_s > 0 and self._thread is not None:
+            deadline = time.monotonic() + drain_s
+            while self._relays and time.monotonic() < deadline:
+                time.sleep(0.01)
         self._stop.set()
         self._wake_w.send(b"x")
         if self._thread is not None:

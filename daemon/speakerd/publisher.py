@@ -64,6 +64,8 @@ MAX_SUBSCRIPTIONS_PER_CONNECTION = 64
 MAX_SUBSCRIBERS = 128
 """Subscriber connections at once; with the two limits above, subscriptions cost at most ~30 MB."""
 _SUBSCRIPTION_BATCH = 1000
+_GATE_DRAIN_S = 0.3
+"""At close, how long the gate may take to hand subscribers what the socket flushed last."""
 """Subscription messages read per pass of the socket thread, so a flood cannot hold it."""
 EVENTS_OUT_MODE = 0o600
 """Who spoke when is private: a new events_out file is readable by its owner only."""
@@ -257,7 +259,6 @@ class EventPublisher:
             self._closing = True
             self._deadline = time.monotonic() + timeout
             self._cond.notify_all()
-        self._close_gate()  # subscribers go first: nothing they send can hold the socket thread
         thread = self._thread
         if thread is None:
             # Never started: whatever was queued will never be sent.
@@ -269,14 +270,16 @@ class EventPublisher:
             if thread.is_alive():
                 # Only a blocked events_out write can hold it; the socket is not closed, so keep the context.
                 logger.error("publisher thread did not stop within %.1f s", timeout)
+                self._close_gate()
                 return
+        self._close_gate(_GATE_DRAIN_S)  # after the socket: subscribers get the last events first
         self._term_context()
         stats = self.stats()
         logger.info("publisher closed: %d published, %d dropped", stats["published"], stats["dropped_events"])
 
-    def _close_gate(self) -> None:
+    def _close_gate(self, drain_s: float = 0.0) -> None:
         if self._gate is not None:
-            self._gate.close()
+            self._gate.close(drain_s)
             self._gate = None
 
     def _term_context(self) -> None:
