@@ -280,7 +280,7 @@ def fed_in_pieces(meter, data: bytes, piece: int = 7) -> str | None:
 
 @pytest.mark.parametrize("as_command", [False, True])
 def test_the_subscription_meter_counts_held_subscriptions_and_topic_sizes(as_command: bool) -> None:
-    from speakerd.guard import SubscriptionMeter
+    from speakerd.meters import SubscriptionMeter
 
     def sub(topic: bytes, on: bool = True) -> bytes:
         if as_command:
@@ -296,7 +296,7 @@ def test_the_subscription_meter_counts_held_subscriptions_and_topic_sizes(as_com
 
 
 def test_the_request_meter_bounds_a_message_not_a_frame_or_a_connection() -> None:
-    from speakerd.guard import RequestMeter
+    from speakerd.meters import RequestMeter
 
     delimiter = frame(b"", more=True)
     request = delimiter + frame(b"{" + b" " * 40_000 + b"}")

@@ -28,7 +28,8 @@ import zmq
 
 from .errors import SpeakerdError, check
 from .events import SpeakerRef
-from .guard import Gate, RequestMeter, why_not_bound
+from .guard import Gate, why_not_bound
+from .meters import RequestMeter
 from .paths import runtime_dir
 from .provisional import is_provisional_id
 from .security import wants_ipv6
@@ -332,6 +333,7 @@ class ControlServer:
             # per client: a request or two wait, no queue of them (1 stalls CURVE: the handshake
             # leaves a credential message in the pipe that counts against it)
             sock.setsockopt(zmq.RCVHWM, 2)
+            sock.setsockopt(zmq.BACKLOG, MAX_CONNECTIONS)  # the gate may connect them all at once
             if self._curve is not None:
                 self._curve.apply_server(sock)
             try:

@@ -38,7 +38,8 @@ import zmq
 
 from .errors import SpeakerdError, check
 from .events import FIRST_SEQ, Heartbeat, Payload, encode_event, make_event, new_session_id
-from .guard import Gate, SubscriptionMeter, why_not_bound
+from .guard import Gate, why_not_bound
+from .meters import SubscriptionMeter
 from .security import wants_ipv6
 
 logger = logging.getLogger(__name__)
@@ -365,6 +366,7 @@ class EventPublisher:
         sock.setsockopt(zmq.LINGER, s.linger_ms)
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, so the count is exact
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.BACKLOG, MAX_SUBSCRIBERS)  # the gate may connect them all at once
         if wants_ipv6(s.endpoint):
             sock.setsockopt(zmq.IPV6, 1)
         if self._curve is not None:
