@@ -250,7 +250,7 @@ class ControlServer:
         self._curve = curve
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._guard: Gate | None = None
+        self._gate: Gate | None = None
         self.endpoint: str | None = None
         self.requests = 0
 
@@ -273,13 +273,13 @@ class ControlServer:
         bind = endpoint
         if not endpoint.startswith("inproc://"):  # in-process callers need no gate
             limit = self.settings.max_request_bytes
-            self._guard = Gate(endpoint, lambda: RequestMeter(limit), max_connections=MAX_CONNECTIONS, what="control")
+            self._gate = Gate(endpoint, lambda: RequestMeter(limit), max_connections=MAX_CONNECTIONS, what="control")
             try:
-                self._guard.bind()
+                self._gate.bind()
             except OSError as e:
-                self._guard = None
+                self._gate = None
                 raise SpeakerdError(f"cannot open the control socket {endpoint}: {why_not_bound(e)}") from None
-            bind = self._guard.inner_endpoint
+            bind = self._gate.inner_endpoint
         if self._context is None:
             self._context = zmq.Context()
         ready: Future[str] = Future()
@@ -290,26 +290,26 @@ class ControlServer:
         except BaseException:
             self._thread.join(START_TIMEOUT_S)
             self._thread = None
-            self._close_guard()
+            self._close_gate()
             self._term()
             raise
-        if self._guard is not None:
-            self._guard.start()
-            self.endpoint = self._guard.endpoint
+        if self._gate is not None:
+            self._gate.start()
+            self.endpoint = self._gate.endpoint
         logger.info("control socket on %s", self.endpoint)
 
     @property
     def gate(self) -> Gate | None:
         """The gate clients connect through (None for inproc)."""
-        return self._guard
+        return self._gate
 
-    def _close_guard(self) -> None:
-        if self._guard is not None:
-            self._guard.close()
-            self._guard = None
+    def _close_gate(self) -> None:
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None
 
     def close(self) -> None:
-        self._close_guard()  # first: no new request gets in
+        self._close_gate()  # first: no new request gets in
         self._stop.set()
         if self._thread is not None:
             self._thread.join(START_TIMEOUT_S)
