@@ -220,6 +220,18 @@ def test_reload_rebuilds_the_matcher_from_the_store(client: ControlClient, owner
         (json.dumps({"v": CONTROL_VERSION, "op": "rename", "speaker": "Nobody", "name": "X"}).encode(), "not_found"),
         (json.dumps({"v": CONTROL_VERSION, "op": "rename", "speaker": "Alice", "name": "Bob"}).encode(), "refused"),
         (json.dumps({"v": CONTROL_VERSION, "op": "forget", "speaker": "unknown-42"}).encode(), "not_found"),
+        # issue 18: these were `internal` (RecursionError, UnicodeEncodeError) or accepted as version 1
+        (b"[" * 30_000 + b"]" * 30_000, "bad_request"),
+        (b'{"v": 1, "op": "rename", "speaker": "Alice", "name": ' + b"[" * 5000 + b"]" * 5000 + b"}", "bad_request"),
+        (b'{"v": 1, "op": "rename", "speaker": "Alice", "name": "\\ud800x"}', "bad_request"),
+        (b'{"v": 1, "op": "rename", "speaker": "\\udfff", "name": "Carol"}', "bad_request"),
+        (b'{"v": 1, "op": "list", "x": NaN}', "bad_request"),
+        (json.dumps({"v": True, "op": "list"}).encode(), "bad_version"),
+        (json.dumps({"v": 1.0, "op": "list"}).encode(), "bad_version"),
+        (json.dumps({"v": CONTROL_VERSION, "op": "rename", "speaker": "Alice", "name": "Al\u202eecila"}).encode(), "bad_request"),
+        (json.dumps({"v": CONTROL_VERSION, "op": "rename", "speaker": "Alice", "name": "Al\u2066ice"}).encode(), "bad_request"),
+        (json.dumps({"v": CONTROL_VERSION, "op": "rename", "speaker": "Alice", "name": "Al\u0085ice"}).encode(), "bad_request"),
+        (json.dumps({"v": CONTROL_VERSION, "op": "enroll", "name": "E\u200fve", "last_s": 5}).encode(), "bad_request"),
     ],
 )
 def test_malformed_or_unknown_requests_get_an_error_and_change_nothing(
@@ -279,6 +291,14 @@ def test_endpoints_that_would_expose_the_control_plane_are_refused(owner: FakeDa
     fresh = tmp_path / "fresh" / "run"
     with ControlServer(ControlSettings(endpoint=f"ipc://{fresh}/c.sock"), ControlService(owner)):
         assert (fresh.stat().st_mode & 0o777) == 0o700
+
+
+@pytest.mark.parametrize("endpoint", ["tcp://127.0.0.1:*", "tcp://localhost:*", "tcp://[::1]:*", "ipc://@speakerd-test-control"])
+def test_endpoints_every_local_user_reaches_need_curve_for_control(owner: FakeDaemon, endpoint: str) -> None:
+    """Issue 18: another uid forgot a speaker through loopback tcp and through an abstract ipc name
+    (whose "directory" check looked at the working directory). Without CURVE both are refused."""
+    with pytest.raises(SecurityError, match="every local user can connect to .*daemon.curve_keys"):
+        ControlServer(ControlSettings(endpoint=endpoint), ControlService(owner)).start()
 
 
 def test_a_second_server_on_a_live_ipc_socket_is_refused(server: ControlServer, owner: FakeDaemon) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -515,3 +516,16 @@ def test_speakers_reach_a_real_curve_daemon_over_tcp(enrolled: Enrolled, tmp_pat
     finally:
         code, _ = _stop(daemon)
     assert code == 0, log.read_text()[-4000:]
+
+
+def test_a_curve_control_socket_binds_ipv6_loopback(keys: Path, tmp_path: Path) -> None:
+    """Issue 18: `[::1]` failed to bind although the docs call it local (ZeroMQ needs zmq.IPV6)."""
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback here")
+    with serve_control(tmp_path / "daemon-store", "tcp://[::1]:*", keys) as (server, _owner):
+        assert server.endpoint is not None and server.endpoint.startswith("tcp://[::1]:")
+        client = ControlClient(server.endpoint, timeout_s=5.0, curve=CurveClient.from_dir(keys))
+        assert client.request("status")["enrolled"] == 2

@@ -111,9 +111,10 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 def cmd_enroll(args: argparse.Namespace) -> int:
     from .enroll import add_room_versions, enroll_beside_daemon, prepare_enrollment
-
+    from .names import check_name
     from .store import DB_NAME
 
+    check_name(args.name)  # before any audio is read: a refused name wastes no work
     settings = _settings(args)
     if args.room_versions is not None:
         settings = dataclasses.replace(settings, enroll_rooms=dataclasses.replace(settings.enroll_rooms, versions=args.room_versions))

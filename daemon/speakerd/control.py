@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import zmq
 
 from .errors import SpeakerdError, check
+from .guard import Gate, why_not_bound
+from .meters import RequestMeter
 from .paths import runtime_dir
 
 if TYPE_CHECKING:
@@ -38,6 +40,8 @@ OPS = ("list", "status", "enroll", "rename", "merge", "forget", "reload")
 POLL_MS = 100
 """How often the server loop looks at its stop flag."""
 START_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 64
+"""Control clients connected at once (the REP socket answers one at a time); more are refused."""
 STALE_CHECK_S = 0.3
 """How long start() waits for an answer on an existing ipc socket file before taking it over."""
 
@@ -55,7 +59,8 @@ class ControlSettings:
     history_s: float = 120.0
     """Seconds of recent speech windows kept for "the last N seconds were Alice"."""
     max_request_bytes: int = 65536
-    """Larger requests are refused by ZeroMQ before they are read."""
+    """A request (all its frames together) larger than this closes its connection before the rest
+    is read (see guard.py)."""
     client_timeout_s: float = 3.0
     """How long ``speakerd speakers`` waits for the daemon's reply."""
 
@@ -115,6 +120,16 @@ class ControlHandler(Protocol):
 # -- protocol ------------------------------------------------------------------------------------
 
 
+def _name(req: Mapping[str, Any], key: str = "name") -> str:
+    """A new speaker name: the one rule of names.py, refused as a bad request."""
+    from .names import BadName, check_name
+
+    try:
+        return check_name(_arg(req, key, str))
+    except BadName as e:
+        raise ControlError("bad_request", str(e)) from None
+
+
 def _arg(req: Mapping[str, Any], key: str, kind: type, *, required: bool = True) -> Any:
     value = req.get(key)
     if value is None:
@@ -146,9 +161,9 @@ def _dispatch(handler: ControlHandler, req: Mapping[str, Any]) -> dict[str, Any]
             raise ControlError("bad_request", "enroll needs exactly one of 'last_s' (seconds) or 'speaker' (an id)")
         if last_s is not None and not 0 < last_s <= 3600:
             raise ControlError("bad_request", f"'last_s' must be within 0 and 3600, got {last_s}")
-        return handler.enroll(_arg(req, "name", str), last_s=last_s, speaker=speaker)
+        return handler.enroll(_name(req), last_s=last_s, speaker=speaker)
     if op == "rename":
-        return handler.rename(_arg(req, "speaker", str), _arg(req, "name", str))
+        return handler.rename(_arg(req, "speaker", str), _name(req))
     if op == "merge":
         return handler.merge(_arg(req, "source", str), _arg(req, "target", str))
     return handler.forget(_arg(req, "speaker", str))
@@ -158,17 +173,39 @@ def error_reply(code: str, message: str) -> dict[str, Any]:
     return {"v": CONTROL_VERSION, "ok": False, "error": {"code": code, "message": message}}
 
 
+def parse_request(data: bytes) -> dict[str, Any]:
+    """The request object in ``data``; ControlError ``bad_request``/``bad_version`` for anything
+    else: not UTF-8 JSON, nested too deeply to parse, strings no UTF-8 can carry (lone surrogates
+    such as ``"\\ud800"``), not an object, or ``v`` other than the integer 1 (``true`` and ``1.0``
+    compare equal to 1 in Python; they are not the version)."""
+    try:
+        req = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ControlError("bad_request", f"request is not UTF-8 JSON: {e}") from None
+    except RecursionError:
+        raise ControlError("bad_request", "request is nested too deeply; send a flat JSON object") from None
+    if not isinstance(req, dict):
+        raise ControlError("bad_request", f"request must be a JSON object, got {type(req).__name__}")
+    try:
+        encode(req)
+    except UnicodeEncodeError as e:
+        raise ControlError(
+            "bad_request", f"request holds a lone surrogate ({e.object[e.start:e.end]!r}); send text as UTF-8"
+        ) from None
+    except RecursionError:
+        raise ControlError("bad_request", "request is nested too deeply; send a flat JSON object") from None
+    except ValueError:
+        raise ControlError("bad_request", "request holds NaN or Infinity, which JSON does not allow") from None
+    v = req.get("v")
+    if type(v) is not int or v != CONTROL_VERSION:
+        raise ControlError("bad_version", f"request v must be the integer {CONTROL_VERSION}, got {v!r}")
+    return req
+
+
 def handle_request(handler: ControlHandler, data: bytes) -> dict[str, Any]:
     """One request's reply. Never raises: every failure is an error reply, logged, nothing else."""
     try:
-        try:
-            req = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ControlError("bad_request", f"request is not UTF-8 JSON: {e}") from None
-        if not isinstance(req, dict):
-            raise ControlError("bad_request", f"request must be a JSON object, got {type(req).__name__}")
-        if req.get("v") != CONTROL_VERSION:
-            raise ControlError("bad_version", f"request v must be {CONTROL_VERSION}, got {req.get('v')!r}")
+        req = parse_request(data)
         result = _dispatch(handler, req)
         return {"v": CONTROL_VERSION, "ok": True, "result": result}
     except ControlError as e:
@@ -207,6 +244,7 @@ class ControlServer:
         self._curve = curve
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._gate: Gate | None = None
         self.endpoint: str | None = None
         self.requests = 0
 
@@ -218,29 +256,54 @@ class ControlServer:
         self.close()
 
     def start(self) -> None:
-        from .security import prepare_endpoint
+        from .security import prepare_control_endpoint
 
         endpoint = self.settings.resolved_endpoint
-        prepare_endpoint(endpoint, self._curve, what="control")
+        prepare_control_endpoint(endpoint, self._curve)
         if endpoint.startswith("ipc://") and local_listener(endpoint, STALE_CHECK_S):
             # binding ipc over a live socket file would silently steal it from the other daemon; the
             # operating system is asked, since a CURVE daemon never answers a plain status request
             raise SpeakerdError(f"another speakerd listens on the control socket {endpoint}")
+        bind = endpoint
+        if not endpoint.startswith("inproc://"):  # in-process callers need no gate
+            limit = self.settings.max_request_bytes
+            self._gate = Gate(endpoint, lambda: RequestMeter(limit), max_connections=MAX_CONNECTIONS, what="control")
+            try:
+                self._gate.bind()
+            except OSError as e:
+                self._gate = None
+                raise SpeakerdError(f"cannot open the control socket {endpoint}: {why_not_bound(e)}") from None
+            bind = self._gate.inner_endpoint
         if self._context is None:
             self._context = zmq.Context()
         ready: Future[str] = Future()
-        self._thread = threading.Thread(target=self._run, args=(endpoint, ready), name="speakerd-control", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(bind, ready), name="speakerd-control", daemon=True)
         self._thread.start()
         try:
             self.endpoint = ready.result(timeout=START_TIMEOUT_S)
         except BaseException:
             self._thread.join(START_TIMEOUT_S)
             self._thread = None
+            self._close_gate()
             self._term()
             raise
+        if self._gate is not None:
+            self._gate.start()
+            self.endpoint = self._gate.endpoint
         logger.info("control socket on %s", self.endpoint)
 
+    @property
+    def gate(self) -> Gate | None:
+        """The gate clients connect through (None for inproc)."""
+        return self._gate
+
+    def _close_gate(self) -> None:
+        if self._gate is not None:
+            self._gate.close()
+            self._gate = None
+
     def close(self) -> None:
+        self._close_gate()  # first: no new request gets in
         self._stop.set()
         if self._thread is not None:
             self._thread.join(START_TIMEOUT_S)
@@ -261,6 +324,10 @@ class ControlServer:
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.MAXMSGSIZE, self.settings.max_request_bytes)
+            # per client: a request or two wait, no queue of them (1 stalls CURVE: the handshake
+            # leaves a credential message in the pipe that counts against it)
+            sock.setsockopt(zmq.RCVHWM, 2)
+            sock.setsockopt(zmq.BACKLOG, MAX_CONNECTIONS)  # the gate may connect them all at once
             if self._curve is not None:
                 self._curve.apply_server(sock)
             try:

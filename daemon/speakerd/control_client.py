@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 import zmq
 
 from .control import CONTROL_VERSION, ControlError, DaemonUnavailable, encode, local_listener
+from .security import wants_ipv6
 
 if TYPE_CHECKING:
     from .security import CurveClient
@@ -64,6 +65,8 @@ class ControlClient:
             with ctx.socket(zmq.REQ) as sock:
                 sock.setsockopt(zmq.LINGER, 0)
                 sock.setsockopt(zmq.IMMEDIATE, 1)  # no queueing for a daemon that is not there
+                if wants_ipv6(self.endpoint):
+                    sock.setsockopt(zmq.IPV6, 1)
                 if self._curve is not None:
                     self._curve.apply_client(sock)
                 sock.connect(self.endpoint)

@@ -9,13 +9,23 @@ the slow-joiner problem. While anyone subscribes, a heartbeat fills every silenc
 thread creates, uses and closes the socket. Nothing can block the caller: a full queue drops the
 event (counted; the seq gap tells subscribers), and ZeroMQ's PUB socket drops, per subscriber, what a
 subscriber that does not read leaves beyond its high-water mark (the seq gap again tells it so).
+
+Any local process can subscribe, and ZeroMQ keeps every subscription in a trie (about 50 bytes of
+memory per byte of topic) that it fills in one unbounded loop. So subscribers connect through a
+``guard.Gate``: a connection holding more than ``MAX_SUBSCRIPTIONS_PER_CONNECTION`` subscriptions
+or subscribing to a topic over ``MAX_TOPIC_BYTES`` is closed (ZeroMQ then frees its subscriptions),
+and at most ``MAX_SUBSCRIBERS`` are connected at once; ZeroMQ's ``MAXMSGSIZE`` caps any frame.
+Subscription messages are read in bounded batches, so a flood never keeps the socket thread from
+noticing ``close()``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -28,6 +38,9 @@ import zmq
 
 from .errors import SpeakerdError, check
 from .events import FIRST_SEQ, Heartbeat, Payload, encode_event, make_event, new_session_id
+from .guard import Gate, why_not_bound
+from .meters import SubscriptionMeter
+from .security import wants_ipv6
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +56,24 @@ _START_TIMEOUT_S = 10.0
 _JOIN_SLACK_S = 1.0
 _SUBSCRIPTION_POLL_S = 0.05
 """How long the socket thread waits for queued events before it reads subscription messages."""
+MAX_FRAME_BYTES = 512
+"""Largest frame a subscriber may send (a CURVE handshake command is about 300 bytes); ZeroMQ drops
+the connection of a peer that sends a larger one, before allocating it."""
+MAX_TOPIC_BYTES = 64
+"""Longest subscription accepted (the longest topic is 15 bytes, so a longer one matches nothing)."""
+MAX_SUBSCRIPTIONS_PER_CONNECTION = 64
+MAX_SUBSCRIBERS = 128
+"""Subscriber connections at once; with the two limits above, subscriptions cost at most ~30 MB."""
+_SUBSCRIPTION_BATCH = 1000
+_GATE_DRAIN_S = 0.3
+"""At close, how long the gate may take to hand subscribers what the socket flushed last."""
+"""Subscription messages read per pass of the socket thread, so a flood cannot hold it."""
+EVENTS_OUT_MODE = 0o600
+"""Who spoke when is private: a new events_out file is readable by its owner only."""
+
+
+def _subscription_meter() -> SubscriptionMeter:
+    return SubscriptionMeter(MAX_SUBSCRIPTIONS_PER_CONNECTION, MAX_TOPIC_BYTES)
 
 
 def is_valid_endpoint(endpoint: str) -> bool:
@@ -159,6 +190,7 @@ class EventPublisher:
         self._endpoint: str | None = None
         self._curve = curve
         self._subscriptions = 0
+        self._gate: Gate | None = None
         self._last_stream_time = 0.0
         self._started = time.monotonic()
         self._last_publish = time.monotonic()
@@ -189,10 +221,19 @@ class EventPublisher:
         except SecurityError as e:
             raise PublishError(f"cannot publish events on {self.settings.endpoint}: {e}") from None
         self._started = time.monotonic()
+        bind = self.settings.endpoint
+        if not bind.startswith("inproc://"):  # in-process subscribers need no gate
+            self._gate = Gate(self.settings.endpoint, _subscription_meter, max_connections=MAX_SUBSCRIBERS, what="publish")
+            try:
+                self._gate.bind()
+            except OSError as e:
+                self._gate = None
+                raise PublishError(f"cannot publish events on {self.settings.endpoint}: {why_not_bound(e)}") from None
+            bind = self._gate.inner_endpoint
         if self._context is None:
             self._context = zmq.Context()
         ready: Future[str] = Future()
-        self._thread = threading.Thread(target=self._run, args=(ready,), name="speakerd-publisher", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(bind, ready), name="speakerd-publisher", daemon=True)
         self._thread.start()
         try:
             self._endpoint = ready.result(timeout=_START_TIMEOUT_S)
@@ -200,8 +241,12 @@ class EventPublisher:
             self._thread.join()
             self._thread = None
             self._closed = True
+            self._close_gate()
             self._term_context()
             raise
+        if self._gate is not None:
+            self._gate.start()
+            self._endpoint = self._gate.endpoint
         logger.info("publishing events on %s (session %s)", self._endpoint, self.session)
         if self._endpoint.startswith("tcp://") and not self._endpoint[6:].startswith(_LOOPBACK_HOSTS):
             logger.warning("events are published beyond this machine on %s", self._endpoint)
@@ -226,10 +271,17 @@ class EventPublisher:
             if thread.is_alive():
                 # Only a blocked events_out write can hold it; the socket is not closed, so keep the context.
                 logger.error("publisher thread did not stop within %.1f s", timeout)
+                self._close_gate()
                 return
+        self._close_gate(_GATE_DRAIN_S)  # after the socket: subscribers get the last events first
         self._term_context()
         stats = self.stats()
         logger.info("publisher closed: %d published, %d dropped", stats["published"], stats["dropped_events"])
+
+    def _close_gate(self, drain_s: float = 0.0) -> None:
+        if self._gate is not None:
+            self._gate.close(drain_s)
+            self._gate = None
 
     def _term_context(self) -> None:
         if self._own_context and self._context is not None:
@@ -272,6 +324,11 @@ class EventPublisher:
             return {"published": self._published, "dropped_events": self._dropped, "queue_depth": len(self._queue)}
 
     @property
+    def gate(self) -> Gate | None:
+        """The gate subscribers connect through (None for inproc)."""
+        return self._gate
+
+    @property
     def subscribers(self) -> int:
         """Topic subscriptions currently seen on the XPUB socket."""
         with self._cond:
@@ -301,19 +358,28 @@ class EventPublisher:
 
     # --- the owner thread ---
 
-    def _run(self, ready: Future[str]) -> None:
+    def _socket(self) -> zmq.Socket:
         assert self._context is not None
         s = self.settings
         sock = self._context.socket(zmq.XPUB)
         sock.setsockopt(zmq.SNDHWM, s.hwm)
         sock.setsockopt(zmq.LINGER, s.linger_ms)
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)  # every subscribe and unsubscribe, so the count is exact
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.BACKLOG, MAX_SUBSCRIBERS)  # the gate may connect them all at once
+        if wants_ipv6(s.endpoint):
+            sock.setsockopt(zmq.IPV6, 1)
         if self._curve is not None:
             self._curve.apply_server(sock)  # type: ignore[attr-defined]
+        return sock
+
+    def _run(self, bind: str, ready: Future[str]) -> None:
+        s = self.settings
+        sock = self._socket()
         out: TextIO | None = None
         try:
             try:
-                sock.bind(s.endpoint)
+                sock.bind(bind)
             except zmq.ZMQError as e:
                 hint = " (is another speakerd running?)" if e.errno == zmq.EADDRINUSE else ""
                 raise PublishError(f"cannot publish events on {s.endpoint}: {e.strerror}{hint}") from None
@@ -321,10 +387,7 @@ class EventPublisher:
             if s.events_out == "-":
                 out = sys.stdout
             elif s.events_out is not None:
-                try:
-                    out = open(s.events_out, "a", encoding="utf-8")  # noqa: SIM115 - closed in finally
-                except OSError as e:
-                    raise PublishError(f"cannot open events_out {s.events_out}: {e.strerror}") from None
+                out = open_events_out(s.events_out)
         except PublishError as e:
             sock.close(linger=0)
             ready.set_exception(e)
@@ -390,9 +453,10 @@ class EventPublisher:
             )
 
     def _read_subscriptions(self, sock: zmq.Socket) -> None:
-        """Count (un)subscriptions: XPUB delivers them as b"\\x01topic" / b"\\x00topic"."""
+        """Count (un)subscriptions: XPUB delivers them as b"\\x01topic" / b"\\x00topic". At most
+        ``_SUBSCRIPTION_BATCH`` per call."""
         changed = False
-        while True:
+        for _ in range(_SUBSCRIPTION_BATCH):
             try:
                 msg = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
@@ -435,3 +499,16 @@ class EventPublisher:
             if out is not sys.stdout:
                 out.close()
             return None
+
+
+def open_events_out(path: str) -> TextIO:
+    """``path`` for appending JSON lines, created 0600 (who spoke when is private). An existing
+    file keeps its mode; if others can read it, say so once."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, EVENTS_OUT_MODE)
+    except OSError as e:
+        raise PublishError(f"cannot open events_out {path}: {e.strerror}") from None
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & 0o077:
+        logger.warning("events_out %s is mode %o: other users can read who spoke when; chmod 600 it", path, mode)
+    return os.fdopen(fd, "a", encoding="utf-8")

@@ -3,7 +3,9 @@
 Who is speaking, and the power to rename or forget voiceprints, are private. So a socket bound to
 anything but loopback or ipc must use CURVE (encryption and client authentication through
 ``zmq.auth``), and ipc sockets must sit in a directory only this user can enter (0700), since the
-socket file's own mode is not honoured everywhere. Keys are made with ``zmq.auth`` and stored 0600
+socket file's own mode is not honoured everywhere. The control socket goes further: every local
+user can reach loopback tcp and a Linux abstract ipc name (``ipc://@name``, which has no file and
+so no directory to guard), so it binds those only with CURVE. Keys are made with ``zmq.auth`` and stored 0600
 in a 0700 directory; clients allowed in are the public keys in ``authorized/``, and the daemon's
 own key pair (so ``speakerd speakers`` on its machine can use ``daemon.curve_keys``).
 """
@@ -61,9 +63,20 @@ def is_local_endpoint(endpoint: str) -> bool:
         return False
 
 
+def is_abstract_ipc(endpoint: str) -> bool:
+    """``ipc://@name``: a Linux abstract socket, with no file whose directory could keep others out."""
+    return endpoint.startswith("ipc://@")
+
+
+def wants_ipv6(endpoint: str) -> bool:
+    """Whether a tcp endpoint names an IPv6 literal (``tcp://[::1]:5560``), which ZeroMQ binds or
+    connects only with ``zmq.IPV6`` set."""
+    return endpoint.startswith("tcp://[")
+
+
 def secure_ipc_dir(endpoint: str) -> None:
     """Make the directory of an ipc socket 0700 if it is new; refuse one others can enter."""
-    if not endpoint.startswith("ipc://"):
+    if not endpoint.startswith("ipc://") or is_abstract_ipc(endpoint):
         return
     parent = Path(endpoint[len("ipc://") :]).expanduser().parent
     if not parent.exists():
@@ -85,6 +98,25 @@ def prepare_endpoint(endpoint: str, curve: object | None, *, what: str) -> None:
             f"the {what} endpoint {endpoint} is reachable from other machines; that needs CURVE keys "
             f"(`speakerd keys generate`; see docs/control.md), or bind 127.0.0.1 or ipc://"
         )
+
+
+def prepare_control_endpoint(endpoint: str, curve: object | None) -> None:
+    """``prepare_endpoint`` for the control socket, where any other local user must be kept out
+    too: tcp (loopback included) and abstract ipc only with CURVE."""
+    prepare_endpoint(endpoint, curve, what="control")
+    if curve is not None:
+        return
+    if is_abstract_ipc(endpoint):
+        reach = "an abstract ipc name, which every local user can connect to"
+    elif endpoint.startswith("tcp://"):
+        reach = "tcp, which every local user can connect to"
+    else:
+        return
+    raise SecurityError(
+        f"the control endpoint {endpoint} is {reach} and rename or forget voiceprints; use an ipc:// "
+        "path in a 0700 directory (the default, control.endpoint unset) or set daemon.curve_keys "
+        "(see docs/control.md)"
+    )
 
 
 def require_curve_to_connect(endpoint: str, curve: object | None, *, what: str, option: str) -> None:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sqlite3
 import tempfile
 import threading
@@ -34,6 +33,7 @@ import faiss
 import numpy as np
 
 from .errors import SpeakerdError
+from .names import check_name
 from .paths import data_dir, ensure_private_dir
 
 logger = logging.getLogger(__name__)
@@ -51,8 +51,6 @@ TEMP_GRACE_SECONDS = 1.0
 (The grace covers the instant between a writer creating its temp file and locking it.)"""
 TEMP_PREFIX = ".index-"
 SPEAKER_ID_PREFIX = "spk-"
-_SPEAKER_ID_RE = re.compile(r"^spk-[0-9a-f]{8}$")
-MAX_NAME_CHARS = 200
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -399,17 +397,7 @@ class SpeakerStore:
 
     @staticmethod
     def _check_name(name: str) -> str:
-        if not isinstance(name, str) or not name.strip():
-            raise StoreError(f"speaker name {name!r} is empty")
-        if name != name.strip():
-            raise StoreError(f"speaker name {name!r} has leading or trailing spaces")
-        if len(name) > MAX_NAME_CHARS:
-            raise StoreError(f"speaker name is longer than {MAX_NAME_CHARS} characters")
-        if any(ord(c) < 32 or ord(c) == 127 for c in name):
-            raise StoreError(f"speaker name {name!r} contains control characters")
-        if _SPEAKER_ID_RE.match(name):
-            raise StoreError(f"speaker name {name!r} looks like a speaker id; choose another name")
-        return name
+        return check_name(name, StoreError)
 
     def _new_speaker_id(self, conn: sqlite3.Connection) -> str:
         while True:
