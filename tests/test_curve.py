@@ -227,11 +227,20 @@ def test_with_keys_an_absent_daemon_is_an_error_not_the_local_store(keys: Path, 
 
 
 def test_without_keys_a_silent_local_endpoint_still_falls_back_to_the_store(tmp_path: Path, default_model: Path) -> None:
-    local_store = tmp_path / "client-store"
+    local_store = _empty_store(tmp_path / "client-store", default_model)
     proc, _ = run_speakers("list", "--control", f"tcp://127.0.0.1:{_free_port()}", keys=None, store=local_store,
                            config=client_config(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"no speakers enrolled in {local_store}"
+
+
+def _empty_store(directory: Path, model: Path) -> Path:
+    """A store the default model made and nobody enrolled in yet (reading commands never create one)."""
+    from speakerd.bundle import load_bundle
+
+    bundle = load_bundle(model)
+    SpeakerStore(directory, fingerprint=bundle.fingerprint, dim=bundle.embedding_dim).close()
+    return directory
 
 
 def _break_keys(directory: Path, how: str) -> Path:
@@ -430,7 +439,7 @@ def test_no_daemon_on_the_ipc_endpoint_falls_back_to_the_store(
     # the keys are read only when a daemon is there: a crashed daemon's config still works offline
     keys = tmp_path / "no-such-keys" if config_keys else None
     config = speakers_config(tmp_path, endpoint, curve_keys=keys, timeout_s=60.0)  # no waiting on a dead socket
-    local_store = tmp_path / "client-store"
+    local_store = _empty_store(tmp_path / "client-store", default_model)
     proc, took = run_speakers("list", keys=None, store=local_store, config=config)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"no speakers enrolled in {local_store}"

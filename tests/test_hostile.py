@@ -21,10 +21,12 @@ import soundfile as sf
 import zmq
 from daemon_harness import popen_speakerd
 from hostile import MB, SubscriptionFlood, multiframe_request, oversized_subscription, rss_mb, sample_rss
-from test_control import Owner, owner  # noqa: F401 - the fixture
+from test_control import FakeDaemon, owner  # noqa: F401 - the fixture
 from test_xpub import receive, sub_socket
 
-from speakerd.control import MAX_CONNECTIONS, ControlClient, ControlServer, ControlService, ControlSettings
+from speakerd.control import MAX_CONNECTIONS, ControlServer, ControlSettings
+from speakerd.control_client import ControlClient
+from speakerd.control_service import ControlService
 from speakerd.events import SpeechStart
 from speakerd.guard import Gate
 from speakerd.publisher import (
@@ -185,7 +187,7 @@ def test_ipv6_loopback_binds_as_the_docs_say() -> None:
 
 
 @pytest.fixture()
-def control(owner: Owner, run_dir: Path):
+def control(owner: FakeDaemon, run_dir: Path):
     with ControlServer(ControlSettings(endpoint=f"ipc://{run_dir}/control.sock"), ControlService(owner)) as srv:
         yield srv
 
