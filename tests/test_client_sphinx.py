@@ -12,6 +12,7 @@ socket revises them through ``on_revision``. tools/word_attribution.py measures 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -79,6 +80,7 @@ def test_naming_a_voice_over_control_revises_its_words(enrolled: Enrolled, libri
     assert [t.speaker == guest for t in conv.turns] == [True, False, True]
     wav = conv.write(tmp_path / "live.wav")
     words = transcribe_file(wav)  # a file source's stream time is the file's time
+    store = shutil.copytree(enrolled.store, tmp_path / "store")  # naming the guest enrolls it: not in the shared store
     control = f"ipc://{tmp_path}/run/control.sock"
     cfg = tmp_path / "wait.toml"
     cfg.write_text("[publish]\nwait_for_subscriber_s = 60.0\n")
@@ -104,12 +106,12 @@ def test_naming_a_voice_over_control_revises_its_words(enrolled: Enrolled, libri
             registered.set()
 
     daemon = popen_speakerd("run", "--config", str(cfg), "--source", f"file:{wav}", "--realtime", "--store",
-                            str(enrolled.store), "--pub", pub, "--control", control, stderr=subprocess.PIPE)
+                            str(store), "--pub", pub, "--control", control, stderr=subprocess.PIPE)
     try:
         with Subscriber(pub, timeline=timeline, on_event=on_event):
             assert registered.wait(WAIT_S), f"no word labelled with a provisional id: {shown}"
             provisional = next(v for v in shown.values() if v and v.startswith("unknown-"))
-            speakerd("speakers", "rename", provisional, "Guest", "--control", control, "--store", str(enrolled.store))
+            speakerd("speakers", "rename", provisional, "Guest", "--control", control, "--store", str(store))
             assert daemon.wait(timeout=120) == 0, daemon.stderr.read()[-3000:] if daemon.stderr else ""
     finally:
         if daemon.poll() is None:
