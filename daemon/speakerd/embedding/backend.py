@@ -71,6 +71,7 @@ def create_backend(
     coreml_compute_units: str = "ALL",
     window_frames: Sequence[int] | None = None,
     precision: str = "fp32",
+    trunk: str = "per_window",
 ) -> EmbeddingBackend:
     """``auto`` takes CoreML on macOS when the bundle has a package, else ONNX Runtime.
 
@@ -78,7 +79,9 @@ def create_backend(
     packages have fixed shapes, so the backend is created only if it serves every one of them; ``None``
     requires the bundle's own ``window_frames``. ONNX takes any length and ignores it.
     A CoreML failure under ``auto`` (including unserved lengths) falls back to ONNX and logs why;
-    asked for by name, it is an error. ``precision`` picks the ONNX file (:func:`onnx_artifact`).
+    asked for by name, it is an error. ``precision`` picks the ONNX file (:func:`onnx_artifact`);
+    ``trunk`` "shared" runs a bundle's ResNet trunk once per stretch of speech (embedding/trunk.py)
+    when the bundle has one, on ONNX Runtime.
     """
     if kind not in BACKENDS:
         raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
@@ -96,7 +99,12 @@ def create_backend(
             logger.warning("CoreML unavailable (%s); falling back to ONNX Runtime", exc)
     from .onnx_backend import OnnxBackend
 
-    return OnnxBackend(bundle, threads=threads, artifact=onnx_artifact(bundle, precision))
+    artifact = onnx_artifact(bundle, precision)
+    if trunk == "shared" and bundle.artifact("onnx_trunk") is not None:
+        from .trunk import SharedTrunkBackend
+
+        return SharedTrunkBackend(bundle, threads=threads, precision_artifact=artifact)
+    return OnnxBackend(bundle, threads=threads, artifact=artifact)
 
 
 INT8_ARTIFACT = "onnx_int8"
@@ -133,6 +141,7 @@ class EmbeddingChoice(Protocol):
     threads: int
     coreml_compute_units: str
     precision: str
+    trunk: str
 
 
 def backend_for(bundle: ModelBundle, embedding: EmbeddingChoice, windows: WindowLengths) -> EmbeddingBackend:
@@ -144,4 +153,5 @@ def backend_for(bundle: ModelBundle, embedding: EmbeddingChoice, windows: Window
         coreml_compute_units=embedding.coreml_compute_units,
         window_frames=window_frame_counts(windows, bundle.features, bundle.sample_rate),
         precision=embedding.precision,
+        trunk=embedding.trunk,
     )

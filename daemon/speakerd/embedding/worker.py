@@ -41,7 +41,13 @@ class EmbeddingSettings:
     """ONNX Runtime only. auto: the bundle's INT8 file when it has one whose embeddings agreed with
     FP32 (worst cosine >= 0.99 on real speech, recorded when it was built), else FP32; fp32; int8."""
 
+    trunk: str = "shared"
+    """shared: a bundle with a ResNet trunk (WeSpeaker ResNet34) runs it once per stretch of speech and
+    pools each window's slice (embedding/trunk.py); per_window: the exact whole network per window.
+    Models without a trunk (GE2E) always run per window."""
+
     def __post_init__(self) -> None:
+        check(self.trunk in ("shared", "per_window"), "embedding.trunk", self.trunk, "must be shared or per_window")
         check(self.backend in ("auto", "onnx", "coreml"), "embedding.backend", self.backend, "must be auto, onnx or coreml")
         check(self.precision in ("auto", "fp32", "int8"), "embedding.precision", self.precision, "must be auto, fp32 or int8")
         check(0 <= self.threads <= 64, "embedding.threads", self.threads, "must be within 0 to 64")
@@ -79,8 +85,12 @@ class EmbeddingWorker:
         batch_max: int = 32,
         queue_windows: int = 64,
         drop_oldest: bool = True,
+        embed_windows: Callable[[Sequence[Window]], np.ndarray] | None = None,
     ) -> None:
         self._embed = embed
+        self._embed_windows = embed_windows
+        """A backend that embeds windows by their place in the stream (the shared ResNet trunk)
+        takes the whole run in one call, in order."""
         self._on_output = on_output
         self._batch_max = batch_max
         self._capacity = queue_windows
@@ -186,6 +196,9 @@ class EmbeddingWorker:
 
         A window whose length group fails is lost (counted); the other groups still go out.
         """
+        if self._embed_windows is not None:
+            embs = self._embed_group(windows, self._embed_windows)
+            return [] if embs is None else [EmbeddedWindow(w, e) for w, e in zip(windows, embs, strict=True)]
         groups: dict[int, list[int]] = {}
         for i, w in enumerate(windows):
             groups.setdefault(w.num_frames, []).append(i)
@@ -197,10 +210,9 @@ class EmbeddingWorker:
                     embs[i] = e
         return [EmbeddedWindow(w, e) for w, e in zip(windows, embs, strict=True) if e is not None]
 
-    def _embed_group(self, windows: list[Window]) -> np.ndarray | None:
-        feats = np.stack([w.feats for w in windows])
+    def _embed_group(self, windows: list[Window], by_window: Callable[[Sequence[Window]], np.ndarray] | None = None) -> np.ndarray | None:
         try:
-            embs = np.asarray(self._embed(feats))
+            embs = np.asarray(by_window(windows) if by_window is not None else self._embed(np.stack([w.feats for w in windows])))
             if embs.ndim != 2 or len(embs) != len(windows):
                 raise ValueError(f"embed returned shape {embs.shape} for {len(windows)} window(s)")
         except Exception as exc:  # noqa: BLE001 - a backend failure costs these windows, not the daemon

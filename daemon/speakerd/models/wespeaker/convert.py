@@ -93,6 +93,7 @@ def convert_wespeaker(
 
         bar.set_postfix_str(steps[3])
         artifacts = {"onnx": ONNX_FILE}
+        trunk_cosine = _export_trunk(model, out_dir, artifacts)
         if coreml:
             hook = _coreml_hook()
             if hook is not None:
@@ -126,6 +127,7 @@ def convert_wespeaker(
                 "pooling_eps": model.pooling_eps,
                 "onnx_opset": ONNX_OPSET,
                 "onnx_verify_min_cosine": round(worst, 7),
+                "trunk_verify_min_cosine": round(trunk_cosine, 7),
                 **{k: v for k, v in loaded.notes.items() if v not in (None, [], "")},
             },
         )
@@ -198,6 +200,20 @@ def verify_onnx(model: nn.Module, path: Path, window_frames: Sequence[int], *, f
         worst = min(worst, float(cos.min()))
     if worst < VERIFY_MIN_COSINE:
         raise ConversionError(f"{path}: ONNX output differs from PyTorch (cosine {worst:.6f} < {VERIFY_MIN_COSINE})")
+    return worst
+
+
+def _export_trunk(model: nn.Module, out_dir: Path, artifacts: dict[str, str]) -> float:
+    """The trunk ONNX and the pooling/linear head for ``embedding.trunk = "shared"``, checked to
+    reproduce the whole network on a window; returns the worst cosine."""
+    from .trunk import MIN_TRUNK_COSINE, export_trunk, verify_trunk
+
+    trunk_path, head_path = export_trunk(model, out_dir, ONNX_OPSET)
+    worst = verify_trunk(model, trunk_path, head_path)
+    if worst < MIN_TRUNK_COSINE:
+        raise ConversionError(f"{trunk_path}: trunk + head differ from the whole network (cosine {worst:.6f})")
+    artifacts["onnx_trunk"] = trunk_path.name
+    artifacts["head"] = head_path.name
     return worst
 
 
