@@ -37,6 +37,8 @@ def test_int8_agrees_with_fp32_on_real_speech_and_auto_takes_it(fp32_bundle: Pat
     bundle = add_int8(fp32_bundle, librispeech)
     record = bundle.source["int8"]
     assert record["windows"] == 64 and record["min_cosine"] >= MIN_INT8_AGREEMENT, record
+    assert record["trunk"]["min_cosine"] >= MIN_INT8_AGREEMENT, record  # the shared trunk's INT8 twin
+    assert bundle.artifact("onnx_trunk_int8") is not None
     # measured again here, on other real windows than the build used
     feats = real_windows(bundle, librispeech, 140)[-40:]
     again = agreement(bundle.require_artifact("onnx"), bundle.require_artifact("onnx_int8"), feats)

@@ -26,6 +26,7 @@ from ...embedding.backend import INT8_ARTIFACT
 logger = logging.getLogger(__name__)
 
 INT8_FILE = "wespeaker_resnet34.int8.onnx"
+TRUNK_INT8_FILE = "wespeaker_resnet34.trunk.int8.onnx"
 CALIBRATION_WINDOWS = 32
 CHECK_WINDOWS = 64
 
@@ -106,7 +107,30 @@ def add_int8(bundle_dir: Path, data: Path) -> ModelBundle:
     agree = agreement(src, dst, held_out, (bundle.io.get("input", "feats"), bundle.io.get("output", "embs")))
     logger.info("INT8 against FP32 on %d real windows: worst cosine %.4f, median %.4f",
                 agree["windows"], agree["min_cosine"], agree["median_cosine"])  # fmt: skip
-    source = {**bundle.source, "int8": {**agree, "calibration_windows": len(calibration), "data": "librispeech test-other"}}
-    updated = dataclasses.replace(bundle, artifacts={**bundle.artifacts, INT8_ARTIFACT: INT8_FILE}, source=source)
+    record = {**agree, "calibration_windows": len(calibration), "data": "librispeech test-other"}
+    artifacts = {**bundle.artifacts, INT8_ARTIFACT: INT8_FILE}
+    trunk = bundle.artifact("onnx_trunk")
+    if trunk is not None:  # the shared trunk's INT8 twin, checked through the head the same way
+        trunk8 = quantize_onnx(trunk, Path(bundle.path) / TRUNK_INT8_FILE, calibration)
+        record["trunk"] = trunk_agreement(bundle, trunk, trunk8, held_out)
+        artifacts["onnx_trunk_int8"] = TRUNK_INT8_FILE
+    source = {**bundle.source, "int8": record}
+    updated = dataclasses.replace(bundle, artifacts=artifacts, source=source)
     write_manifest(updated)
     return load_bundle(bundle_dir)
+
+
+def trunk_agreement(bundle: ModelBundle, fp32: Path, int8: Path, feats: Sequence[np.ndarray]) -> dict[str, float]:
+    """Cosine between FP32 and INT8 trunk outputs pooled by the head, per window."""
+    from ...embedding.onnx_backend import make_session
+    from ...embedding.trunk import HEAD_ARTIFACT, Head
+
+    head = Head.load(bundle.require_artifact(HEAD_ARTIFACT), float(bundle.source.get("pooling_eps", 1e-7)))
+    a_session, b_session = make_session(fp32, 1), make_session(int8, 1)
+    cos = []
+    for f in feats:
+        x = {"feats": f[None].astype(np.float32)}
+        a, b = head.embed([a_session.run(None, x)[0][0], b_session.run(None, x)[0][0]])
+        cos.append(float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12)))
+    return {"min_cosine": float(np.min(cos)), "median_cosine": float(np.median(cos)), "windows": len(cos)}
+
