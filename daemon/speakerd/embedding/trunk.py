@@ -42,6 +42,9 @@ STRIDE = 8
 CONTEXT = 64
 """Left context per pass, a multiple of STRIDE. The trunk's receptive field is about 225 frames;
 64 gives a pass's first output frames most of their left half."""
+MAX_PASS = 320
+"""Most new frames per pass; a longer stretch (a file's backlog) runs in pieces. Per frame, passes of
+256-512 frames ran fastest; 1024 cost 1.5x more per frame (activations outgrow the caches)."""
 RIGHT = 16
 """Output frames with less right context than this stay provisional and are computed again by the
 next pass, so kept frames do not depend much on how windows were batched."""
@@ -192,6 +195,11 @@ class SharedTrunkBackend:
         """One trunk pass from the segment's last frozen output to its newest frame, then each
         pending window's slice of the output."""
         end = seg.end
+        while end - seg.done > MAX_PASS + RIGHT:
+            piece = self._pass(seg, seg.done, seg.done + MAX_PASS)
+            kept = (MAX_PASS - RIGHT) // STRIDE
+            seg.out = np.concatenate([seg.out, piece[:, :kept]], axis=1)
+            seg.done += kept * STRIDE
         fresh = self._pass(seg, seg.done, end)
         frozen = max(0, end - RIGHT - seg.done) // STRIDE  # the newest frames are redone next time
         seg.out = np.concatenate([seg.out, fresh[:, :frozen]], axis=1)
