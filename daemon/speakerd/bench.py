@@ -33,7 +33,6 @@ logger = logging.getLogger(__name__)
 WINDOW_LENGTHS_S = (1.0, 1.5, 2.0, 3.0)
 BATCH_SIZES = (1, 4, 8)
 DEFAULT_MODELS = ("ge2e-resemblyzer", "wespeaker-resnet34")
-GE2E_MODEL = "ge2e-resemblyzer"
 ANCHOR_MODEL = "wespeaker-resnet34"
 """The model whose ONNX sherpa-onnx also runs, as an outside reference for our speed."""
 CAPTURE_RATE = 48000
@@ -256,25 +255,6 @@ def bench_sherpa(audio: np.ndarray, settings: Any, bundle: Any, backend: Any, re
     return rows
 
 
-def bench_peers(wav: Path, audio: np.ndarray, settings: Any, bundle: Any, backend: Any, index: Any, work: Path) -> dict[str, Any] | None:
-    """The peer of this model, in the same run: Resemblyzer for GE2E (whole processes), sherpa-onnx
-    for ResNet34 (our whole pipeline against its extractor on 1.5 s windows). None: no peer."""
-    from . import benchpeers
-
-    try:
-        if bundle.name == GE2E_MODEL:
-            return benchpeers.compare_default(wav, bundle, work / "peers")
-        if bundle.name == ANCHOR_MODEL and backend.name.startswith("onnx"):
-            def pipeline() -> float:
-                return float(run_pipeline(wav, settings, bundle, backend, index, realtime=False)["wall_s"])
-
-            return benchpeers.compare_sherpa(audio, bundle, settings.embedding.threads, pipeline)
-    except benchpeers.PeerUnavailable as exc:
-        logger.warning("peer of %s skipped: %s", bundle.name, exc)
-        return {"skipped": str(exc)}
-    return None
-
-
 # -- whole pipeline ------------------------------------------------------------------------------
 
 
@@ -408,6 +388,7 @@ def _available_backends(bundle: Any) -> list[str]:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
+    from .benchpeers import bench_peers
     from .bundle import BundleError, resolve_bundle
     from .embedding import backend_for
     from .settings import load_settings
@@ -469,7 +450,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     if bundle.name == ANCHOR_MODEL:
                         result["sherpa_anchor"] = bench_sherpa(audio, s, bundle, backend, args.repeats)
                     if args.peers:
-                        peers = bench_peers(long_file, audio, s, bundle, backend, index, work)
+                        peers = bench_peers(long_file, audio, s, bundle, backend, index, work, run_pipeline)
                         if peers is not None:
                             result["peers"][bundle.name] = peers
                 finally:
@@ -508,22 +489,9 @@ def render(result: dict[str, Any]) -> str:
                   "| window | speakerd ms | sherpa-onnx ms | ratio |", "|---|---|---|---|"]
         for row in result["sherpa_anchor"]:
             lines.append(f"| {row['window_s']} s | {row['speakerd_ms']:.2f} | {row['sherpa_ms']:.2f} | {row['ratio']:.2f} |")
-    peers = {m: p for m, p in result.get("peers", {}).items() if "skipped" not in p}
-    if peers:
-        lines += ["", f"Peers, same run (median of alternated runs; load average {_fmt(next(iter(peers.values()))['load_avg_1m'], '.1f')}):", "",
-                  "| model | speakerd | x real time | peer | x real time | speakerd speed / peer speed |", "|---|---|---|---|---|---|"]
-        for model, p in peers.items():
-            if p["peer"] == "resemblyzer":
-                lines.append(f"| {model} | `run --no-realtime`, whole process {p['speakerd_process_s']:.2f} s | {p['speakerd_x_real_time']:.0f}x | "
-                             f"Resemblyzer offline pass ({p['peer_windows']} windows of 1.6 s), whole process {p['peer_process_s']:.2f} s "
-                             f"(pass alone {p['peer_pass_s']:.2f} s, {p['peer_pass_x_real_time']:.0f}x) | {p['peer_x_real_time']:.0f}x | "
-                             f"{p['speed_ratio']:.2f} (against the pass alone {p['speed_ratio_vs_pass']:.2f}) |")
-            else:
-                lines.append(f"| {model} | whole pipeline, probes on, {p['speakerd_pipeline_s']:.2f} s | {p['speakerd_x_real_time']:.0f}x | "
-                             f"sherpa-onnx, {p['peer_windows']} windows of 1.5 s, {p['peer_pass_s']:.2f} s | {p['peer_x_real_time']:.0f}x | {p['speed_ratio']:.2f} |")
-    for model, p in result.get("peers", {}).items():
-        if "skipped" in p:
-            lines.append(f"\nNote: peer of {model} skipped: {p['skipped']}")
+    from .benchpeers import render_peers
+
+    lines += render_peers(result.get("peers", {}))
     for note in result["notes"]:
         lines.append(f"\nNote: {note}")
     return "\n".join(lines) + "\n"

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -201,3 +201,54 @@ def _audio_seconds(wav: Path) -> float:
     import soundfile as sf
 
     return float(sf.info(str(wav)).duration)
+
+
+GE2E_MODEL = "ge2e-resemblyzer"
+RESNET_MODEL = "wespeaker-resnet34"
+
+
+class PipelineRun(Protocol):
+    """``bench.run_pipeline``: the real pipeline over a file, returning its figures."""
+
+    def __call__(self, path: Path, settings: Any, bundle: Any, backend: Any, index: Any, *, realtime: bool) -> dict[str, Any]: ...
+
+
+def bench_peers(wav: Path, audio: np.ndarray, settings: Any, bundle: Any, backend: Any, index: Any, work: Path,
+                run_pipeline: PipelineRun) -> dict[str, Any] | None:  # fmt: skip
+    """The peer of this model, in the same run: Resemblyzer for GE2E (whole processes), sherpa-onnx
+    for ResNet34 (our whole pipeline against its extractor on 1.5 s windows). None: no peer."""
+    try:
+        if bundle.name == GE2E_MODEL:
+            return compare_default(wav, bundle, work / "peers")
+        if bundle.name == RESNET_MODEL and backend.name.startswith("onnx"):
+            def pipeline() -> float:
+                return float(run_pipeline(wav, settings, bundle, backend, index, realtime=False)["wall_s"])
+
+            return compare_sherpa(audio, bundle, settings.embedding.threads, pipeline)
+    except PeerUnavailable as exc:
+        logger.warning("peer of %s skipped: %s", bundle.name, exc)
+        return {"skipped": str(exc)}
+    return None
+
+
+def render_peers(peers_by_model: dict[str, Any]) -> list[str]:
+    """The peers' table (Markdown lines) for ``speakerd bench``'s text output."""
+    lines: list[str] = []
+    peers = {m: p for m, p in peers_by_model.items() if "skipped" not in p}
+    if peers:
+        load = next(iter(peers.values()))["load_avg_1m"]
+        lines += ["", f"Peers, same run (median of alternated runs; load average {load:.1f}):", "",
+                  "| model | speakerd | x real time | peer | x real time | speakerd speed / peer speed |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for model, p in peers.items():
+            if p["peer"] == "resemblyzer":
+                lines.append(f"| {model} | `run --no-realtime`, whole process {p['speakerd_process_s']:.2f} s | {p['speakerd_x_real_time']:.0f}x | "
+                             f"Resemblyzer offline pass ({p['peer_windows']} windows of 1.6 s), whole process {p['peer_process_s']:.2f} s "
+                             f"(pass alone {p['peer_pass_s']:.2f} s, {p['peer_pass_x_real_time']:.0f}x) | {p['peer_x_real_time']:.0f}x | "
+                             f"{p['speed_ratio']:.2f} (against the pass alone {p['speed_ratio_vs_pass']:.2f}) |")  # fmt: skip
+            else:
+                lines.append(f"| {model} | whole pipeline, probes on, {p['speakerd_pipeline_s']:.2f} s | {p['speakerd_x_real_time']:.0f}x | "
+                             f"sherpa-onnx, {p['peer_windows']} windows of 1.5 s, {p['peer_pass_s']:.2f} s | {p['peer_x_real_time']:.0f}x | {p['speed_ratio']:.2f} |")  # fmt: skip
+    for model, p in peers_by_model.items():
+        if "skipped" in p:
+            lines.append(f"\nNote: peer of {model} skipped: {p['skipped']}")
+    return lines
