@@ -82,3 +82,18 @@ def test_the_setting_chooses_the_exact_path(bundle_dir: Path) -> None:
     assert isinstance(create_backend(bundle, "onnx", trunk="per_window"), OnnxBackend)
     with pytest.raises(ConfigError, match="embedding.trunk"):
         EmbeddingSettings(trunk="sometimes")
+
+
+def test_the_daemon_builds_its_backend_from_every_embedding_setting(bundle_dir: Path) -> None:
+    import dataclasses
+
+    from speakerd.lifecycle import default_backend
+    from speakerd.settings import Settings
+
+    bundle = load_bundle(bundle_dir)
+    settings = Settings()
+    shared = default_backend(bundle, settings)  # what `speakerd run` uses
+    exact = default_backend(bundle, dataclasses.replace(settings, embedding=dataclasses.replace(settings.embedding, trunk="per_window")))
+    assert isinstance(shared, SharedTrunkBackend) and isinstance(exact, OnnxBackend)
+    shared.close()
+    exact.close()
