@@ -36,3 +36,5 @@ def test_bench_json_smoke(librispeech: Path, capsys: pytest.CaptureFixture[str])
     assert grid == {(w, b) for w in WINDOW_LENGTHS_S for b in BATCH_SIZES}
     assert all(r["ms_per_window"] > 0 for r in result["per_window"])
     assert result["sherpa_anchor"] is None or all(r["ratio"] > 0 for r in result["sherpa_anchor"])
+    peer = result["peers"]["ge2e-resemblyzer"]  # Resemblyzer's offline pass, same run, as a ratio
+    assert peer["peer"] == "resemblyzer" and peer["speed_ratio"] > 0 and peer["peer_windows"] > 50

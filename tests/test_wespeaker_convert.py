@@ -166,7 +166,12 @@ def test_coreml_hook_is_called_and_recorded(tmp_path: Path, monkeypatch: pytest.
     ckpt = write_wespeaker_dir(random_model(2), tmp_path / "ws")
     bundle = conv.convert_wespeaker(ckpt, tmp_path / "bundle", window_seconds=(1.0, 2.0), progress=True)
     assert calls == [("ResNetSpeaker", tmp_path / "bundle", (98, 198))]
-    assert bundle.artifacts == {"onnx": "wespeaker_resnet34.onnx", "coreml": "wespeaker_resnet34.mlpackage"}
+    assert bundle.artifacts == {
+        "onnx": "wespeaker_resnet34.onnx",
+        "onnx_trunk": "wespeaker_resnet34.trunk.onnx",  # the shared trunk's split (embedding/trunk.py)
+        "head": "wespeaker_resnet34.head.onnx",
+        "coreml": "wespeaker_resnet34.mlpackage",
+    }
     assert load_bundle(bundle.path).artifact("coreml") == tmp_path / "bundle" / "wespeaker_resnet34.mlpackage"
     assert "convert wespeaker: 100%" in capfd.readouterr().err  # the tqdm bar reached the end
 

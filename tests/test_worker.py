@@ -105,27 +105,41 @@ def test_outputs_keep_submission_order_with_markers() -> None:
     assert not embed_threads()
 
 
-def test_batches_form_only_from_a_backlog_of_equal_lengths() -> None:
+def test_a_backlog_batches_across_lengths_one_call_per_length_in_stream_order() -> None:
+    """Regular windows and probes alternate; a backlog of both is one batch, split by length."""
     embed, rec = GatedEmbed(), Recorder()
     worker = started(embed, rec, batch_max=8, queue_windows=64, drop_oldest=False)
     worker.submit(win(0))
     assert embed.entered.wait(WAIT)  # the worker is busy with window 0: the rest queue up behind it
-    ids = iter(range(1, 100))
-    plan = [(20, 98), (3, 148), (5, 98)]
-    for count, frames in plan:
-        for _ in range(count):
-            worker.submit(win(next(ids), frames))
+    frames = [148, 78, 78, 78, 148, 78, 78, 78, 148, 78, 98]  # windows 1-11: regular, probes, ...
+    for i, f in enumerate(frames, start=1):
+        worker.submit(win(i, f))
     worker.submit(SpeechEnd(1, 1.0))
-    worker.submit(win(next(ids)))
-    assert worker.queue_depth() == 29
+    worker.submit(win(12))
+    assert worker.queue_depth() == 12
     embed.gate.set()
-    rec.wait_for(31)
+    rec.wait_for(14)
     assert worker.close(WAIT)
-    assert [len(b) for b in embed.batches] == [1, 8, 8, 4, 3, 5, 1]
-    assert embed.frames == [98, 98, 98, 98, 148, 98, 98]
-    assert [x for b in embed.batches for x in b] == list(range(30))
-    assert rec.idents() == list(range(29)) + [SpeechEnd(1, 1.0), 29]
-    assert worker.counters["batches"] == 7 and worker.counters["embedded"] == 30
+    # window 0 alone; then windows 1-8 (one batch, two lengths), 9-11 (three lengths), 12 after the marker
+    assert embed.batches == [(0,), (1, 5), (2, 3, 4, 6, 7, 8), (9,), (10,), (11,), (12,)]
+    assert embed.frames == [98, 148, 78, 148, 78, 98, 98]
+    assert rec.calls == [1, 8, 3, 1, 1]
+    assert rec.idents() == list(range(12)) + [SpeechEnd(1, 1.0), 12]
+    assert worker.counters["batches"] == 7 and worker.counters["embedded"] == 13
+
+
+def test_a_failing_length_costs_only_its_own_windows() -> None:
+    embed, rec = GatedEmbed(fail={2: RuntimeError}), Recorder()
+    worker = started(embed, rec, batch_max=8, queue_windows=64, drop_oldest=False)
+    worker.submit(win(0))
+    assert embed.entered.wait(WAIT)
+    for i, f in enumerate([148, 78, 148, 78], start=1):
+        worker.submit(win(i, f))
+    embed.gate.set()
+    rec.wait_for(3)
+    assert worker.close(WAIT)
+    assert rec.idents() == [0, 1, 3]  # the 78-frame group held window 2 and went; 148 went out
+    assert worker.counters["embed_errors"] == 2
 
 
 def test_no_backlog_means_no_batching() -> None:

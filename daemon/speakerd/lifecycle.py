@@ -44,10 +44,10 @@ def default_source_factory(recovery: RecoverySettings | None = None) -> SourceFa
 
 
 def default_backend(bundle: ModelBundle, settings: Settings) -> EmbeddingBackend:
-    from .embedding import create_backend
+    from .embedding import backend_for
 
-    e = settings.embedding
-    return create_backend(bundle, e.backend, threads=e.threads, coreml_compute_units=e.coreml_compute_units)
+    # every embedding setting (precision, trunk) and the windows the daemon will send
+    return backend_for(bundle, settings.embedding, settings.windows)
 
 
 @dataclass(frozen=True)

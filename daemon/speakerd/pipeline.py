@@ -121,6 +121,7 @@ class Pipeline:
             batch_max=settings.embedding.batch_max,
             queue_windows=settings.embedding.queue_windows,
             drop_oldest=live,
+            embed_windows=getattr(backend, "embed_windows", None),
         )
         self._clock = _Clock()
         self._started = time.monotonic()

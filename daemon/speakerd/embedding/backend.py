@@ -70,6 +70,8 @@ def create_backend(
     threads: int = 0,
     coreml_compute_units: str = "ALL",
     window_frames: Sequence[int] | None = None,
+    precision: str = "fp32",
+    trunk: str = "per_window",
 ) -> EmbeddingBackend:
     """``auto`` takes CoreML on macOS when the bundle has a package, else ONNX Runtime.
 
@@ -77,7 +79,9 @@ def create_backend(
     packages have fixed shapes, so the backend is created only if it serves every one of them; ``None``
     requires the bundle's own ``window_frames``. ONNX takes any length and ignores it.
     A CoreML failure under ``auto`` (including unserved lengths) falls back to ONNX and logs why;
-    asked for by name, it is an error.
+    asked for by name, it is an error. ``precision`` picks the ONNX file (:func:`onnx_artifact`);
+    ``trunk`` "shared" runs a bundle's ResNet trunk once per stretch of speech (embedding/trunk.py)
+    when the bundle has one, on ONNX Runtime.
     """
     if kind not in BACKENDS:
         raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
@@ -95,7 +99,39 @@ def create_backend(
             logger.warning("CoreML unavailable (%s); falling back to ONNX Runtime", exc)
     from .onnx_backend import OnnxBackend
 
-    return OnnxBackend(bundle, threads=threads)
+    artifact = onnx_artifact(bundle, precision)
+    if trunk == "shared" and bundle.artifact("onnx_trunk") is not None:
+        from .trunk import SharedTrunkBackend
+
+        return SharedTrunkBackend(bundle, threads=threads, precision_artifact=artifact)
+    return OnnxBackend(bundle, threads=threads, artifact=artifact)
+
+
+INT8_ARTIFACT = "onnx_int8"
+MIN_INT8_AGREEMENT = 0.99
+"""Worst cosine to FP32 on real speech for ``precision = "auto"`` to take a bundle's INT8 file."""
+
+
+def onnx_artifact(bundle: ModelBundle, precision: str) -> str:
+    """The bundle's ONNX artifact for ``precision``: ``int8`` requires the INT8 file; ``auto`` takes
+    it only when its recorded agreement with FP32 holds (models/wespeaker/quantize.py records it)."""
+    if precision == "fp32":
+        return "onnx"
+    has_int8 = bundle.artifact(INT8_ARTIFACT) is not None
+    if precision == "int8":
+        if not has_int8:
+            raise BackendError(
+                f"model {bundle.name!r} has no INT8 file; build one with `speakerd models convert wespeaker "
+                f"--checkpoint PATH --int8 LIBRISPEECH_DIR` or set embedding.precision = \"fp32\""
+            )
+        return INT8_ARTIFACT
+    record = bundle.source.get("int8") if isinstance(bundle.source, dict) else None
+    worst = float(record.get("min_cosine", 0.0)) if isinstance(record, dict) else 0.0
+    if has_int8 and worst >= MIN_INT8_AGREEMENT:
+        return INT8_ARTIFACT
+    if has_int8:
+        logger.warning("model %s: INT8 file agreed with FP32 only to cosine %.4f (< %.2f); using FP32", bundle.name, worst, MIN_INT8_AGREEMENT)
+    return "onnx"
 
 
 class EmbeddingChoice(Protocol):
@@ -104,6 +140,8 @@ class EmbeddingChoice(Protocol):
     backend: str
     threads: int
     coreml_compute_units: str
+    precision: str
+    trunk: str
 
 
 def backend_for(bundle: ModelBundle, embedding: EmbeddingChoice, windows: WindowLengths) -> EmbeddingBackend:
@@ -114,4 +152,6 @@ def backend_for(bundle: ModelBundle, embedding: EmbeddingChoice, windows: Window
         threads=embedding.threads,
         coreml_compute_units=embedding.coreml_compute_units,
         window_frames=window_frame_counts(windows, bundle.features, bundle.sample_rate),
+        precision=embedding.precision,
+        trunk=embedding.trunk,
     )

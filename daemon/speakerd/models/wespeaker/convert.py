@@ -93,6 +93,7 @@ def convert_wespeaker(
 
         bar.set_postfix_str(steps[3])
         artifacts = {"onnx": ONNX_FILE}
+        trunk_cosine = _export_trunk(model, out_dir, artifacts)
         if coreml:
             hook = _coreml_hook()
             if hook is not None:
@@ -126,6 +127,7 @@ def convert_wespeaker(
                 "pooling_eps": model.pooling_eps,
                 "onnx_opset": ONNX_OPSET,
                 "onnx_verify_min_cosine": round(worst, 7),
+                "trunk_verify_min_cosine": round(trunk_cosine, 7),
                 **{k: v for k, v in loaded.notes.items() if v not in (None, [], "")},
             },
         )
@@ -201,6 +203,20 @@ def verify_onnx(model: nn.Module, path: Path, window_frames: Sequence[int], *, f
     return worst
 
 
+def _export_trunk(model: nn.Module, out_dir: Path, artifacts: dict[str, str]) -> float:
+    """The trunk ONNX and the pooling/linear head for ``embedding.trunk = "shared"``, checked to
+    reproduce the whole network on a window; returns the worst cosine."""
+    from .trunk import MIN_TRUNK_COSINE, export_trunk, verify_trunk
+
+    trunk_path, head_path = export_trunk(model, out_dir, ONNX_OPSET)
+    worst = verify_trunk(model, trunk_path, head_path)
+    if worst < MIN_TRUNK_COSINE:
+        raise ConversionError(f"{trunk_path}: trunk + head differ from the whole network (cosine {worst:.6f})")
+    artifacts["onnx_trunk"] = trunk_path.name
+    artifacts["head"] = head_path.name
+    return worst
+
+
 def _coreml_hook() -> ModuleType | None:
     """The CoreML converter module if it is present; a missing coremltools only skips CoreML."""
     try:
@@ -232,6 +248,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="window lengths the fixed-shape artifacts are built for",
     )
     parser.add_argument("--no-coreml", action="store_true", help="do not build the CoreML package")
+    parser.add_argument("--int8", type=Path, default=None, metavar="LIBRISPEECH_DIR",
+                        help="also build an INT8 ONNX file for the CPU, calibrated and checked against FP32 on this "
+                             "LibriSpeech folder's test-other speech (embedding.precision = auto uses it if it agrees)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -244,5 +263,9 @@ def main_convert(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         coreml=not args.no_coreml,
     )
+    if args.int8 is not None:
+        from .quantize import add_int8
+
+        bundle = add_int8(bundle.path, args.int8)
     logger.info("model %s ready in %s (fingerprint %s)", bundle.name, bundle.path, bundle.fingerprint)
     return 0
