@@ -22,6 +22,7 @@ from ..embedding.worker import EmbeddedWindow
 from ..vad import SpeechEnd, SpeechStart
 from . import policy
 from .clustering import ProvisionalSettings, ProvisionalSpeakers, Relabel
+from .cohort import Cohort
 from .evidence import UNKNOWN, Candidate, Match, MatchedWindow
 from .tracker import SpeakerTracker, TrackerSettings
 from .turns import Decision
@@ -36,7 +37,8 @@ Embedded = EmbeddedWindow | SpeechStart | SpeechEnd
 
 
 class Ranker(Protocol):
-    """Enrolled speakers ranked per embedding, best first (``matcher.SpeakerIndex``)."""
+    """Enrolled speakers ranked per embedding, best first (``matcher.SpeakerIndex``). A ranker that
+    also has ``embeddings_of(speaker_id) -> ndarray | None`` lets the cohort compensate its scores."""
 
     def rank(self, embeddings: np.ndarray) -> list[list[Candidate]]: ...
 
@@ -59,9 +61,14 @@ class DecisionLayer:
         ranker: Ranker,
         dim: int,
         hop_samples: int,
+        cohort: Cohort | None = None,
     ) -> None:
         self.values = values
         self.ranker = ranker
+        self.cohort = cohort
+        """Background voices whose level compensates every score (``policy.compensated``), if any."""
+        self._levels: dict[str, float] = {}
+        """Enrolled voice -> its enrollment's cohort level (``_enrolled_levels``)."""
         self.tracker = SpeakerTracker(tracker, values, hop_samples)
         self.provisional = ProvisionalSpeakers(provisional, values, dim, self.verdict)
         self._last_decided = (0, 0.0)
@@ -72,6 +79,7 @@ class DecisionLayer:
     def swap_ranker(self, ranker: Ranker) -> Ranker:
         """Rank against ``ranker`` from the next batch on (a reload); returns the old one."""
         old, self.ranker = self.ranker, ranker
+        self._levels = {}
         return old
 
     def swap_values(self, values: DecisionValues) -> None:
@@ -80,7 +88,29 @@ class DecisionLayer:
 
     def verdict(self, embedding: np.ndarray) -> Match:
         """One embedding (dim,) against the enrolled speakers."""
-        return policy.verdict(self.values, self.ranker.rank(embedding.reshape(1, -1))[0])
+        return policy.verdict(self.values, self.rank(embedding.reshape(1, -1))[0])
+
+    def rank(self, embeddings: np.ndarray) -> list[list[Candidate]]:
+        """Ranked candidates per embedding, compensated for the channel when there is a cohort
+        (``policy.compensated``)."""
+        rankings = self.ranker.rank(embeddings)
+        v = self.values
+        if self.cohort is None or not policy.normalising(v) or not any(rankings):
+            return rankings
+        top_n = int(v.cohort_top_n)
+        level, _ = self.cohort.level(embeddings, top_n)
+        enrolled = self._enrolled_levels({sid for r in rankings for sid, _, _ in r}, top_n)
+        return [policy.compensated(v, r, float(m), enrolled) for r, m in zip(rankings, level, strict=True)]
+
+    def _enrolled_levels(self, speakers: set[str], top_n: int) -> dict[str, float]:
+        """Mean cohort level of each enrolled voice's embeddings, computed once per ranker."""
+        assert self.cohort is not None
+        embeddings_of = getattr(self.ranker, "embeddings_of", None)
+        for sid in speakers - self._levels.keys():
+            emb = embeddings_of(sid) if embeddings_of is not None else None
+            if emb is not None and len(emb):
+                self._levels[sid] = float(self.cohort.level(emb, top_n)[0].mean())
+        return self._levels
 
     # -- the worker's side -------------------------------------------------------------------------
 
@@ -104,7 +134,7 @@ class DecisionLayer:
         return Decided(out)
 
     def _windows(self, windows: list[EmbeddedWindow]) -> Decided:
-        rankings = self.ranker.rank(np.stack([w.embedding for w in windows]))
+        rankings = self.rank(np.stack([w.embedding for w in windows]))
         out: list[Decision] = []
         regular: list[MatchedWindow] = []
         for embedded, ranking in zip(windows, rankings, strict=True):

@@ -7,7 +7,7 @@ tracker's reading of a window as evidence for a change, and open-set clustering'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -26,6 +26,27 @@ OWN_LEVEL_MIN_PROBES = 3
 
 
 # -- one window against the enrolled speakers ------------------------------------------------------
+
+
+def normalising(v: DecisionValues) -> bool:
+    """Scores are compensated against the background cohort."""
+    return v.cohort_top_n >= 1 and v.cohort_gain > 0
+
+
+def compensated(v: DecisionValues, candidates: Sequence[Candidate], level: float, enrolled: Mapping[str, float]) -> list[Candidate]:
+    """Candidates with each score raised by ``cohort_gain`` times how far the window's cohort
+    ``level`` lies under that voice's ``enrolled`` level (its enrollment embeddings' mean level).
+
+    A voice enrolled from clean recordings heard through a room: the window's level sinks, its
+    score sinks with it, and the difference comes back. Window and enrollment in the same channel
+    (clean speech, or a voice enrolled in the room) have the same level, and scores stay as they
+    were: the shared colouring of a room is not rewarded twice. Kept within -1 to 1."""
+    out = []
+    for sid, name, score in candidates:
+        lift = v.cohort_gain * max(0.0, enrolled.get(sid, level) - level)
+        out.append((sid, name, min(1.0, score + lift)))
+    out.sort(key=lambda c: -c[2])
+    return out
 
 
 def verdict(v: DecisionValues, candidates: Sequence[Candidate], threshold: float | None = None) -> Match:

@@ -70,6 +70,12 @@ class DecisionValues:
     """Centroid cosine at which two provisional speakers are taken for one voice (0.82)."""
     fold_threshold: float
     """Enrolled score of a group's centroid at which the group is that enrolled speaker (0.78)."""
+    cohort_top_n: float = 0.0
+    """Best background-cohort cosines whose mean is a window's (or an enrollment embedding's)
+    channel level (20); 0 scores without the cohort (``decisions.cohort``)."""
+    cohort_gain: float = 0.0
+    """A window whose level lies under an enrolled voice's enrollment level has its score for that
+    voice raised by this times the difference: the channel's pull, taken back (1.6)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -79,17 +85,26 @@ class DecisionValues:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
+    @classmethod
+    def required(cls) -> tuple[str, ...]:
+        """Values a model must give; the rest (``OPTIONAL``) default to off."""
+        return tuple(n for n in cls.names() if n not in OPTIONAL)
+
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 
 MARGINS = frozenset({"relaxed_margin", "uncertain_band", "uncertain_margin", "decisive_margin", "tentative_margin", "departure_drop"})
 """Values that are differences of cosines (within 0 to 2); the rest are cosines (within -1 to 1)."""
+WITHIN = {"cohort_top_n": 1000.0, "cohort_gain": 10.0}
+"""Values that are neither cosines nor margins: a count and a factor (within 0 and the number given)."""
+OPTIONAL = frozenset({"cohort_top_n", "cohort_gain"})
+"""Values a model may leave out: cohort normalisation is then off."""
 
 
 def check_value(key: str, value: object) -> None:
     """ConfigError naming ``decision.<key>`` unless ``value`` is a number in the key's range."""
-    low, high = (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)
+    low, high = (0.0, WITHIN[key]) if key in WITHIN else (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     check(number and low <= value <= high, f"decision.{key}", value, f"must be a number within {low:g} to {high:g}")  # type: ignore[operator]
 
@@ -111,6 +126,8 @@ class DecisionOverrides:
     join_threshold: float | None = None
     merge_threshold: float | None = None
     fold_threshold: float | None = None
+    cohort_top_n: float | None = None
+    cohort_gain: float | None = None
 
     def __post_init__(self) -> None:
         for key, value in self.given().items():
@@ -132,7 +149,7 @@ def resolve(model: str, bundled: Mapping[str, Any], overrides: DecisionOverrides
     """The bundle's values with the config's on top; refuses when some value is given by neither."""
     given = overrides.given()
     merged = {**bundled, **given}
-    missing = [k for k in DecisionValues.names() if k not in merged]
+    missing = [k for k in DecisionValues.required() if k not in merged]
     if missing:
         raise DecisionValuesMissing(
             f"model {model!r} carries no calibrated decision values ({', '.join(missing)} missing): its cosine "
@@ -140,7 +157,7 @@ def resolve(model: str, bundled: Mapping[str, Any], overrides: DecisionOverrides
             f"--known DIR --unknown DIR --write-bundle {model}` (docs/calibration.md), or set every missing "
             f"value under [decision] in the config"
         )
-    values = DecisionValues(**{k: merged[k] for k in DecisionValues.names()})
+    values = DecisionValues(**{k: merged[k] for k in DecisionValues.names() if k in merged})
     return ResolvedDecision(values, {k: CONFIG if k in given else BUNDLE for k in DecisionValues.names()})
 
 
@@ -202,6 +219,9 @@ def describe(bundle: ModelBundle, overrides: DecisionOverrides) -> str:
             value, source = given[key], CONFIG + (f" (bundle: {bundle.decision[key]:g})" if key in bundle.decision else "")
         elif key in bundle.decision:
             value, source = bundle.decision[key], BUNDLE
+        elif key in OPTIONAL:
+            lines.append(f"  {key:<18} {'-':>7}  off")
+            continue
         else:
             missing.append(key)
             lines.append(f"  {key:<18} {'-':>7}  missing")
