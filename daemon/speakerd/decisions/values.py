@@ -211,6 +211,7 @@ def describe(bundle: ModelBundle, overrides: DecisionOverrides) -> str:
         f"  {bundle.path}",
         *([f"  {bundle.description}"] if bundle.description else []),
         f"  {bundle.sample_rate} Hz, {bundle.embedding_dim}-d embeddings, {bundle.features.num_mel_bins} mel bins; artifacts: {artifacts}",
+        *([f"  background cohort: {bundle.source['cohort']}"] if bundle.source.get("cohort") else []),
         "decision values:",
     ]
     missing = []
