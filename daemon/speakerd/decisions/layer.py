@@ -22,6 +22,7 @@ from ..embedding.worker import EmbeddedWindow
 from ..vad import SpeechEnd, SpeechStart
 from . import policy
 from .clustering import ProvisionalSettings, ProvisionalSpeakers, Relabel
+from .adaptation import SessionVoiceprints
 from .cohort import Cohort
 from .evidence import UNKNOWN, Candidate, Match, MatchedWindow
 from .tracker import SpeakerTracker, TrackerSettings
@@ -69,6 +70,8 @@ class DecisionLayer:
         """Background voices whose level compensates every score (``policy.compensated``), if any."""
         self._levels: dict[str, float] = {}
         """Enrolled voice -> its enrollment's cohort level (``_enrolled_levels``)."""
+        self.session = SessionVoiceprints(dim)
+        """Enrolled voices as heard in this session (in-session adaptation; memory only)."""
         self.tracker = SpeakerTracker(tracker, values, hop_samples)
         self.provisional = ProvisionalSpeakers(provisional, values, dim, self.verdict)
         self._last_decided = (0, 0.0)
@@ -138,7 +141,7 @@ class DecisionLayer:
         out: list[Decision] = []
         regular: list[MatchedWindow] = []
         for embedded, ranking in zip(windows, rankings, strict=True):
-            matched = MatchedWindow(embedded.window, policy.verdict(self.values, ranking), embedded.embedding)
+            matched = MatchedWindow(embedded.window, self._verdict(ranking, embedded), embedded.embedding)
             if embedded.window.probe:  # probes are short-lived evidence for the tracker only
                 matched = self._nearest_provisional(matched)
             else:
@@ -147,6 +150,17 @@ class DecisionLayer:
                 regular.append(matched)
             out += self._count(self.tracker.process(matched))
         return Decided(out, regular)
+
+    def _verdict(self, ranking: list[Candidate], embedded: EmbeddedWindow) -> Match:
+        """The window's verdict with its voices' session voiceprints; a regular window the
+        enrolled voiceprints alone name firmly refines its voice's session voiceprint."""
+        v = self.values
+        enrolled = policy.verdict(v, ranking)
+        lifted = self.session.lifted(v, ranking, embedded.embedding)
+        match = enrolled if lifted == ranking else policy.verdict(v, lifted)
+        if not embedded.window.probe:
+            self.session.observe(v, enrolled, embedded.embedding)
+        return match
 
     def _open_set(self, mw: MatchedWindow) -> tuple[MatchedWindow, list[Decision]]:
         """A window no enrolled speaker matched gets a provisional label; clustering's relabels

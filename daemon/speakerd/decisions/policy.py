@@ -49,6 +49,25 @@ def compensated(v: DecisionValues, candidates: Sequence[Candidate], level: float
     return out
 
 
+def adapting(v: DecisionValues) -> bool:
+    """In-session adaptation is on."""
+    return v.adapt_windows >= 1
+
+
+def adapts(v: DecisionValues, enrolled: Match) -> bool:
+    """A window the enrolled voiceprints alone name, at the threshold and ahead of the runner-up
+    by ``adapt_margin``, refines that voice's session voiceprint."""
+    return enrolled.known and enrolled.score >= v.threshold and enrolled.margin >= v.adapt_margin
+
+
+def with_session(v: DecisionValues, candidates: Sequence[Candidate], session: Mapping[str, float]) -> list[Candidate]:
+    """Each voice scored by the better of its enrolled score and its session voiceprint's cosine
+    less ``adapt_penalty`` (the session voiceprint shares the room with every voice in it), best first."""
+    out = [(sid, name, max(score, session[sid] - v.adapt_penalty) if sid in session else score) for sid, name, score in candidates]
+    out.sort(key=lambda c: -c[2])
+    return out
+
+
 def verdict(v: DecisionValues, candidates: Sequence[Candidate], threshold: float | None = None) -> Match:
     """Known, relaxed-known, unknown and uncertain, from the candidates ranked best first."""
     if not candidates:

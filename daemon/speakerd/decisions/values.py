@@ -76,6 +76,14 @@ class DecisionValues:
     cohort_gain: float = 0.0
     """A window whose level lies under an enrolled voice's enrollment level has its score for that
     voice raised by this times the difference: the channel's pull, taken back (1.6)."""
+    adapt_windows: float = 0.0
+    """In-session adaptation: a voice's session voiceprint holds its latest this many confidently
+    named windows (30; 0: off; ``decisions.adaptation``)."""
+    adapt_margin: float = 0.0
+    """A window refines a session voiceprint when its enrolled score clears ``threshold`` and leads
+    the runner-up by this (0.05)."""
+    adapt_penalty: float = 0.0
+    """A session voiceprint's cosine counts this much less than an enrolled one's (0.05)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -94,12 +102,12 @@ class DecisionValues:
         return dataclasses.asdict(self)
 
 
-MARGINS = frozenset({"relaxed_margin", "uncertain_band", "uncertain_margin", "decisive_margin", "tentative_margin", "departure_drop"})
+MARGINS = frozenset({"relaxed_margin", "uncertain_band", "uncertain_margin", "decisive_margin", "tentative_margin", "departure_drop", "adapt_margin", "adapt_penalty"})
 """Values that are differences of cosines (within 0 to 2); the rest are cosines (within -1 to 1)."""
-WITHIN = {"cohort_top_n": 1000.0, "cohort_gain": 10.0}
+WITHIN = {"cohort_top_n": 1000.0, "cohort_gain": 10.0, "adapt_windows": 1000.0}
 """Values that are neither cosines nor margins: a count and a factor (within 0 and the number given)."""
-OPTIONAL = frozenset({"cohort_top_n", "cohort_gain"})
-"""Values a model may leave out: cohort normalisation is then off."""
+OPTIONAL = frozenset({"cohort_top_n", "cohort_gain", "adapt_windows", "adapt_margin", "adapt_penalty"})
+"""Values a model may leave out: cohort compensation and in-session adaptation are then off."""
 
 
 def check_value(key: str, value: object) -> None:
@@ -128,6 +136,9 @@ class DecisionOverrides:
     fold_threshold: float | None = None
     cohort_top_n: float | None = None
     cohort_gain: float | None = None
+    adapt_windows: float | None = None
+    adapt_margin: float | None = None
+    adapt_penalty: float | None = None
 
     def __post_init__(self) -> None:
         for key, value in self.given().items():

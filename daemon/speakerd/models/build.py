@@ -170,6 +170,9 @@ GE2E_DECISION = {
     "fold_threshold": 0.78,
     "cohort_top_n": 20,
     "cohort_gain": 1.6,
+    "adapt_windows": 30,
+    "adapt_margin": 0.05,
+    "adapt_penalty": 0.05,
 }
 """ge2e-resemblyzer's decision values, measured with ``speakerd calibrate`` and the conversation
 figures of docs/calibration.md; written into the manifest a build makes (a rebuild of the same
