@@ -61,3 +61,31 @@ def test_a_session_voiceprint_is_bounded_and_the_old_windows_decay() -> None:
     assert s.count("a") == 4
     lifted = s.lifted(v, [("a", "Ann", 0.0)], np.array([0.0, 1.0]))
     assert lifted[0][2] > 0.95 - v.adapt_penalty
+
+
+def test_the_layer_names_a_weak_window_once_its_voice_was_heard_firmly() -> None:
+    from speakerd.audio import SAMPLE_RATE
+    from speakerd.decisions.clustering import ProvisionalSettings
+    from speakerd.decisions.layer import DecisionLayer
+    from speakerd.decisions.tracker import TrackerSettings
+    from speakerd.embedding.worker import EmbeddedWindow
+    from speakerd.windows import Window
+
+    class Scores:  # the 'embedding' is [Ann's score, Bob's score]
+        def rank(self, embeddings: np.ndarray) -> list[list[tuple[str, str, float]]]:
+            return [sorted([("a", "Ann", float(e[0])), ("b", "Bob", float(e[1]))], key=lambda c: -c[2]) for e in embeddings]
+
+    def window(k: int, ann: float, bob: float) -> EmbeddedWindow:
+        end = SAMPLE_RATE * (2 + k)
+        w = Window(end - SAMPLE_RATE, end, np.zeros((1, 1), np.float32), 1.0, float(end) / SAMPLE_RATE, 0, k == 0)
+        return EmbeddedWindow(w, np.array([ann, bob]))
+
+    def layer(v: object) -> DecisionLayer:
+        return DecisionLayer(v, TrackerSettings(), ProvisionalSettings(enabled=False), ranker=Scores(), dim=2, hop_samples=8000)
+
+    weak = window(9, 0.60, 0.40)  # Ann's voice, 0.60 < 0.70: nobody without a session voiceprint
+    for v, named in ((dataclasses.replace(V, adapt_windows=0), False), (V, True)):
+        d = layer(v)
+        d.process([window(k, 0.75, 0.60) for k in range(MIN_WINDOWS)])
+        out = d.process([weak]).windows[0]
+        assert out.match.known is named and out.match.nearest == "a"
