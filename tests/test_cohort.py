@@ -109,3 +109,29 @@ def test_the_layer_names_a_window_whose_scores_the_room_pulled_down() -> None:
     assert m.known and m.speaker_id == "a" and m.score == pytest.approx(0.60 + v.cohort_gain * 0.08)
     # in the enrollment's own channel nothing moves
     assert layer.verdict(enrolled[0]).score == pytest.approx(0.60)
+
+
+def test_models_build_makes_the_cohort_from_librispeech_clips(librispeech: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from speakerd.bundle import load_bundle, resolve_bundle
+    from speakerd.decisions.cohort import load_cohort
+    from speakerd.models.build import build_bundle_cohort
+
+    src = resolve_bundle("ge2e-resemblyzer")
+    bundle_dir = tmp_path / "bundle"
+    bundle_dir.mkdir()
+    for name in ("manifest.json", "model.onnx"):
+        shutil.copy(src.path / name, bundle_dir / name)
+    bundle = load_bundle(bundle_dir)
+    assert bundle.artifacts["cohort"] == "cohort.npz" and load_cohort(bundle) is None  # named, not built
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for clip in sorted((librispeech / "train-clean-100").glob("*.flac"))[:3]:
+        shutil.copy(clip, clips / clip.name)
+    assert build_bundle_cohort(bundle, tmp_path / "absent") is None  # no clips: no cohort, no failure
+    assert build_bundle_cohort(bundle, clips) == bundle_dir / "cohort.npz"
+    cohort = load_cohort(load_bundle(bundle_dir))
+    assert cohort is not None and cohort.embeddings.shape == (6, bundle.embedding_dim)
+    assert sorted(set(cohort.speakers)) == sorted(c.name.split("-")[0] for c in clips.glob("*.flac"))
+    assert np.allclose(np.linalg.norm(cohort.embeddings, axis=1), 1.0, atol=1e-5)

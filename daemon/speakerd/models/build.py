@@ -318,6 +318,14 @@ def cohort_audio() -> Path:
     return Path(os.environ.get(COHORT_AUDIO_ENV, default))
 
 
+def ensure_cohort(name: str) -> Path | None:
+    """``scripts/setup``: build the cohort of an already built bundle that has none yet."""
+    bundle = load_bundle(models_root() / name)
+    if COHORT_ARTIFACT not in bundle.artifacts or bundle.artifact(COHORT_ARTIFACT) is not None:
+        return bundle.artifact(COHORT_ARTIFACT)
+    return build_bundle_cohort(bundle)
+
+
 def build_bundle_cohort(bundle: ModelBundle, audio_dir: Path | None = None) -> Path | None:
     """The bundle's background cohort (``decisions.cohort``), embedded with the bundle's own model.
     Without the clips the bundle scores as it always did, and the log says how to add it."""
