@@ -135,3 +135,34 @@ def test_models_build_makes_the_cohort_from_librispeech_clips(librispeech: Path,
     assert cohort is not None and cohort.embeddings.shape == (6, bundle.embedding_dim)
     assert sorted(set(cohort.speakers)) == sorted(c.name.split("-")[0] for c in clips.glob("*.flac"))
     assert np.allclose(np.linalg.norm(cohort.embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_clustering_bars_rise_as_far_as_the_sessions_level_lies_under_a_clean_one() -> None:
+    v = GE2E  # room_join_lift 0.4, cohort_clean_level 0.585
+    assert policy.room_lift(v, None) == 0.0
+    assert policy.room_lift(v, 0.60) == 0.0  # as clean or cleaner: the calibrated bars
+    assert policy.room_lift(v, 0.51) == pytest.approx(0.03)
+    assert policy.joins(v, 0.73) and not policy.joins(v, 0.73, policy.room_lift(v, 0.51))
+    assert policy.merges(v, 0.83) and not policy.merges(v, 0.83, policy.room_lift(v, 0.51))
+    assert policy.room_lift(dataclasses.replace(v, room_join_lift=0.0), 0.40) == 0.0
+
+
+def test_the_layer_raises_clustering_bars_in_a_room_even_with_nobody_enrolled() -> None:
+    from speakerd.audio import SAMPLE_RATE
+    from speakerd.decisions.clustering import ProvisionalSettings
+    from speakerd.decisions.layer import DecisionLayer
+    from speakerd.decisions.tracker import TrackerSettings
+    from speakerd.embedding.worker import EmbeddedWindow
+    from speakerd.windows import Window
+
+    class Nobody:
+        def rank(self, embeddings: np.ndarray) -> list[list[tuple[str, str, float]]]:
+            return [[] for _ in embeddings]
+
+    cohort = Cohort(np.array([[1.0, 0.0]]), ("1",))
+    v = dataclasses.replace(GE2E, cohort_top_n=1)
+    layer = DecisionLayer(v, TrackerSettings(), ProvisionalSettings(), ranker=Nobody(), dim=2, hop_samples=8000, cohort=cohort)
+    end = 2 * SAMPLE_RATE
+    w = Window(end - SAMPLE_RATE, end, np.zeros((1, 1), np.float32), 1.0, 2.0, 0, True)
+    layer.process([EmbeddedWindow(w, _unit(np.arccos(0.51)))])  # a room's level, 0.075 under clean
+    assert layer.provisional.lift == pytest.approx(0.4 * 0.075)

@@ -29,6 +29,8 @@ from .tracker import SpeakerTracker, TrackerSettings
 from .turns import Decision
 from .values import DecisionValues
 
+SESSION_LEVEL_WEIGHT = 0.05
+"""Weight of each new window in the session's cohort level: about the last 20 windows (10 s)."""
 CAUSES = {"merged": "clustering", "folded": "enrolled_match", "promoted": "control"}
 """``speaker.merged`` cause of each kind of relabel (a user's rename is ``speaker.renamed``)."""
 
@@ -70,6 +72,8 @@ class DecisionLayer:
         """Background voices whose level compensates every score (``policy.compensated``), if any."""
         self._levels: dict[str, float] = {}
         """Enrolled voice -> its enrollment's cohort level (``_enrolled_levels``)."""
+        self._session_level: float | None = None
+        """Running mean of the session's regular windows' cohort levels (``_room``)."""
         self.session = SessionVoiceprints(dim)
         """Enrolled voices as heard in this session (in-session adaptation; memory only)."""
         self.tracker = SpeakerTracker(tracker, values, hop_samples)
@@ -96,14 +100,28 @@ class DecisionLayer:
     def rank(self, embeddings: np.ndarray) -> list[list[Candidate]]:
         """Ranked candidates per embedding, compensated for the channel when there is a cohort
         (``policy.compensated``)."""
+        return self._rank(embeddings)[0]
+
+    def _rank(self, embeddings: np.ndarray) -> tuple[list[list[Candidate]], np.ndarray | None]:
+        """``rank``, and each embedding's cohort level (None without a cohort)."""
         rankings = self.ranker.rank(embeddings)
         v = self.values
-        if self.cohort is None or not policy.normalising(v) or not any(rankings):
-            return rankings
+        if self.cohort is None or v.cohort_top_n < 1:
+            return rankings, None
         top_n = int(v.cohort_top_n)
         level, _ = self.cohort.level(embeddings, top_n)
+        if not policy.normalising(v) or not any(rankings):
+            return rankings, level
         enrolled = self._enrolled_levels({sid for r in rankings for sid, _, _ in r}, top_n)
-        return [policy.compensated(v, r, float(m), enrolled) for r, m in zip(rankings, level, strict=True)]
+        return [policy.compensated(v, r, float(m), enrolled) for r, m in zip(rankings, level, strict=True)], level
+
+    def _room(self, levels: list[float]) -> None:
+        """The session's cohort level (a slow running mean over its regular windows) sets how much
+        higher clustering's bars stand (``policy.room_lift``)."""
+        for level in levels:
+            self._session_level = level if self._session_level is None else (
+                (1.0 - SESSION_LEVEL_WEIGHT) * self._session_level + SESSION_LEVEL_WEIGHT * level)
+        self.provisional.lift = policy.room_lift(self.values, self._session_level)
 
     def _enrolled_levels(self, speakers: set[str], top_n: int) -> dict[str, float]:
         """Mean cohort level of each enrolled voice's embeddings, computed once per ranker."""
@@ -137,7 +155,9 @@ class DecisionLayer:
         return Decided(out)
 
     def _windows(self, windows: list[EmbeddedWindow]) -> Decided:
-        rankings = self.rank(np.stack([w.embedding for w in windows]))
+        rankings, levels = self._rank(np.stack([w.embedding for w in windows]))
+        if levels is not None:
+            self._room([float(lv) for lv, w in zip(levels, windows, strict=True) if not w.window.probe])
         out: list[Decision] = []
         regular: list[MatchedWindow] = []
         for embedded, ranking in zip(windows, rankings, strict=True):

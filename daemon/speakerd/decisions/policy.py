@@ -223,14 +223,22 @@ def tail_voice(v: DecisionValues, tail: Sequence[MatchedWindow], speaking: Speak
 # -- open-set clustering ---------------------------------------------------------------------------
 
 
-def joins(v: DecisionValues, cosine: float) -> bool:
-    """A window this near a group's centroid joins the group."""
-    return cosine >= v.join_threshold
+def room_lift(v: DecisionValues, session_level: float | None) -> float:
+    """How much higher clustering's bars stand in this session's room: ``room_join_lift`` times
+    how far the session's cohort level lies under a clean session's; 0 without a level."""
+    if session_level is None or v.room_join_lift <= 0 or v.cohort_clean_level <= 0:
+        return 0.0
+    return v.room_join_lift * max(0.0, v.cohort_clean_level - session_level)
 
 
-def merges(v: DecisionValues, cosine: float) -> bool:
+def joins(v: DecisionValues, cosine: float, lift: float = 0.0) -> bool:
+    """A window this near a group's centroid joins the group (``lift``: ``room_lift``)."""
+    return cosine >= v.join_threshold + lift
+
+
+def merges(v: DecisionValues, cosine: float, lift: float = 0.0) -> bool:
     """Two provisional speakers' centroids this near are one voice."""
-    return cosine >= v.merge_threshold
+    return cosine >= v.merge_threshold + lift
 
 
 def folds(v: DecisionValues, centroid_match: Match) -> bool:

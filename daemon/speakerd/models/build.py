@@ -170,6 +170,8 @@ GE2E_DECISION = {
     "fold_threshold": 0.78,
     "cohort_top_n": 20,
     "cohort_gain": 1.6,
+    "cohort_clean_level": 0.585,
+    "room_join_lift": 0.4,
     "adapt_windows": 30,
     "adapt_margin": 0.05,
     "adapt_penalty": 0.05,
