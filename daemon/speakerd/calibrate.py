@@ -249,20 +249,22 @@ REFERENCE_MODEL = "ge2e-resemblyzer"
 
 def write_bundle_values(bundle: ModelBundle, threshold: float, fold_threshold: float) -> tuple[ModelBundle, list[str]]:
     """Write the measured ``threshold`` and ``fold_threshold`` into ``bundle``'s manifest, keeping
-    its other decision values; any it lacks are the reference model's, moved with the threshold
-    (cosines keep their distance from it, margins stay). Returns the bundle and what was filled."""
+    its other decision values; any required one it lacks is the reference model's, moved with the
+    threshold (cosines keep their distance from it, margins stay). The optional room values (the
+    cohort's, adaptation's) are never carried over: they are measured per model, and off until
+    they are. Returns the bundle and what was filled."""
     import dataclasses
 
     from .bundle import write_manifest
-    from .decisions.values import MARGINS
+    from .decisions.values import MARGINS, OPTIONAL
     from .models.build import GE2E_DECISION
 
     values = {**bundle.decision, "threshold": round(threshold, 4), "fold_threshold": round(fold_threshold, 4)}
-    derived = [k for k in GE2E_DECISION if k not in values]
+    derived = [k for k in GE2E_DECISION if k not in values and k not in OPTIONAL]
     shift = threshold - GE2E_DECISION["threshold"]
     for key in derived:
         ref = GE2E_DECISION[key]
         values[key] = ref if key in MARGINS else round(min(1.0, max(-1.0, ref + shift)), 4)
-    written = dataclasses.replace(bundle, decision={k: values[k] for k in GE2E_DECISION})
+    written = dataclasses.replace(bundle, decision={k: values[k] for k in GE2E_DECISION if k in values})
     write_manifest(written)
     return written, derived

@@ -257,6 +257,12 @@ class SpeakerIndex:
             names = self._names
             return [[(spk, names[spk], score) for spk, score in c] for c in self._candidates(queries)]
 
+    def embeddings_of(self, speaker_id: str) -> np.ndarray | None:
+        """A copy of an enrolled speaker's normalised embeddings (m, dim), or None."""
+        with self._lock:
+            vectors = self._vectors.get(speaker_id)
+            return None if vectors is None else vectors.copy()
+
     def best_matches(self, embedding: np.ndarray, n: int) -> list[tuple[str, str, float]]:
         """Up to ``n`` (speaker id, name, score), best first, among the candidate speakers."""
         queries = self._prepare(self._one(embedding), "embedding")

@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -22,6 +22,7 @@ from . import events as ev
 from .audio import SAMPLE_RATE, AudioChunk, seconds, to_samples
 from .bundle import ModelBundle
 from .decisions.clustering import Relabel
+from .decisions.cohort import Cohort, load_cohort
 from .decisions.evidence import MatchedWindow
 from .decisions.layer import DecisionLayer, Embedded, Ranker
 from .decisions.turns import Decision
@@ -93,6 +94,7 @@ class Pipeline:
         on_window: Callable[[MatchedWindow], None] | None = None,
         decision: DecisionValues | None = None,
         status: Callable[[], ev.Status] | None = None,
+        cohort: Cohort | None | Literal["bundle"] = "bundle",
     ) -> None:
         self.settings = settings
         self.bundle = bundle
@@ -111,6 +113,7 @@ class Pipeline:
             ranker=matcher,
             dim=bundle.embedding_dim,
             hop_samples=to_samples(settings.windows.hop_s),
+            cohort=load_cohort(bundle) if isinstance(cohort, str) else cohort,
         )
         self._lock = threading.RLock()
         """Held while the decision layer runs and its events are published, and while the control

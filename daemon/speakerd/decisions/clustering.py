@@ -200,6 +200,9 @@ class ProvisionalSpeakers:
         self.dim = dim
         self._enrolled = enrolled
         self._lock = threading.RLock()
+        self.lift = 0.0
+        """How much higher the join and merge bars stand in this session's room
+        (``policy.room_lift``, set by the decision layer)."""
         self.reset()
 
     def reset(self) -> None:
@@ -221,12 +224,12 @@ class ProvisionalSpeakers:
         with self._lock:
             self._expire(start)
             best, score = self._nearest(vector, self._joinable())
-            if best is not None and policy.joins(self.values, score):
+            if best is not None and policy.joins(self.values, score, self.lift):
                 best.add(vector, start, end, self.settings.max_embeddings)
                 relabels = self._after_growth(best)
                 return Assignment(self._resolve(best.id), score, relabels=relabels)  # type: ignore[arg-type]
             cand, cscore = self._nearest(vector, self._candidates)
-            if cand is None or not policy.joins(self.values, cscore):
+            if cand is None or not policy.joins(self.values, cscore, self.lift):
                 cand = _Group(None, np.zeros(self.dim))
                 self._candidates.append(cand)
             cand.add(vector, start, end, self.settings.max_embeddings)
@@ -309,7 +312,7 @@ class ProvisionalSpeakers:
             return (self._set_alias(group.id, enrolled[0], "folded"),)
         others = [g for g in self._joinable() if g is not group and g.id not in self._alias]
         twin, score = self._nearest(group.centroid, others)
-        if twin is None or not policy.merges(self.values, score):
+        if twin is None or not policy.merges(self.values, score, self.lift):
             return ()
         keep, gone = (twin, group) if _number(twin.id) < _number(group.id) else (group, twin)
         keep.absorb(gone, self.settings.max_embeddings)

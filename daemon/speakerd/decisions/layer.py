@@ -22,11 +22,15 @@ from ..embedding.worker import EmbeddedWindow
 from ..vad import SpeechEnd, SpeechStart
 from . import policy
 from .clustering import ProvisionalSettings, ProvisionalSpeakers, Relabel
+from .adaptation import SessionVoiceprints
+from .cohort import Cohort
 from .evidence import UNKNOWN, Candidate, Match, MatchedWindow
 from .tracker import SpeakerTracker, TrackerSettings
 from .turns import Decision
 from .values import DecisionValues
 
+SESSION_LEVEL_WEIGHT = 0.05
+"""Weight of each new window in the session's cohort level: about the last 20 windows (10 s)."""
 CAUSES = {"merged": "clustering", "folded": "enrolled_match", "promoted": "control"}
 """``speaker.merged`` cause of each kind of relabel (a user's rename is ``speaker.renamed``)."""
 
@@ -36,7 +40,8 @@ Embedded = EmbeddedWindow | SpeechStart | SpeechEnd
 
 
 class Ranker(Protocol):
-    """Enrolled speakers ranked per embedding, best first (``matcher.SpeakerIndex``)."""
+    """Enrolled speakers ranked per embedding, best first (``matcher.SpeakerIndex``). A ranker that
+    also has ``embeddings_of(speaker_id) -> ndarray | None`` lets the cohort compensate its scores."""
 
     def rank(self, embeddings: np.ndarray) -> list[list[Candidate]]: ...
 
@@ -59,9 +64,18 @@ class DecisionLayer:
         ranker: Ranker,
         dim: int,
         hop_samples: int,
+        cohort: Cohort | None = None,
     ) -> None:
         self.values = values
         self.ranker = ranker
+        self.cohort = cohort
+        """Background voices whose level compensates every score (``policy.compensated``), if any."""
+        self._levels: dict[str, float] = {}
+        """Enrolled voice -> its enrollment's cohort level (``_enrolled_levels``)."""
+        self._session_level: float | None = None
+        """Running mean of the session's regular windows' cohort levels (``_room``)."""
+        self.session = SessionVoiceprints(dim)
+        """Enrolled voices as heard in this session (in-session adaptation; memory only)."""
         self.tracker = SpeakerTracker(tracker, values, hop_samples)
         self.provisional = ProvisionalSpeakers(provisional, values, dim, self.verdict)
         self._last_decided = (0, 0.0)
@@ -72,6 +86,7 @@ class DecisionLayer:
     def swap_ranker(self, ranker: Ranker) -> Ranker:
         """Rank against ``ranker`` from the next batch on (a reload); returns the old one."""
         old, self.ranker = self.ranker, ranker
+        self._levels = {}
         return old
 
     def swap_values(self, values: DecisionValues) -> None:
@@ -80,7 +95,43 @@ class DecisionLayer:
 
     def verdict(self, embedding: np.ndarray) -> Match:
         """One embedding (dim,) against the enrolled speakers."""
-        return policy.verdict(self.values, self.ranker.rank(embedding.reshape(1, -1))[0])
+        return policy.verdict(self.values, self.rank(embedding.reshape(1, -1))[0])
+
+    def rank(self, embeddings: np.ndarray) -> list[list[Candidate]]:
+        """Ranked candidates per embedding, compensated for the channel when there is a cohort
+        (``policy.compensated``)."""
+        return self._rank(embeddings)[0]
+
+    def _rank(self, embeddings: np.ndarray) -> tuple[list[list[Candidate]], np.ndarray | None]:
+        """``rank``, and each embedding's cohort level (None without a cohort)."""
+        rankings = self.ranker.rank(embeddings)
+        v = self.values
+        if self.cohort is None or v.cohort_top_n < 1:
+            return rankings, None
+        top_n = int(v.cohort_top_n)
+        level, _ = self.cohort.level(embeddings, top_n)
+        if not policy.normalising(v) or not any(rankings):
+            return rankings, level
+        enrolled = self._enrolled_levels({sid for r in rankings for sid, _, _ in r}, top_n)
+        return [policy.compensated(v, r, float(m), enrolled) for r, m in zip(rankings, level, strict=True)], level
+
+    def _room(self, levels: list[float]) -> None:
+        """The session's cohort level (a slow running mean over its regular windows) sets how much
+        higher clustering's bars stand (``policy.room_lift``)."""
+        for level in levels:
+            self._session_level = level if self._session_level is None else (
+                (1.0 - SESSION_LEVEL_WEIGHT) * self._session_level + SESSION_LEVEL_WEIGHT * level)
+        self.provisional.lift = policy.room_lift(self.values, self._session_level)
+
+    def _enrolled_levels(self, speakers: set[str], top_n: int) -> dict[str, float]:
+        """Mean cohort level of each enrolled voice's embeddings, computed once per ranker."""
+        assert self.cohort is not None
+        embeddings_of = getattr(self.ranker, "embeddings_of", None)
+        for sid in speakers - self._levels.keys():
+            emb = embeddings_of(sid) if embeddings_of is not None else None
+            if emb is not None and len(emb):
+                self._levels[sid] = float(self.cohort.level(emb, top_n)[0].mean())
+        return self._levels
 
     # -- the worker's side -------------------------------------------------------------------------
 
@@ -104,11 +155,13 @@ class DecisionLayer:
         return Decided(out)
 
     def _windows(self, windows: list[EmbeddedWindow]) -> Decided:
-        rankings = self.ranker.rank(np.stack([w.embedding for w in windows]))
+        rankings, levels = self._rank(np.stack([w.embedding for w in windows]))
+        if levels is not None:
+            self._room([float(lv) for lv, w in zip(levels, windows, strict=True) if not w.window.probe])
         out: list[Decision] = []
         regular: list[MatchedWindow] = []
         for embedded, ranking in zip(windows, rankings, strict=True):
-            matched = MatchedWindow(embedded.window, policy.verdict(self.values, ranking), embedded.embedding)
+            matched = MatchedWindow(embedded.window, self._verdict(ranking, embedded), embedded.embedding)
             if embedded.window.probe:  # probes are short-lived evidence for the tracker only
                 matched = self._nearest_provisional(matched)
             else:
@@ -117,6 +170,17 @@ class DecisionLayer:
                 regular.append(matched)
             out += self._count(self.tracker.process(matched))
         return Decided(out, regular)
+
+    def _verdict(self, ranking: list[Candidate], embedded: EmbeddedWindow) -> Match:
+        """The window's verdict with its voices' session voiceprints; a regular window the
+        enrolled voiceprints alone name firmly refines its voice's session voiceprint."""
+        v = self.values
+        enrolled = policy.verdict(v, ranking)
+        lifted = self.session.lifted(v, ranking, embedded.embedding)
+        match = enrolled if lifted == ranking else policy.verdict(v, lifted)
+        if not embedded.window.probe:
+            self.session.observe(v, enrolled, embedded.embedding)
+        return match
 
     def _open_set(self, mw: MatchedWindow) -> tuple[MatchedWindow, list[Decision]]:
         """A window no enrolled speaker matched gets a provisional label; clustering's relabels

@@ -7,7 +7,7 @@ tracker's reading of a window as evidence for a change, and open-set clustering'
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -26,6 +26,46 @@ OWN_LEVEL_MIN_PROBES = 3
 
 
 # -- one window against the enrolled speakers ------------------------------------------------------
+
+
+def normalising(v: DecisionValues) -> bool:
+    """Scores are compensated against the background cohort."""
+    return v.cohort_top_n >= 1 and v.cohort_gain > 0
+
+
+def compensated(v: DecisionValues, candidates: Sequence[Candidate], level: float, enrolled: Mapping[str, float]) -> list[Candidate]:
+    """Candidates with each score raised by ``cohort_gain`` times how far the window's cohort
+    ``level`` lies under that voice's ``enrolled`` level (its enrollment embeddings' mean level).
+
+    A voice enrolled from clean recordings heard through a room: the window's level sinks, its
+    score sinks with it, and the difference comes back. Window and enrollment in the same channel
+    (clean speech, or a voice enrolled in the room) have the same level, and scores stay as they
+    were: the shared colouring of a room is not rewarded twice. Kept within -1 to 1."""
+    out = []
+    for sid, name, score in candidates:
+        lift = v.cohort_gain * max(0.0, enrolled.get(sid, level) - level)
+        out.append((sid, name, min(1.0, score + lift)))
+    out.sort(key=lambda c: -c[2])
+    return out
+
+
+def adapting(v: DecisionValues) -> bool:
+    """In-session adaptation is on."""
+    return v.adapt_windows >= 1
+
+
+def adapts(v: DecisionValues, enrolled: Match) -> bool:
+    """A window the enrolled voiceprints alone name, at the threshold and ahead of the runner-up
+    by ``adapt_margin``, refines that voice's session voiceprint."""
+    return enrolled.known and enrolled.score >= v.threshold and enrolled.margin >= v.adapt_margin
+
+
+def with_session(v: DecisionValues, candidates: Sequence[Candidate], session: Mapping[str, float]) -> list[Candidate]:
+    """Each voice scored by the better of its enrolled score and its session voiceprint's cosine
+    less ``adapt_penalty`` (the session voiceprint shares the room with every voice in it), best first."""
+    out = [(sid, name, max(score, session[sid] - v.adapt_penalty) if sid in session else score) for sid, name, score in candidates]
+    out.sort(key=lambda c: -c[2])
+    return out
 
 
 def verdict(v: DecisionValues, candidates: Sequence[Candidate], threshold: float | None = None) -> Match:
@@ -183,14 +223,22 @@ def tail_voice(v: DecisionValues, tail: Sequence[MatchedWindow], speaking: Speak
 # -- open-set clustering ---------------------------------------------------------------------------
 
 
-def joins(v: DecisionValues, cosine: float) -> bool:
-    """A window this near a group's centroid joins the group."""
-    return cosine >= v.join_threshold
+def room_lift(v: DecisionValues, session_level: float | None) -> float:
+    """How much higher clustering's bars stand in this session's room: ``room_join_lift`` times
+    how far the session's cohort level lies under a clean session's; 0 without a level."""
+    if session_level is None or v.room_join_lift <= 0 or v.cohort_clean_level <= 0:
+        return 0.0
+    return v.room_join_lift * max(0.0, v.cohort_clean_level - session_level)
 
 
-def merges(v: DecisionValues, cosine: float) -> bool:
+def joins(v: DecisionValues, cosine: float, lift: float = 0.0) -> bool:
+    """A window this near a group's centroid joins the group (``lift``: ``room_lift``)."""
+    return cosine >= v.join_threshold + lift
+
+
+def merges(v: DecisionValues, cosine: float, lift: float = 0.0) -> bool:
     """Two provisional speakers' centroids this near are one voice."""
-    return cosine >= v.merge_threshold
+    return cosine >= v.merge_threshold + lift
 
 
 def folds(v: DecisionValues, centroid_match: Match) -> bool:

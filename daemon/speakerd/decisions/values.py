@@ -70,6 +70,27 @@ class DecisionValues:
     """Centroid cosine at which two provisional speakers are taken for one voice (0.82)."""
     fold_threshold: float
     """Enrolled score of a group's centroid at which the group is that enrolled speaker (0.78)."""
+    cohort_top_n: float = 0.0
+    """Best background-cohort cosines whose mean is a window's (or an enrollment embedding's)
+    channel level (20); 0 scores without the cohort (``decisions.cohort``)."""
+    cohort_gain: float = 0.0
+    """A window whose level lies under an enrolled voice's enrollment level has its score for that
+    voice raised by this times the difference: the channel's pull, taken back (1.6)."""
+    cohort_clean_level: float = 0.0
+    """A clean session's cohort level (0.585, the mean over eval's clean windows): how far a
+    session's level lies under it says how much room there is (``room_join_lift``)."""
+    room_join_lift: float = 0.0
+    """Open-set clustering's ``join_threshold`` and ``merge_threshold`` rise by this times how far
+    the session's cohort level lies under ``cohort_clean_level``: one room makes different voices
+    more alike (0.4: +0.03 at RT60 0.45 s, 18 dB; 0: off)."""
+    adapt_windows: float = 0.0
+    """In-session adaptation: a voice's session voiceprint holds its latest this many confidently
+    named windows (30; 0: off; ``decisions.adaptation``)."""
+    adapt_margin: float = 0.0
+    """A window refines a session voiceprint when its enrolled score clears ``threshold`` and leads
+    the runner-up by this (0.05)."""
+    adapt_penalty: float = 0.0
+    """A session voiceprint's cosine counts this much less than an enrolled one's (0.05)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -79,17 +100,27 @@ class DecisionValues:
     def names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in fields(cls))
 
+    @classmethod
+    def required(cls) -> tuple[str, ...]:
+        """Values a model must give; the rest (``OPTIONAL``) default to off."""
+        return tuple(n for n in cls.names() if n not in OPTIONAL)
+
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 
-MARGINS = frozenset({"relaxed_margin", "uncertain_band", "uncertain_margin", "decisive_margin", "tentative_margin", "departure_drop"})
+MARGINS = frozenset({"relaxed_margin", "uncertain_band", "uncertain_margin", "decisive_margin", "tentative_margin", "departure_drop", "adapt_margin", "adapt_penalty"})
 """Values that are differences of cosines (within 0 to 2); the rest are cosines (within -1 to 1)."""
+WITHIN = {"cohort_top_n": 1000.0, "cohort_gain": 10.0, "room_join_lift": 10.0, "adapt_windows": 1000.0}
+"""Values that are neither cosines nor margins: a count and a factor (within 0 and the number given)."""
+OPTIONAL = frozenset({"cohort_top_n", "cohort_gain", "cohort_clean_level", "room_join_lift", "adapt_windows", "adapt_margin",
+                      "adapt_penalty"})
+"""Values a model may leave out: cohort compensation and in-session adaptation are then off."""
 
 
 def check_value(key: str, value: object) -> None:
     """ConfigError naming ``decision.<key>`` unless ``value`` is a number in the key's range."""
-    low, high = (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)
+    low, high = (0.0, WITHIN[key]) if key in WITHIN else (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     check(number and low <= value <= high, f"decision.{key}", value, f"must be a number within {low:g} to {high:g}")  # type: ignore[operator]
 
@@ -111,6 +142,13 @@ class DecisionOverrides:
     join_threshold: float | None = None
     merge_threshold: float | None = None
     fold_threshold: float | None = None
+    cohort_top_n: float | None = None
+    cohort_gain: float | None = None
+    cohort_clean_level: float | None = None
+    room_join_lift: float | None = None
+    adapt_windows: float | None = None
+    adapt_margin: float | None = None
+    adapt_penalty: float | None = None
 
     def __post_init__(self) -> None:
         for key, value in self.given().items():
@@ -132,7 +170,7 @@ def resolve(model: str, bundled: Mapping[str, Any], overrides: DecisionOverrides
     """The bundle's values with the config's on top; refuses when some value is given by neither."""
     given = overrides.given()
     merged = {**bundled, **given}
-    missing = [k for k in DecisionValues.names() if k not in merged]
+    missing = [k for k in DecisionValues.required() if k not in merged]
     if missing:
         raise DecisionValuesMissing(
             f"model {model!r} carries no calibrated decision values ({', '.join(missing)} missing): its cosine "
@@ -140,7 +178,7 @@ def resolve(model: str, bundled: Mapping[str, Any], overrides: DecisionOverrides
             f"--known DIR --unknown DIR --write-bundle {model}` (docs/calibration.md), or set every missing "
             f"value under [decision] in the config"
         )
-    values = DecisionValues(**{k: merged[k] for k in DecisionValues.names()})
+    values = DecisionValues(**{k: merged[k] for k in DecisionValues.names() if k in merged})
     return ResolvedDecision(values, {k: CONFIG if k in given else BUNDLE for k in DecisionValues.names()})
 
 
@@ -194,6 +232,7 @@ def describe(bundle: ModelBundle, overrides: DecisionOverrides) -> str:
         f"  {bundle.path}",
         *([f"  {bundle.description}"] if bundle.description else []),
         f"  {bundle.sample_rate} Hz, {bundle.embedding_dim}-d embeddings, {bundle.features.num_mel_bins} mel bins; artifacts: {artifacts}",
+        *([f"  background cohort: {bundle.source['cohort']}"] if bundle.source.get("cohort") else []),
         "decision values:",
     ]
     missing = []
@@ -202,6 +241,9 @@ def describe(bundle: ModelBundle, overrides: DecisionOverrides) -> str:
             value, source = given[key], CONFIG + (f" (bundle: {bundle.decision[key]:g})" if key in bundle.decision else "")
         elif key in bundle.decision:
             value, source = bundle.decision[key], BUNDLE
+        elif key in OPTIONAL:
+            lines.append(f"  {key:<18} {'-':>7}  off")
+            continue
         else:
             missing.append(key)
             lines.append(f"  {key:<18} {'-':>7}  missing")

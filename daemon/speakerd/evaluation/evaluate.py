@@ -26,6 +26,7 @@ from ..audio import SAMPLE_RATE
 from ..rooms import MAX_VERSIONS, RoomSettings
 from ..vad import VAD_BACKENDS
 from .conversation import (
+    UNKNOWN_PREFIX,
     Conversation,
     ConversationSettings,
     NOISE_COLORS,
@@ -466,6 +467,12 @@ def build_meetings(es: EvalSettings, work: Path) -> tuple[dict[str, list[Path]],
     return enroll, meetings
 
 
+def meeting_voices(meeting: Meeting) -> set[str]:
+    """LibriSpeech speaker ids of everyone heard in a meeting (its voices and its babble)."""
+    voices = {s.removeprefix(UNKNOWN_PREFIX) for s in meeting.conversation_speakers()}
+    return voices | {Path(clip).name.split("-")[0] for clip in meeting.babble}
+
+
 def _babble(pool: dict[str, list[Path]], meeting: set[str], count: int, seed: int) -> tuple[Path, ...]:
     """Clips of ``count`` never-enrolled voices that are not in the meeting, for its babble."""
     others = {k: v for k, v in pool.items() if k not in meeting}
@@ -547,7 +554,7 @@ def evaluate(es: EvalSettings, settings: Any, bundle: Any, backend: Any, out: Pa
         for enrollment, meeting in runs:
             index = indexes.get(s_len, enrollment, meeting)
             started = time.perf_counter()
-            run = run_file(meeting.wav, s_len, bundle=bundle, backend=backend, matcher=index)
+            run = run_file(meeting.wav, s_len, bundle=bundle, backend=backend, matcher=index, strangers=meeting_voices(meeting))
             elapsed = time.perf_counter() - started
             score = score_meeting(meeting, run, [mw.embedding for mw in run.windows], index, es, elapsed)
             key = condition_key(meeting.condition, enrollment)

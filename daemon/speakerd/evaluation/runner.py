@@ -7,6 +7,7 @@ same ``Pipeline`` through the same ``FileSource`` with an in-memory sink instead
 from __future__ import annotations
 
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from ..bundle import ModelBundle
 from ..pipeline import Pipeline
 from ..settings import Settings
 from ..sources import FileSource
+from ..decisions.cohort import load_cohort
 from ..decisions.evidence import MatchedWindow
 from ..decisions.values import DecisionValues, for_bundle
 
@@ -47,13 +49,17 @@ class FileRun:
     """The decision values the run used (the model's, under the config's overrides)."""
 
 
-def run_file(path: Path, settings: Settings, *, bundle: ModelBundle, backend: Any, matcher: Any) -> FileRun:
+def run_file(path: Path, settings: Settings, *, bundle: ModelBundle, backend: Any, matcher: Any,
+             strangers: Collection[str] = ()) -> FileRun:
+    """``strangers``: voices (LibriSpeech speaker ids) the bundle's cohort must leave out because
+    they speak in this file: in real use the cohort never holds the voices of the meeting."""
     publisher = CollectingPublisher()
     seen: list[MatchedWindow] = []
     decision = for_bundle(bundle, settings.decision).values
+    cohort = load_cohort(bundle)
     pipeline = Pipeline(
         settings, bundle=bundle, backend=backend, matcher=matcher, publisher=publisher, live=False, on_window=seen.append,
-        decision=decision,
+        decision=decision, cohort=cohort.without(strangers) if cohort is not None else None,
     )
     pipeline.run(FileSource(path, settings.audio, realtime=False), threading.Event())
     status = next(e for e in reversed(publisher.events) if e["type"] == "status")

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ..decisions.cohort import ARTIFACT as COHORT_ARTIFACT
+from ..decisions.cohort import FILE as COHORT_FILE
 from ..bundle import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
@@ -166,6 +168,13 @@ GE2E_DECISION = {
     "join_threshold": 0.72,
     "merge_threshold": 0.82,
     "fold_threshold": 0.78,
+    "cohort_top_n": 20,
+    "cohort_gain": 1.6,
+    "cohort_clean_level": 0.585,
+    "room_join_lift": 0.4,
+    "adapt_windows": 30,
+    "adapt_margin": 0.05,
+    "adapt_penalty": 0.05,
 }
 """ge2e-resemblyzer's decision values, measured with ``speakerd calibrate`` and the conversation
 figures of docs/calibration.md; written into the manifest a build makes (a rebuild of the same
@@ -278,7 +287,7 @@ def build_ge2e_resemblyzer(
             embedding_dim=256,
             features=GE2E_RECIPE,
             fingerprint=ge2e_fingerprint(actual_sha),
-            artifacts={"onnx": ONNX_FILE, "coreml": COREML_DIR},
+            artifacts={"onnx": ONNX_FILE, "coreml": COREML_DIR, COHORT_ARTIFACT: COHORT_FILE},
             io={"input": "feats", "output": "embs"},
             window_frames=frames,
             description=GE2E_DESCRIPTION,
@@ -288,6 +297,7 @@ def build_ge2e_resemblyzer(
                 "file": GE2E_MEMBER,
                 "weights_sha256": actual_sha,
                 "license": GE2E_LICENSE,
+                "cohort": COHORT_SOURCE,
             },
         )
         write_manifest(bundle)
@@ -295,7 +305,51 @@ def build_ge2e_resemblyzer(
     finally:
         steps.close()
     logger.info("built %s: %s (%s)", GE2E_NAME, onnx_path, bundle.fingerprint)
+    build_bundle_cohort(load_bundle(out_dir))
     return load_bundle(out_dir)
+
+
+COHORT_SOURCE = ("LibriSpeech train-clean-100 (Panayotov et al. 2015, CC BY 4.0): the first 2 windows of one "
+                 "utterance of each of its 126 voices in ../shared/data/librispeech")
+COHORT_AUDIO_ENV = "SPEAKERD_COHORT_AUDIO"
+"""Folder of the cohort's clips; default ``../shared/data/librispeech/train-clean-100`` beside the project."""
+
+
+def cohort_audio() -> Path:
+    default = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "librispeech" / "train-clean-100"
+    return Path(os.environ.get(COHORT_AUDIO_ENV, default))
+
+
+def ensure_cohort(name: str) -> Path | None:
+    """``scripts/setup``: build the cohort of an already built bundle that has none yet."""
+    bundle = load_bundle(models_root() / name)
+    if COHORT_ARTIFACT not in bundle.artifacts or bundle.artifact(COHORT_ARTIFACT) is not None:
+        return bundle.artifact(COHORT_ARTIFACT)
+    return build_bundle_cohort(bundle)
+
+
+def build_bundle_cohort(bundle: ModelBundle, audio_dir: Path | None = None) -> Path | None:
+    """The bundle's background cohort (``decisions.cohort``), embedded with the bundle's own model.
+    Without the clips the bundle scores as it always did, and the log says how to add it."""
+    from ..decisions.cohort import build_cohort
+    from ..embedding import backend_for
+    from ..settings import load_settings
+
+    audio = audio_dir or cohort_audio()
+    if not audio.is_dir():
+        logger.warning("no cohort built: %s not found (set %s to LibriSpeech train-clean-100 and rebuild); scores "
+                       "are then not normalised for the room", audio, COHORT_AUDIO_ENV)
+        return None
+    settings = load_settings(None, {})
+    backend = backend_for(bundle, settings.embedding, settings.windows)
+    try:
+        cohort = build_cohort(audio, settings, bundle.features, backend.embed)
+    finally:
+        backend.close()
+    path = bundle.path / bundle.artifacts.get(COHORT_ARTIFACT, COHORT_FILE)
+    cohort.save(path)
+    logger.info("cohort: %d embeddings of %d voices in %s", len(cohort.speakers), len(set(cohort.speakers)), path)
+    return path
 
 
 def build_ge2e_coreml(model: Any, out_dir: Path, window_frames: Sequence[int]) -> Path | None:
