@@ -116,11 +116,13 @@ def test_manifest_describes_the_bundle(bundle: ModelBundle) -> None:
         "file": "resemblyzer/pretrained.pt",
         "weights_sha256": GE2E_WEIGHTS_SHA256,
         "license": bundle.source["license"],
+        "cohort": bundle.source["cohort"],
     }
+    assert "LibriSpeech train-clean-100" in bundle.source["cohort"]  # the background cohort names its voices
     assert bundle.features == GE2E_RECIPE
     assert bundle.fingerprint == fingerprint_of(NAME, GE2E_WEIGHTS_SHA256, GE2E_RECIPE, 256)
     assert bundle.window_frames == (58, 78, 98, 148)  # the daemon's 0.6 / 0.8 s probes, 1.0 / 1.5 s windows
-    assert bundle.artifacts == {"onnx": "model.onnx", "coreml": "coreml"}  # coreml/ is there once built
+    assert bundle.artifacts == {"onnx": "model.onnx", "coreml": "coreml", "cohort": "cohort.npz"}  # coreml/ is there once built
     assert bundle.io == {"input": "feats", "output": "embs"}
     assert bundle.sample_rate == SR and bundle.embedding_dim == 256
 

@@ -220,7 +220,7 @@ def check_bundled(values: Mapping[str, Any], where: str) -> dict[str, float]:
             check_value(key, value)
         except SpeakerdError as e:
             raise BundleError(f"{where}: {e}") from None
-    return {k: float(v) for k, v in values.items()}
+    return dict(values)  # as written: a count stays an integer, so rebuilding leaves the manifest as tracked
 
 
 def describe(bundle: ModelBundle, overrides: DecisionOverrides) -> str:
