@@ -168,3 +168,24 @@ def test_from_config_uses_the_daemons_curve_keys(tmp_path: Path) -> None:
     finally:
         server.close()
         ctx.term()
+
+
+def test_subscribes_to_a_daemon_on_ipv6_loopback() -> None:
+    """The docs call tcp://[::1] local and the daemon binds it; ZeroMQ connects there only with IPV6 set."""
+    ctx = zmq.Context()
+    daemon = FakeDaemon.__new__(FakeDaemon)
+    daemon.sock = ctx.socket(zmq.XPUB)
+    daemon.sock.setsockopt(zmq.LINGER, 0)
+    daemon.sock.setsockopt(zmq.IPV6, 1)
+    daemon.sock.bind("tcp://[::1]:*")
+    endpoint = daemon.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    seen: list[dict[str, Any]] = []
+    try:
+        with Subscriber(endpoint, on_event=seen.append, context=ctx):
+            daemon.wait_for_subscriber()
+            daemon.send(Stream("333333333333")(SpeechStart(0.0), 0.2))
+            wait_until(lambda: len(seen) == 1, "the event over IPv6 loopback")
+        assert seen[0]["type"] == "speech.start"
+    finally:
+        daemon.close()
+        ctx.term()

@@ -408,8 +408,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         p.add_argument(
             "--control",
             metavar="ENDPOINT",
-            help="the daemon's control socket (default: control.endpoint); anything but ipc:// or "
-            "tcp://127.0.0.1 needs CURVE keys (--curve-keys, or daemon.curve_keys in --config)",
+            help="the daemon's control socket (default: control.endpoint, a private ipc:// socket); "
+            "a tcp:// one (loopback too) needs CURVE keys (--curve-keys, or daemon.curve_keys in --config)",
         )
         p.add_argument(
             "--curve-keys",

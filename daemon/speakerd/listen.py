@@ -34,6 +34,7 @@ from .events import (
     parse_event,
 )
 from .publisher import PublishSettings, is_valid_endpoint
+from .security import wants_ipv6
 
 POLL_MS = 100
 """How often the receive loop looks at ``stop``."""
@@ -192,6 +193,8 @@ def listen(
             sock.setsockopt(zmq.LINGER, 0)
             for topic in topics:
                 sock.setsockopt(zmq.SUBSCRIBE, topic.encode("utf-8"))
+            if wants_ipv6(endpoint):
+                sock.setsockopt(zmq.IPV6, 1)  # the daemon binds tcp://[::1] (docs call it local)
             if curve is not None:
                 curve.apply_client(sock)
             sock.connect(endpoint)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import zmq
 
 from ..events import EventError, PAYLOAD_TYPES, decode_payload, parse_event
+from ..security import wants_ipv6
 from .timeline import SpeakerTimeline
 
 logger = logging.getLogger(__name__)
@@ -143,6 +144,8 @@ class Subscriber:
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.SUBSCRIBE, b"")  # everything: seq gaps then mean loss
+        if wants_ipv6(self.endpoint):
+            sock.setsockopt(zmq.IPV6, 1)  # the daemon binds tcp://[::1] (docs call it local)
         if self.curve is not None:
             self.curve.apply_client(sock)
         sock.connect(self.endpoint)
