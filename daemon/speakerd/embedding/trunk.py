@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,32 +52,75 @@ KEEP = 400
 """Frames of a segment kept behind the latest window's end (longer than any window)."""
 MIN_OVERLAP = 8
 """Frames a window must share with its segment to be aligned to it; less starts a new segment."""
+MAX_PASS_FRAMES = CONTEXT + MAX_PASS + RIGHT
+"""Most input frames one pass sends through the trunk (left context, new frames, provisional ones)."""
+CHUNK_FRAMES = (104, 160, 256, MAX_PASS_FRAMES)
+"""Input lengths of a fixed-shape trunk (CoreML: one enumerated shape each, never a range). A pass
+is padded up to the next one and the padding masked (:func:`pad_chunk`). Live passes are about 90
+frames (64 + 104 covers them), a fresh segment's first 1.0 / 1.5 s window 98 / 148 frames, and a
+backlog's passes 384-400; each is a multiple of STRIDE so the output grid stays the pass's."""
 TRUNK_ARTIFACT = "onnx_trunk"
 HEAD_ARTIFACT = "head"
 
+TrunkRun = Callable[[np.ndarray], np.ndarray]
+"""Features of one pass (n, bins), already normalised -> layer-4 output (C*F, ceil(n / STRIDE))."""
+Linear = Callable[[np.ndarray], np.ndarray]
+"""Pooled statistics (batch, 2*C*F) -> raw embeddings (batch, D): the ``seg_1`` layer."""
+
+
+def pad_chunk(feats: np.ndarray, chunk_frames: Sequence[int]) -> np.ndarray:
+    """A pass's features (n, bins) as the fixed-shape trunk's input (1, L, bins + 1): L is the
+    shortest served length >= n, the frames are zero-padded on the right, and the last column is
+    1 on real frames and 0 on padding. The trunk multiplies every activation that feeds a
+    convolution by that mask (subsampled with each stride), so its valid output frames equal an
+    unpadded pass's exactly: padding looks like the convolutions' own zero padding."""
+    n, bins = feats.shape
+    fitting = [int(f) for f in chunk_frames if int(f) >= n]
+    if not fitting:
+        raise BackendError(f"a trunk pass of {n} frames exceeds the longest chunk ({max(chunk_frames)} frames)")
+    buf = np.zeros((1, min(fitting), bins + 1), dtype=np.float32)
+    buf[0, :n, :bins] = feats
+    buf[0, :n, bins] = 1.0
+    return buf
+
+
+def output_frames(frames: int) -> int:
+    """Layer-4 output frames of an unpadded pass of ``frames`` input frames."""
+    return math.ceil(frames / STRIDE)
+
+
+def tstp_stats(slices: Sequence[np.ndarray], stats_dim: int, eps: float) -> np.ndarray:
+    """TSTP pooling in FP32 numpy: per row mean and unbiased std over time, channel-major (len, stats_dim)."""
+    stats = np.empty((len(slices), stats_dim), dtype=np.float32)
+    half = stats_dim // 2
+    for i, s in enumerate(slices):
+        stats[i, :half] = s.mean(axis=1)
+        stats[i, half:] = np.sqrt(s.var(axis=1, ddof=1) + eps)
+    return stats
+
 
 class Head:
-    """TSTP pooling (mean and unbiased std over time, channel-major; numpy) and the ``seg_1`` linear
-    layer (a one-thread ONNX session)."""
+    """TSTP pooling (numpy, FP32: a slice has any length, and pooling is a few thousand flops) and
+    the ``seg_1`` linear layer (a one-thread ONNX session, or a CoreML package)."""
 
-    def __init__(self, session: Any, eps: float) -> None:
-        self._session = session
+    def __init__(self, linear: Linear, stats_dim: int, eps: float) -> None:
+        self._linear = linear
         self.eps = eps
-        self.stats_dim = int(session.get_inputs()[0].shape[1])
+        self.stats_dim = int(stats_dim)
 
     @classmethod
     def load(cls, path: Path, eps: float) -> Head:
-        return cls(make_session(path, 1), eps)
+        session = make_session(path, 1)
+
+        def linear(stats: np.ndarray) -> np.ndarray:
+            (out,) = session.run(None, {"stats": stats})
+            return np.asarray(out)
+
+        return cls(linear, int(session.get_inputs()[0].shape[1]), eps)
 
     def embed(self, slices: Sequence[np.ndarray]) -> np.ndarray:
         """Layer-4 slices, each (C*F, n) -> raw embeddings (len, D)."""
-        stats = np.empty((len(slices), self.stats_dim), dtype=np.float32)
-        half = self.stats_dim // 2
-        for i, s in enumerate(slices):
-            stats[i, :half] = s.mean(axis=1)
-            stats[i, half:] = np.sqrt(s.var(axis=1, ddof=1) + self.eps)
-        (out,) = self._session.run(None, {"stats": stats})
-        return np.asarray(out)
+        return self._linear(tstp_stats(slices, self.stats_dim, self.eps))
 
 
 @dataclass
@@ -125,22 +168,27 @@ class _Segment:
             self.out_origin += out_from * STRIDE
 
 
-class SharedTrunkBackend:
+class SharedTrunk:
     """``embed_windows(windows)`` through the shared trunk; ``embed(feats)`` the exact per-window path
-    (enrollment, tests, and windows that fit no segment)."""
+    (enrollment, tests, and windows that fit no segment).
 
-    def __init__(self, bundle: ModelBundle, *, threads: int = 0, precision_artifact: str = "onnx") -> None:
-        self.exact = OnnxBackend(bundle, threads=threads, artifact=precision_artifact)
-        trunk_kind = TRUNK_ARTIFACT + ("_int8" if precision_artifact.endswith("int8") and bundle.artifact(TRUNK_ARTIFACT + "_int8") else "")
-        self._trunk = make_session(bundle.require_artifact(trunk_kind), self.exact.threads)
-        self._head = Head.load(bundle.require_artifact(HEAD_ARTIFACT), float(bundle.source.get("pooling_eps", 1e-7)))
+    The segment bookkeeping (which frames a pass runs, what is kept, each window's slice) is this
+    class's alone; backends supply the three computations: ``exact`` (the whole network per
+    window), ``trunk`` (one pass, :data:`TrunkRun`) and ``head`` (pooling + ``seg_1``). ONNX Runtime:
+    :class:`SharedTrunkBackend`; CoreML: ``speakerd.embedding.coreml_backend.shared_coreml_backend``.
+    """
+
+    def __init__(self, exact: Any, trunk: TrunkRun, head: Head, *, bundle: ModelBundle, label: str) -> None:
+        self.exact = exact
+        self._trunk: TrunkRun | None = trunk
+        self._head = head
         self._embedding_dim = bundle.embedding_dim
         self._frame_shift = int(bundle.sample_rate * bundle.features.frame_shift_ms / 1000)
         self._segment: _Segment | None = None
         self._region = -1
-        self.name = f"{self.exact.name}, shared trunk"
+        self.name = f"{exact.name}, shared trunk"
         self.counters = {"trunk_frames": 0, "trunk_passes": 0, "exact_windows": 0}
-        logger.info("shared ResNet trunk (%s), %d frames of left context", trunk_kind, CONTEXT)
+        logger.info("shared ResNet trunk (%s), %d frames of left context", label, CONTEXT)
 
     def embed(self, feats: np.ndarray) -> np.ndarray:
         return self.exact.embed(feats)
@@ -214,9 +262,26 @@ class SharedTrunkBackend:
         """Trunk output for input frames [begin, end), run from ``CONTEXT`` frames before ``begin``,
         normalised by the segment's running mean up to ``end``."""
         lead = max(seg.start, begin - CONTEXT, seg.origin)
+        assert self._trunk is not None
         x = seg.raw[lead - seg.origin : end - seg.origin] - seg.mean_until(end)
-        (y,) = self._trunk.run(None, {"feats": np.ascontiguousarray(x[None], dtype=np.float32)})
+        y = self._trunk(np.ascontiguousarray(x, dtype=np.float32))
         self.counters["trunk_frames"] += end - lead
         self.counters["trunk_passes"] += 1
         skip = (begin - lead) // STRIDE
-        return y[0][:, skip : skip + math.ceil((end - begin) / STRIDE)]
+        return y[:, skip : skip + output_frames(end - begin)]
+
+
+class SharedTrunkBackend(SharedTrunk):
+    """The shared trunk on ONNX Runtime: the trunk ONNX (or its INT8 twin) and the head ONNX."""
+
+    def __init__(self, bundle: ModelBundle, *, threads: int = 0, precision_artifact: str = "onnx") -> None:
+        exact = OnnxBackend(bundle, threads=threads, artifact=precision_artifact)
+        trunk_kind = TRUNK_ARTIFACT + ("_int8" if precision_artifact.endswith("int8") and bundle.artifact(TRUNK_ARTIFACT + "_int8") else "")
+        session = make_session(bundle.require_artifact(trunk_kind), exact.threads)
+
+        def trunk(feats: np.ndarray) -> np.ndarray:
+            (y,) = session.run(None, {"feats": feats[None]})
+            return np.asarray(y)[0]
+
+        head = Head.load(bundle.require_artifact(HEAD_ARTIFACT), float(bundle.source.get("pooling_eps", 1e-7)))
+        super().__init__(exact, trunk, head, bundle=bundle, label=trunk_kind)
