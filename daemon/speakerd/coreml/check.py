@@ -205,10 +205,13 @@ def check_io(
     feat_dim: int | None = None,
     window_frames: Sequence[int] | None = None,
     embedding_dim: int | None = None,
+    vector_input: bool = False,
 ) -> CheckReport:
     """The I/O half of the check, from the model description only (cheap: no weights are read).
 
-    The backend runs this at start to learn the enumerated window lengths.
+    The backend runs this at start to learn the enumerated window lengths. ``vector_input``: the
+    input is one fixed (1, feat_dim) vector (the shared trunk's head takes pooled statistics),
+    not (1, frames, bins).
     """
     path = Path(path)
     report = CheckReport(path=path)
@@ -219,7 +222,10 @@ def check_io(
     report.is_ml_program = True
     _check_io(spec, report, input_name, output_name)
     for shape in report.input_shapes:
-        if len(shape) != 3 or shape[0] != 1:
+        if vector_input:
+            if report.flexibility != "fixed" or shape != (1, feat_dim if feat_dim is not None else shape[-1]):
+                report.problems.append(f"input shape {shape} ({report.flexibility}) is not a fixed (1, {feat_dim})")
+        elif len(shape) != 3 or shape[0] != 1:
             report.problems.append(f"input shape {shape} is not (1, frames, bins)")
         elif feat_dim is not None and shape[2] != feat_dim:
             report.problems.append(f"input shape {shape} has {shape[2]} bins, expected {feat_dim}")
@@ -239,6 +245,7 @@ def check_mlpackage(
     window_frames: Sequence[int] | None = None,
     embedding_dim: int | None = None,
     allowlist: Mapping[str, str] = ANE_OPS,
+    vector_input: bool = False,
 ) -> CheckReport:
     """Check the saved package at ``path``; ``report.problems`` lists every failure (empty when OK)."""
     report = check_io(
@@ -248,6 +255,7 @@ def check_mlpackage(
         feat_dim=feat_dim,
         window_frames=window_frames,
         embedding_dim=embedding_dim,
+        vector_input=vector_input,
     )
     if not report.is_ml_program:
         return report

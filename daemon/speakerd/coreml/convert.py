@@ -106,6 +106,7 @@ def convert_to_mlpackage(
     minimum_deployment_target: Any = None,
     check: bool = True,
     metadata: Mapping[str, str] | None = None,
+    vector_input: bool = False,
 ) -> Path:
     """Trace ``model`` ((B, T, feat_dim) -> (B, D)) and save an FP16 ML Program at ``out_path``.
 
@@ -113,11 +114,12 @@ def convert_to_mlpackage(
     shape. The package is written beside ``out_path`` and moved into place, so a failed conversion
     never leaves a half-written package where the daemon would load it. With ``check`` the saved
     package must pass :func:`speakerd.coreml.check.check_mlpackage` before it is moved into place.
-    ``metadata`` is stored as the package's user-defined metadata.
+    ``metadata`` is stored as the package's user-defined metadata. ``vector_input``: the input is
+    one fixed (1, feat_dim) vector instead (``window_frames`` is then ignored).
     """
     ct = _ct()
     out_path = Path(out_path)
-    shapes = input_shapes(feat_dim, window_frames)
+    shapes: list[tuple[int, ...]] = [(BATCH, int(feat_dim))] if vector_input else list(input_shapes(feat_dim, window_frames))
     target = minimum_deployment_target if minimum_deployment_target is not None else ct.target.macOS13
     model = model.eval()
     example = torch.zeros(shapes[0], dtype=torch.float32)
@@ -138,7 +140,8 @@ def convert_to_mlpackage(
             inputs=[ct.TensorType(name=input_name, shape=shape, dtype=np.float32)],
             outputs=[ct.TensorType(name=output_name, dtype=np.float32)],
         )
-    mlmodel.short_description = f"{type(model).__name__}: ({input_name}: 1 x T x {feat_dim}) -> {output_name}"
+    dims = f"1 x {feat_dim}" if vector_input else f"1 x T x {feat_dim}"
+    mlmodel.short_description = f"{type(model).__name__}: ({input_name}: {dims}) -> {output_name}"
     for key, value in (metadata or {}).items():
         mlmodel.user_defined_metadata[key] = str(value)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,7 +157,8 @@ def convert_to_mlpackage(
                 input_name=input_name,
                 output_name=output_name,
                 feat_dim=feat_dim,
-                window_frames=[s[1] for s in shapes],
+                window_frames=None if vector_input else [s[1] for s in shapes],
+                vector_input=vector_input,
             )
             if not report.ok:
                 raise ConversionError(f"converted package fails the CoreML check: {'; '.join(report.problems)}")

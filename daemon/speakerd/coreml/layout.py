@@ -32,6 +32,17 @@ logger = logging.getLogger(__name__)
 PACKAGE_SUFFIX = ".mlpackage"
 PER_LENGTH_DIR = "coreml"
 """Directory name, inside a bundle, of the per-length layout (the manifest's ``artifacts.coreml``)."""
+TRUNK_PACKAGE = "trunk.mlpackage"
+"""The shared trunk's chunk package (manifest ``artifacts.coreml_trunk``): input ``feats``
+(1, L, bins + 1), features plus a validity mask column, L enumerated over the pass lengths
+(``speakerd.embedding.trunk.CHUNK_FRAMES``); output ``frames`` (1, C*F, L/8), layer 4."""
+HEAD_PACKAGE = "head.mlpackage"
+"""The shared trunk's head package (manifest ``artifacts.coreml_head``): pooled statistics
+``stats`` (1, 2*C*F), fixed, -> ``embs`` (1, D): the ``seg_1`` layer."""
+TRUNK_ARTIFACT = "coreml_trunk"
+HEAD_ARTIFACT = "coreml_head"
+TRUNK_IO = ("feats", "frames")
+HEAD_IO = ("stats", "embs")
 _PER_LENGTH_NAME = re.compile(r"^frames-(\d+)\.mlpackage$")
 
 

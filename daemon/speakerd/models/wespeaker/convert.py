@@ -100,6 +100,12 @@ def convert_wespeaker(
                 with torch.no_grad():
                     package = Path(hook.convert_coreml(model, out_dir, window_frames))
                 artifacts["coreml"] = os.path.relpath(package, out_dir)
+                convert_trunk = getattr(hook, "convert_coreml_trunk", None)
+                if convert_trunk is not None:  # the shared trunk on the Neural Engine (docs/coreml.md)
+                    with torch.no_grad():
+                        trunk_package, head_package = convert_trunk(model, out_dir)
+                    artifacts["coreml_trunk"] = os.path.relpath(trunk_package, out_dir)
+                    artifacts["coreml_head"] = os.path.relpath(head_package, out_dir)
         bar.update()
 
         bar.set_postfix_str(steps[4])
