@@ -81,7 +81,7 @@ def create_backend(
     A CoreML failure under ``auto`` (including unserved lengths) falls back to ONNX and logs why;
     asked for by name, it is an error. ``precision`` picks the ONNX file (:func:`onnx_artifact`);
     ``trunk`` "shared" runs a bundle's ResNet trunk once per stretch of speech (embedding/trunk.py)
-    when the bundle has one, on ONNX Runtime.
+    when the bundle has one: on CoreML with the bundle's chunk packages, else on ONNX Runtime.
     """
     if kind not in BACKENDS:
         raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
@@ -90,8 +90,10 @@ def create_backend(
     )
     if want_coreml:
         try:
-            from .coreml_backend import CoreMLBackend
+            from .coreml_backend import CoreMLBackend, shared_coreml_backend
 
+            if trunk == "shared" and bundle.artifact("coreml_trunk") is not None:
+                return shared_coreml_backend(bundle, compute_units=coreml_compute_units, window_frames=window_frames)
             return CoreMLBackend(bundle, compute_units=coreml_compute_units, window_frames=window_frames)
         except Exception as exc:  # noqa: BLE001 - any CoreML failure means: use the fallback
             if kind == "coreml":

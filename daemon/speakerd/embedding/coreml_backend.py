@@ -107,6 +107,15 @@ def _import_coremltools() -> ModuleType:
     return coremltools
 
 
+def load_compiled(package: Path, cache_dir: Path, ct: Any, compute_units: str) -> Any:
+    """``package`` compiled (cached, :func:`compiled_model_path`) and loaded with ``compute_units``."""
+    compiled = compiled_model_path(package, cache_dir, ct)
+    try:
+        return ct.models.CompiledMLModel(str(compiled), compute_units=getattr(ct.ComputeUnit, compute_units))
+    except Exception as exc:  # noqa: BLE001 - CoreML raises several unrelated types
+        raise BackendError(f"cannot load {compiled}: {exc}") from exc
+
+
 class CoreMLBackend:
     """The bundle's CoreML packages, each compiled once and loaded once with the configured compute
     units; every window length warmed up; each batch routed to the package serving its length.
@@ -163,12 +172,9 @@ class CoreMLBackend:
         wanted = [p for p, frames in served.packages.items() if not needed or set(frames) & set(needed)]
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._models: dict[int, Any] = {}
+        self.ct = ct
         for package in wanted:
-            compiled = compiled_model_path(package, self.cache_dir, ct)
-            try:
-                model = ct.models.CompiledMLModel(str(compiled), compute_units=getattr(ct.ComputeUnit, self.compute_units))
-            except Exception as exc:  # noqa: BLE001 - CoreML raises several unrelated types
-                raise BackendError(f"cannot load {compiled}: {exc}") from exc
+            model = load_compiled(package, self.cache_dir, ct, self.compute_units)
             for frames in served.packages[package]:
                 self._models[frames] = model
         self.window_frames: tuple[int, ...] = tuple(sorted(self._models))
@@ -214,3 +220,65 @@ class CoreMLBackend:
 
     def close(self) -> None:
         self._models = {}
+
+
+def shared_coreml_backend(
+    bundle: ModelBundle,
+    *,
+    compute_units: str = "ALL",
+    cache_dir: Path | None = None,
+    coremltools_module: Any = None,
+    window_frames: Sequence[int] | None = None,
+) -> Any:
+    """``embedding.trunk = "shared"`` on CoreML: :class:`speakerd.embedding.trunk.SharedTrunk` with
+    the bundle's chunk package as the trunk (each pass padded to an enumerated length and masked,
+    :func:`speakerd.embedding.trunk.pad_chunk`), its head package as ``seg_1``, and
+    :class:`CoreMLBackend` as the exact per-window path. Every package is read (I/O only) before
+    anything is compiled; a chunk package whose longest length is shorter than a pass is refused.
+    """
+    from ..coreml.check import CheckError, check_io
+    from ..coreml.layout import HEAD_ARTIFACT, HEAD_IO, TRUNK_ARTIFACT, TRUNK_IO
+    from ..coreml.mil_exec import MilError
+    from .trunk import MAX_PASS_FRAMES, Head, SharedTrunk, output_frames, pad_chunk
+
+    trunk_package = bundle.require_artifact(TRUNK_ARTIFACT)
+    head_package = bundle.require_artifact(HEAD_ARTIFACT)
+    bins = bundle.features.num_mel_bins
+    try:
+        trunk_io = check_io(trunk_package, input_name=TRUNK_IO[0], output_name=TRUNK_IO[1], feat_dim=bins + 1)
+        head_io = check_io(
+            head_package, input_name=HEAD_IO[0], output_name=HEAD_IO[1], vector_input=True, embedding_dim=bundle.embedding_dim
+        )  # fmt: skip
+    except (CheckError, MilError, OSError) as exc:
+        raise BackendError(f"CoreML trunk of bundle {bundle.name!r} is unreadable: {exc}") from exc
+    problems = trunk_io.problems + head_io.problems
+    chunk_frames = tuple(sorted(trunk_io.window_frames))
+    if chunk_frames and chunk_frames[-1] < MAX_PASS_FRAMES:
+        problems.append(f"{trunk_package.name} serves passes up to {chunk_frames[-1]} frames, a pass takes up to {MAX_PASS_FRAMES}")
+    if problems:
+        raise BackendError(f"CoreML trunk of bundle {bundle.name!r} is unusable: {'; '.join(problems)}")
+    stats_dim = head_io.input_shapes[0][1]
+
+    exact = CoreMLBackend(
+        bundle, compute_units=compute_units, cache_dir=cache_dir, coremltools_module=coremltools_module, window_frames=window_frames
+    )  # fmt: skip
+    trunk_model = load_compiled(trunk_package, exact.cache_dir, exact.ct, exact.compute_units)
+    head_model = load_compiled(head_package, exact.cache_dir, exact.ct, exact.compute_units)
+
+    def trunk(feats: np.ndarray) -> np.ndarray:
+        (result,) = trunk_model.predict([{TRUNK_IO[0]: pad_chunk(feats, chunk_frames)}])
+        return np.asarray(result[TRUNK_IO[1]], dtype=np.float32)[0][:, : output_frames(len(feats))]
+
+    def linear(stats: np.ndarray) -> np.ndarray:
+        results = head_model.predict([{HEAD_IO[0]: np.ascontiguousarray(stats[i : i + 1], dtype=np.float32)} for i in range(len(stats))])
+        if len(results) != len(stats):
+            raise BackendError(f"CoreML returned {len(results)} results for {len(stats)} windows")
+        return np.stack([np.asarray(r[HEAD_IO[1]], dtype=np.float32).reshape(-1) for r in results])
+
+    for frames in chunk_frames:  # each enumerated shape is specialised on first use
+        started = time.monotonic()
+        trunk(np.zeros((frames, bins), dtype=np.float32))
+        logger.info("CoreML trunk warm-up, %d frames: %.1f ms", frames, 1000 * (time.monotonic() - started))
+    linear(np.zeros((1, stats_dim), dtype=np.float32))
+    head = Head(linear, stats_dim, float(bundle.source.get("pooling_eps", 1e-7)))
+    return SharedTrunk(exact, trunk, head, bundle=bundle, label=f"CoreML {trunk_package.name}, passes of {list(chunk_frames)} frames")
