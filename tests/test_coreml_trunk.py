@@ -45,7 +45,7 @@ FP16_MAX = 65504.0
 MIN_MEDIAN_COSINE = 0.999
 MIN_WORST_COSINE = 0.99
 LIVE_WINDOWS = 16
-"""Windows sent one by one (live); each pass costs the executor about 1.4 s."""
+"""Windows sent one by one (live); each pass costs the executor about 1 s."""
 log = logging.getLogger(__name__)
 
 
@@ -148,7 +148,7 @@ def test_padding_is_masked_away_exactly(model: torch.nn.Module) -> None:
     with torch.no_grad():
         ref = model.frame_level(torch.from_numpy(feats[None])).flatten(1, 2)[0].numpy()
         got = MaskedChunkTrunk(model)(torch.from_numpy(pad_chunk(feats, CHUNK_FRAMES)))[0].numpy()
-    assert pad_chunk(feats, CHUNK_FRAMES).shape == (1, 104, 81) and got.shape[1] == 13 == ref.shape[1] + 1
+    assert pad_chunk(feats, CHUNK_FRAMES).shape == (1, 112, 81) and got.shape[1] == 14 == ref.shape[1] + 2
     np.testing.assert_allclose(got[:, :12], ref, atol=2e-4 * np.abs(ref).max())
     with pytest.raises(BackendError, match="exceeds the longest chunk"):
         pad_chunk(np.zeros((MAX_PASS_FRAMES + 1, 80), dtype=np.float32), CHUNK_FRAMES)
@@ -160,13 +160,14 @@ def test_coreml_shared_trunk_agrees_with_torch_and_onnx_on_real_speech(
     """The backend's code path with each saved program run in FP16 by the executor: a file's backlog
     (batches of 32) and live windows one by one, against the PyTorch (FP32) and ONNX shared trunks."""
     ct = ExecCoreML()
+    backend = shared_coreml_backend(bundle, coremltools_module=ct, cache_dir=tmp_path / "cache")
+    assert backend.name == "coreml, shared trunk"
+    trunk_calls = ct.loaded["trunk.mlpackage"].inputs
+    assert sorted(s[1] for s in trunk_calls) == list(CHUNK_FRAMES)  # warmed up once per enumerated shape
+    del trunk_calls[:]
     passes: set[int] = set()
     for batch, items in ((32, windows), (1, windows[:LIVE_WINDOWS])):
-        backend = shared_coreml_backend(bundle, coremltools_module=ct, cache_dir=tmp_path / "cache")  # fresh segments
-        assert backend.name == "coreml, shared trunk"
-        trunk_calls = ct.loaded["trunk.mlpackage"].inputs
-        assert sorted(s[1] for s in trunk_calls) == list(CHUNK_FRAMES)  # warmed up once per enumerated shape
-        del trunk_calls[:]
+        backend.reset()  # the same stream again from its start
         got = embed_all(backend, items, batch)
         passes |= {s[1] for s in trunk_calls}
         assert backend.counters["exact_windows"] == 0
@@ -178,7 +179,7 @@ def test_coreml_shared_trunk_agrees_with_torch_and_onnx_on_real_speech(
                      1 - np.median(cos))  # fmt: skip
             assert np.median(cos) >= MIN_MEDIAN_COSINE and cos.min() >= MIN_WORST_COSINE, (name, batch, cos.min())
             reference.close()
-        backend.close()
+    backend.close()
     trunk_model = ct.loaded["trunk.mlpackage"]
     log.info("pass lengths used: %s; largest FP16 value in the trunk %.1f", sorted(passes), trunk_model.peak_fp16)
     assert passes <= set(CHUNK_FRAMES) and len(passes) >= 2
@@ -210,9 +211,9 @@ def test_a_chunk_package_too_short_for_a_pass_is_refused(bundle: ModelBundle, tm
 
     from speakerd.coreml.trunk import convert_trunk_coreml
 
-    short, head = convert_trunk_coreml(random_model(0), tmp_path, chunk_frames=(104,))
+    short, head = convert_trunk_coreml(random_model(0), tmp_path, chunk_frames=(112,))
     artifacts = {**bundle.artifacts, TRUNK_ARTIFACT: str(short), HEAD_ARTIFACT: str(head)}
-    with pytest.raises(BackendError, match=f"passes up to 104 frames, a pass takes up to {MAX_PASS_FRAMES}"):
+    with pytest.raises(BackendError, match=f"passes up to 112 frames, a pass takes up to {MAX_PASS_FRAMES}"):
         shared_coreml_backend(dataclasses.replace(bundle, artifacts=artifacts), coremltools_module=ExecCoreML(), cache_dir=tmp_path / "c")
 
 
