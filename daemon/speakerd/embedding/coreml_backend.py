@@ -25,6 +25,7 @@ import numpy as np
 from ..bundle import ModelBundle
 from ..errors import ConfigError
 from .backend import BackendError, l2_normalise
+from .trunk import SharedTrunk
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ def shared_coreml_backend(
     cache_dir: Path | None = None,
     coremltools_module: Any = None,
     window_frames: Sequence[int] | None = None,
-) -> Any:
+) -> SharedTrunk:
     """``embedding.trunk = "shared"`` on CoreML: :class:`speakerd.embedding.trunk.SharedTrunk` with
     the bundle's chunk package as the trunk (each pass padded to an enumerated length and masked,
     :func:`speakerd.embedding.trunk.pad_chunk`), its head package as ``seg_1``, and
@@ -239,7 +240,7 @@ def shared_coreml_backend(
     from ..coreml.check import CheckError, check_io
     from ..coreml.layout import HEAD_ARTIFACT, HEAD_IO, TRUNK_ARTIFACT, TRUNK_IO
     from ..coreml.mil_exec import MilError
-    from .trunk import MAX_PASS_FRAMES, Head, SharedTrunk, output_frames, pad_chunk
+    from .trunk import MAX_PASS_FRAMES, Head, output_frames, pad_chunk
 
     trunk_package = bundle.require_artifact(TRUNK_ARTIFACT)
     head_package = bundle.require_artifact(HEAD_ARTIFACT)
