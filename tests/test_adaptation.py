@@ -89,3 +89,13 @@ def test_the_layer_names_a_weak_window_once_its_voice_was_heard_firmly() -> None
         d.process([window(k, 0.75, 0.60) for k in range(MIN_WINDOWS)])
         out = d.process([weak]).windows[0]
         assert out.match.known is named and out.match.nearest == "a"
+
+
+def test_a_session_voiceprint_in_a_room_counts_the_rooms_colouring_against_it() -> None:
+    # made in the room the window is in: every voice there scores high against it
+    v = dataclasses.replace(V, room_score_penalty=1.0, cohort_clean_level=0.585)
+    out = policy.with_session(v, [("a", "Ann", 0.50)], {"a": 0.85}, level=0.505)
+    assert round(out[0][2], 6) == round(0.85 - v.adapt_penalty - 0.08, 6)
+    # a clean window (no room to share) and a window of unknown level: the fixed penalty only
+    assert round(policy.with_session(v, [("a", "Ann", 0.50)], {"a": 0.85}, level=0.60)[0][2], 6) == round(0.85 - v.adapt_penalty, 6)
+    assert round(policy.with_session(v, [("a", "Ann", 0.50)], {"a": 0.85})[0][2], 6) == round(0.85 - v.adapt_penalty, 6)

@@ -14,6 +14,10 @@ from speakerd.decisions.cohort import Cohort
 from speakerd.decisions.values import DecisionValues, DecisionValuesMissing, resolve, DecisionOverrides
 
 
+LIFT = dataclasses.replace(GE2E, room_score_penalty=0.0)
+"""The lift alone (no shared-room penalty)."""
+
+
 def _cohort(n: int = 40, dim: int = 16, seed: int = 0) -> Cohort:
     x = np.random.default_rng(seed).normal(size=(n, dim))
     return Cohort(x / np.linalg.norm(x, axis=1, keepdims=True), tuple(str(i // 2) for i in range(n)))
@@ -21,22 +25,39 @@ def _cohort(n: int = 40, dim: int = 16, seed: int = 0) -> Cohort:
 
 def test_a_window_in_its_voiceprints_channel_keeps_its_scores() -> None:
     # clean speech against clean voiceprints, or room speech against voiceprints made in the room
-    out = policy.compensated(GE2E, [("a", "A", 0.72), ("b", "B", 0.55)], level=0.58, enrolled={"a": 0.58, "b": 0.55})
+    out = policy.compensated(LIFT, [("a", "A", 0.72), ("b", "B", 0.55)], level=0.58, enrolled={"a": 0.58, "b": 0.55})
     assert [round(s, 6) for *_, s in out] == [0.72, 0.55]
 
 
 def test_a_window_whose_level_sank_under_the_enrollments_gets_the_difference_back() -> None:
-    # a room pulled the window's cohort level 0.07 under the clean enrollment's: 1.6 x 0.07 comes back
-    out = policy.compensated(GE2E, [("a", "A", 0.60), ("b", "B", 0.45)], level=0.51, enrolled={"a": 0.58, "b": 0.58})
-    assert [(sid, round(s, 6)) for sid, _, s in out] == [("a", 0.712), ("b", 0.562)]
+    # a room pulled the window's cohort level 0.07 under the clean enrollment's: gain x 0.07 comes back
+    out = policy.compensated(LIFT, [("a", "A", 0.60), ("b", "B", 0.45)], level=0.51, enrolled={"a": 0.58, "b": 0.58})
+    lift = LIFT.cohort_gain * 0.07
+    assert [(sid, round(s, 6)) for sid, _, s in out] == [("a", round(0.60 + lift, 6)), ("b", round(0.45 + lift, 6))]
 
 
-def test_each_voice_is_lifted_by_its_own_enrollments_level_and_reranked() -> None:
-    out = policy.compensated(GE2E, [("a", "A", 0.60), ("b", "B", 0.55)], level=0.50, enrolled={"a": 0.50, "b": 0.55})
-    assert [(sid, round(s, 6)) for sid, _, s in out] == [("b", 0.63), ("a", 0.6)]
+def test_every_voice_is_lifted_alike_so_the_ranking_stays_the_models() -> None:
+    # lifting each voice by its own enrollment's level re-ranked voices by how generic they sound
+    out = policy.compensated(LIFT, [("a", "A", 0.60), ("b", "B", 0.55)], level=0.50, enrolled={"a": 0.50, "b": 0.56})
+    lift = LIFT.cohort_gain * 0.03  # the voices' mean level 0.53, the window's 0.50
+    assert [(sid, round(s, 6)) for sid, _, s in out] == [("a", round(0.60 + lift, 6)), ("b", round(0.55 + lift, 6))]
     # a voice without a known level, and a score near the top, stay in range
-    out = policy.compensated(GE2E, [("c", "C", 0.99)], level=0.30, enrolled={"c": 0.60})
+    out = policy.compensated(LIFT, [("c", "C", 0.99)], level=0.30, enrolled={"c": 0.60})
     assert out[0][2] == 1.0
+    # no enrolled level known at all: the scores as they were
+    assert policy.compensated(LIFT, [("d", "D", 0.4)], level=0.30, enrolled={}) == [("d", "D", 0.4)]
+
+
+def test_a_window_and_voiceprints_that_share_a_room_score_lower() -> None:
+    v = dataclasses.replace(GE2E, room_score_penalty=1.0, cohort_clean_level=0.585)
+    # both in the room (levels 0.505): 1.0 x (0.585 - 0.505) off every score
+    out = policy.compensated(v, [("a", "A", 0.80), ("b", "B", 0.70)], level=0.505, enrolled={"a": 0.505, "b": 0.505})
+    assert [(sid, round(s, 6)) for sid, _, s in out] == [("a", 0.72), ("b", 0.62)]
+    # clean voiceprints heard in the room: lifted, not penalised (the higher level is clean)
+    out = policy.compensated(v, [("a", "A", 0.60)], level=0.505, enrolled={"a": 0.585})
+    assert round(out[0][2], 6) == round(0.60 + v.cohort_gain * 0.08, 6)
+    # a clean session is left alone
+    assert policy.shared_room(v, 0.59) == 0.0 and policy.shared_room(LIFT, 0.40) == 0.0
 
 
 def test_compensation_is_off_without_a_cohort_size_or_gain() -> None:
@@ -100,7 +121,7 @@ def test_the_layer_names_a_window_whose_scores_the_room_pulled_down() -> None:
     cohort = Cohort(np.array([[1.0, 0.0]]), ("1",))
     enrolled = _unit(np.arccos(0.58)).reshape(1, -1)
     window = _unit(np.arccos(0.50))
-    v = dataclasses.replace(GE2E, cohort_top_n=1)
+    v = dataclasses.replace(LIFT, cohort_top_n=1)
     plain = DecisionLayer(v, TrackerSettings(), ProvisionalSettings(enabled=False), ranker=_Fixed(enrolled), dim=2, hop_samples=8000)
     assert not plain.verdict(window).known  # 0.60 < 0.70: unnamed without the cohort
     layer = DecisionLayer(v, TrackerSettings(), ProvisionalSettings(enabled=False), ranker=_Fixed(enrolled), dim=2,
@@ -160,9 +181,35 @@ def test_the_layer_raises_clustering_bars_in_a_room_even_with_nobody_enrolled() 
             return [[] for _ in embeddings]
 
     cohort = Cohort(np.array([[1.0, 0.0]]), ("1",))
-    v = dataclasses.replace(GE2E, cohort_top_n=1)
+    v = dataclasses.replace(LIFT, cohort_top_n=1)
     layer = DecisionLayer(v, TrackerSettings(), ProvisionalSettings(), ranker=Nobody(), dim=2, hop_samples=8000, cohort=cohort)
     end = 2 * SAMPLE_RATE
     w = Window(end - SAMPLE_RATE, end, np.zeros((1, 1), np.float32), 1.0, 2.0, 0, True)
     layer.process([EmbeddedWindow(w, _unit(np.arccos(0.51)))])  # a room's level, 0.075 under clean
     assert layer.provisional.lift == pytest.approx(0.4 * 0.075)
+
+
+def test_a_groups_centroid_is_compensated_at_the_sessions_level_not_its_own() -> None:
+    """Averaging windows lifts a centroid's cohort level above its windows': scored at its own
+    level, a group of room windows lost the room's compensation (and its penalty)."""
+    from speakerd.decisions.clustering import ProvisionalSettings
+    from speakerd.decisions.layer import DecisionLayer
+    from speakerd.decisions.tracker import TrackerSettings
+
+    dim = 8
+    eye = np.eye(dim)
+    cohort = Cohort(eye[:2], ("c0", "c1"))  # top 2 of 2: a unit vector's level is the mean of its first two components
+    clean = 0.585 * (eye[0] + eye[1]) + np.sqrt(1 - 2 * 0.585**2) * eye[5]  # level 0.585
+
+    class Fixed:
+        def rank(self, embeddings: np.ndarray) -> list[list[tuple[str, str, float]]]:
+            return [[("a", "Ann", 0.65)] for _ in embeddings]
+
+        def embeddings_of(self, speaker_id: str) -> np.ndarray:
+            return clean[None, :]
+
+    v = dataclasses.replace(LIFT, cohort_top_n=2)
+    layer = DecisionLayer(v, TrackerSettings(), ProvisionalSettings(), ranker=Fixed(), dim=dim, hop_samples=8000, cohort=cohort)
+    assert layer.verdict(clean).score == pytest.approx(0.65)  # no session level yet: the centroid's own
+    layer._room([0.505])  # the session's windows, heard in a room
+    assert layer.verdict(clean).score == pytest.approx(0.65 + v.cohort_gain * 0.08)

@@ -36,14 +36,15 @@ class SessionVoiceprints:
     def count(self, speaker_id: str) -> float:
         return self._count.get(speaker_id, 0.0)
 
-    def lifted(self, v: DecisionValues, candidates: Sequence[Candidate], embedding: np.ndarray) -> list[Candidate]:
+    def lifted(self, v: DecisionValues, candidates: Sequence[Candidate], embedding: np.ndarray,
+               level: float | None = None) -> list[Candidate]:
         """Candidates re-ranked with each voice's session score where it has one
-        (``policy.with_session``)."""
+        (``policy.with_session``; ``level``: the window's cohort level)."""
         if not self._sum or not policy.adapting(v):
             return list(candidates)
         x = _unit(embedding)
         session = {sid: float(_unit(s) @ x) for sid, s in self._sum.items() if self._count[sid] >= MIN_WINDOWS}
-        return policy.with_session(v, candidates, session)
+        return policy.with_session(v, candidates, session, level)
 
     def observe(self, v: DecisionValues, enrolled: Match, embedding: np.ndarray) -> bool:
         """Add a window to its voice's session voiceprint if ``policy.adapts``; True if it did."""
