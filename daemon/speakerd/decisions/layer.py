@@ -174,10 +174,11 @@ class DecisionLayer:
         for i, (embedded, ranking) in enumerate(zip(windows, rankings, strict=True)):
             level = float(levels[i]) if levels is not None else None
             matched = MatchedWindow(embedded.window, self._verdict(ranking, embedded, level), embedded.embedding)
+            room = policy.shared_room(self.values, level) if level is not None else 0.0
             if embedded.window.probe:  # probes are short-lived evidence for the tracker only
-                matched = self._nearest_provisional(matched)
+                matched = self._nearest_provisional(matched, room)
             else:
-                matched, relabels = self._open_set(matched)
+                matched, relabels = self._open_set(matched, room)
                 out += relabels
                 regular.append(matched)
             out += self._count(self.tracker.process(matched))
@@ -194,9 +195,12 @@ class DecisionLayer:
             self.session.observe(v, enrolled, embedded.embedding)
         return match
 
-    def _open_set(self, mw: MatchedWindow) -> tuple[MatchedWindow, list[Decision]]:
+    def _open_set(self, mw: MatchedWindow, room: float = 0.0) -> tuple[MatchedWindow, list[Decision]]:
         """A window no enrolled speaker matched gets a provisional label; clustering's relabels
-        come back as events."""
+        come back as events. ``room``: the shared-room term its enrolled scores lost
+        (``policy.shared_room``), taken off its cosine to a provisional centroid too: that centroid
+        was made in the same room, and weighed raw against penalised enrolled scores it won back
+        the windows of voices enrolled in the room."""
         w = mw.window
         self._last_decided = w.decided
         if mw.match.known or mw.embedding is None:
@@ -209,17 +213,19 @@ class DecisionLayer:
             out += self._count(self.tracker.relabel(UNKNOWN, found.label, *w.decided))
         for r in found.relabels:
             out += self.relabel(r)
-        margin = policy.label_margin(found.label, found.score, found.margin, mw.match)
-        return replace(mw, label=found.label, label_score=found.score, label_margin=margin), out
+        score = found.score if found.label.known else found.score - room
+        margin = policy.label_margin(found.label, score, found.margin, mw.match)
+        return replace(mw, label=found.label, label_score=score, label_margin=margin), out
 
-    def _nearest_provisional(self, mw: MatchedWindow) -> MatchedWindow:
+    def _nearest_provisional(self, mw: MatchedWindow, room: float = 0.0) -> MatchedWindow:
         """A probe's nearest provisional speaker, as evidence beside its enrolled match (even a known
-        one: the tracker weighs the two)."""
+        one: the tracker weighs the two); its cosine less ``room``, as in ``_open_set``."""
         if mw.embedding is None:
             return mw
-        ref, score = self.provisional.nearest(mw.embedding)
+        ref, cosine = self.provisional.nearest(mw.embedding)
         if ref is None:
             return mw
+        score = cosine - room
         return replace(mw, label=ref, label_score=score, label_margin=score - mw.match.score)
 
     # -- relabels and the end --------------------------------------------------------------------
