@@ -46,7 +46,7 @@ def test_run_help_imports_no_command_module_and_starts_at_once() -> None:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc (numpy's BLAS is OpenBLAS on Linux)")
 @pytest.mark.parametrize("command", ["run", "bench"])
 def test_the_daemon_and_its_bench_run_numpy_on_one_blas_thread(command: str) -> None:
-    """OpenBLAS's idle threads spun between windows: 0.6 % of a core in bench's live run."""
+    """OpenBLAS's extra thread busy-waits after a product it split (0.5-0.9 % of a core in bench's live run)."""
     probe = (
         f"import os\nfrom speakerd.cli import main\ntry:\n    main(['{command}', '--help'])\nexcept SystemExit:\n    pass\n"
         "import numpy as np\n"

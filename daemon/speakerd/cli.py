@@ -531,10 +531,11 @@ SINGLE_THREADED_BLAS = ("run", "bench")
 
 def single_threaded_blas() -> None:
     """One OpenBLAS thread, set before numpy loads it (it reads the variable once); a value the user
-    set wins. The daemon's matrix products are a window or a batch against a few hundred rows
-    (cohort, clusters), which OpenBLAS splits over its threads; the idle one then spins between
-    windows: 0.6 % of a core in bench's live run, for no speed. One thread gives bit-identical
-    products. (macOS's numpy uses Accelerate, which reads no such variable and does not spin.)"""
+    set wins. After a product large enough to split (enrollment, a reload) OpenBLAS's extra thread
+    busy-waits for a while: in bench's live run, the spin left by the enrollment just before was
+    counted as the daemon's (0.5-0.9 % of a core on 10-15 s runs). The daemon's products (a window
+    or a batch against a few hundred rows) gain nothing from it and are bit-identical on one thread.
+    (macOS's numpy uses Accelerate, which reads no such variable.)"""
     if "numpy" in sys.modules:
         logger.debug("numpy is already loaded; OpenBLAS keeps its threads")
         return
