@@ -31,7 +31,12 @@ def test_bench_json_smoke(librispeech: Path, capsys: pytest.CaptureFixture[str])
     rt = pipe["realtime"]
     assert rt["audio_s"] == pytest.approx(5, abs=0.1)
     assert rt["wall_s"] >= 4.5  # paced in real time, not read as fast as possible
-    assert rt["cpu_percent_mean"] > 0 and rt["rss_mb_max"] > 0
+    assert rt["live_cpu_percent"] > 0 and rt["rss_mb_max"] > 0
+    # CPU over the audio clock, every thread: the per-thread shares add up to the whole
+    assert rt["live_cpu_percent"] == pytest.approx(100 * rt["cpu_s"] / rt["audio_s"])
+    threads = rt["cpu_percent_by_thread"]
+    assert threads["speakerd-embed"] > 0 and "bench-sampler" not in threads
+    assert sum(threads.values()) == pytest.approx(rt["live_cpu_percent"], abs=0.1 * rt["live_cpu_percent"] + 0.5)
     grid = {(r["window_s"], r["batch"]) for r in result["per_window"] if r["model"] == "ge2e-resemblyzer"}
     assert grid == {(w, b) for w in WINDOW_LENGTHS_S for b in BATCH_SIZES}
     assert all(r["ms_per_window"] > 0 for r in result["per_window"])

@@ -43,6 +43,21 @@ def test_run_help_imports_no_command_module_and_starts_at_once() -> None:
     assert min(walls) < HELP_BUDGET_S, f"speakerd run --help took {min(walls):.3f} s at best"
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc (numpy's BLAS is OpenBLAS on Linux)")
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_the_daemon_and_its_bench_run_numpy_on_one_blas_thread(command: str) -> None:
+    """OpenBLAS's extra thread busy-waits after a product it split (0.5-0.9 % of a core in bench's live run)."""
+    probe = (
+        f"import os\nfrom speakerd.cli import main\ntry:\n    main(['{command}', '--help'])\nexcept SystemExit:\n    pass\n"
+        "import numpy as np\n"
+        "product = np.ones((8, 256), np.float32) @ np.ones((256, 252), np.float32)  # the cohort's shape\n"
+        "print('THREADS', len(os.listdir('/proc/self/task')), os.environ['OPENBLAS_NUM_THREADS'])"
+    )
+    env = {k: v for k, v in _env().items() if k != "OPENBLAS_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert out.stdout.split("THREADS")[-1].split() == ["1", "1"]
+
+
 @pytest.mark.parametrize("command", ["eval", "bench", "calibrate", "listen", "service"])
 def test_each_command_still_gets_its_own_options(command: str) -> None:
     proc = speakerd(command, "--help", timeout=60)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,16 @@ def test_list_and_status(client: ControlClient, owner: FakeDaemon) -> None:
     assert [(p["id"], p["windows"], p["now"]) for p in listed["provisional"]] == [(pid, 6, None)]
     status = client.request("status")
     assert status["counters"]["windows"] == 3 and status["enrolled"] == 2 and status["provisional"] == 1
+
+
+def test_an_idle_server_sleeps_until_a_request(server: ControlServer, client: ControlClient) -> None:
+    """No periodic wake-ups for the stop flag: the server and its gate polled 10 times a second each."""
+    assert client.request("list")["enrolled"]
+    assert server.gate is not None
+    before, gate_before = server._polls, server.gate._selects
+    time.sleep(0.5)  # idle: this was 5 polls and 5 selects
+    assert server._polls - before <= 1 and server.gate._selects - gate_before <= 1
+    assert client.request("status")["enrolled"] == 2  # a request still wakes it at once
 
 
 def test_rename_enrolled_changes_store_index_and_relabels(client: ControlClient, owner: FakeDaemon) -> None:

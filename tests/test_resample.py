@@ -69,6 +69,20 @@ def test_chunk_size_invariant(librispeech: Path, rate: int) -> None:
         assert np.max(np.abs(part - ref)) <= TOLERANCE, sizes
 
 
+@pytest.mark.parametrize("rate", [48_000, 32_000, 96_000])
+def test_whole_number_ratios_take_a_strided_view_with_bit_identical_sums(rate: int) -> None:
+    """The decimation path (a microphone at 48 or 32 kHz) gives exactly the general path's bits."""
+    r = StreamingResampler(rate)
+    assert r.up == 1
+    rng = np.random.default_rng(3)
+    for n in (1, 7, 320, 1000):
+        length = (n - 1) * r.down + r.taps
+        window = rng.standard_normal(length + 5)[5:]  # a view into a larger buffer, as the stream's is
+        newest = np.arange(n) * r.down + r.taps - 1
+        general = r._gather(window, newest, np.zeros(n, dtype=np.int64))
+        assert np.array_equal(r._decimate(window, n), general)
+
+
 def test_output_clock_lines_up_with_input() -> None:
     """A click at input time t comes out centred at output sample t * out_rate: no group delay."""
     for rate in (44_100, 48_000, 8_000, 22_050):

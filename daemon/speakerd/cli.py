@@ -525,8 +525,27 @@ def _configure_logging(verbose: int) -> None:
     logging.getLogger("faiss.loader").setLevel(max(level, logging.WARNING))
 
 
+SINGLE_THREADED_BLAS = ("run", "bench")
+"""Commands whose process is the daemon (or measures it), so OpenBLAS gets one thread."""
+
+
+def single_threaded_blas() -> None:
+    """One OpenBLAS thread, set before numpy loads it (it reads the variable once); a value the user
+    set wins. After a product large enough to split (enrollment, a reload) OpenBLAS's extra thread
+    busy-waits for a while: in bench's live run, the spin left by the enrollment just before was
+    counted as the daemon's (0.5-0.9 % of a core on 10-15 s runs). The daemon's products (a window
+    or a batch against a few hundred rows) gain nothing from it and are bit-identical on one thread.
+    (macOS's numpy uses Accelerate, which reads no such variable.)"""
+    if "numpy" in sys.modules:
+        logger.debug("numpy is already loaded; OpenBLAS keeps its threads")
+        return
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if command_in(argv) in SINGLE_THREADED_BLAS:
+        single_threaded_blas()
     parser = build_parser(only=command_in(argv))
     args = parser.parse_args(argv)
     _configure_logging(-1 if args.quiet else args.verbose)
