@@ -213,3 +213,43 @@ def test_a_groups_centroid_is_compensated_at_the_sessions_level_not_its_own() ->
     assert layer.verdict(clean).score == pytest.approx(0.65)  # no session level yet: the centroid's own
     layer._room([0.505])  # the session's windows, heard in a room
     assert layer.verdict(clean).score == pytest.approx(0.65 + v.cohort_gain * 0.08)
+
+
+def test_a_probes_cosine_to_a_provisional_voice_loses_the_shared_room_term_too() -> None:
+    """Enrolled scores in a room lose the shared-room term; a provisional centroid was made in the
+    same room, so its cosine must lose it too, or it wins every comparison with an enrolled voice."""
+    from speakerd.audio import SAMPLE_RATE
+    from speakerd.decisions.clustering import ProvisionalSettings
+    from speakerd.decisions.layer import DecisionLayer
+    from speakerd.decisions.tracker import TrackerSettings
+    from speakerd.embedding.worker import EmbeddedWindow
+    from speakerd.windows import Window
+
+    dim, eye = 8, np.eye(8)
+    cohort = Cohort(eye[:2], ("c0", "c1"))
+    ann = 0.505 * (eye[0] + eye[1]) + np.sqrt(1 - 2 * 0.505**2) * eye[5]  # enrolled in the room: level 0.505
+    guest = 0.505 * (eye[0] + eye[1]) + np.sqrt(1 - 2 * 0.505**2) * eye[6]  # heard in the same room
+
+    class Ann:
+        def rank(self, embeddings: np.ndarray) -> list[list[tuple[str, str, float]]]:
+            x = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+            return [[("a", "Ann", float(e @ ann))] for e in x]
+
+        def embeddings_of(self, speaker_id: str) -> np.ndarray:
+            return ann[None, :]
+
+    end = 2 * SAMPLE_RATE
+    window = EmbeddedWindow(Window(end - 3 * SAMPLE_RATE // 2, end, np.zeros((1, 1), np.float32), 1.0, 2.0, 0, True),
+                            guest.astype(np.float32))
+
+    v = dataclasses.replace(GE2E, cohort_top_n=2, adapt_windows=0)
+    layer = DecisionLayer(v, TrackerSettings(), ProvisionalSettings(min_speech_s=0.5, min_windows=1, fold_min_windows=1),
+                          ranker=Ann(), dim=dim, hop_samples=8000, cohort=cohort)
+    first = layer.process([window]).windows[0]  # the guest's window makes provisional unknown-1
+    room = policy.shared_room(v, 0.505)
+    assert room == pytest.approx(v.room_score_penalty * 0.08)
+    assert not first.match.known and first.label is not None and first.label.id == "unknown-1"
+    assert first.label_score == pytest.approx(1.0 - room)  # its own centroid: cosine 1, less the room
+    probe = layer._nearest_provisional(first, room)
+    assert probe.label_score == pytest.approx(1.0 - room)
+    assert probe.label_margin == pytest.approx(1.0 - room - first.match.score)
