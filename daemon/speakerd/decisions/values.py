@@ -75,7 +75,8 @@ class DecisionValues:
     channel level (20); 0 scores without the cohort (``decisions.cohort``)."""
     cohort_gain: float = 0.0
     """A window whose level lies under the enrolled voices' enrollment level has its scores raised
-    by this times the difference: the channel's pull, taken back (2.3)."""
+    by this times the difference: the channel's pull, taken back (2.0; 2.3 named 6-8 points more of
+    the enrolled speech across a room but 2-7 points more never-enrolled speech, eval seeds 0-1)."""
     cohort_clean_level: float = 0.0
     """A clean session's cohort level (0.585, the mean over eval's clean windows): how far a
     session's level lies under it says how much room there is (``room_join_lift``)."""
@@ -86,10 +87,10 @@ class DecisionValues:
     room_score_penalty: float = 0.0
     """Scores fall by this times how far the higher of the window's and the enrolled voices' cohort
     levels lies under ``cohort_clean_level``: a window and voiceprints that share one room's
-    colouring score high whoever speaks (1.33: -0.10 at RT60 0.45 s, 18 dB; 0: off). With
-    ``cohort_gain`` it puts a never-enrolled voice's windows at the same place on the scale in every
-    channel (measured, eval seed 0: 3 % of them reach 0.70-0.72 clean, in a room against clean
-    voiceprints, and in a room against voiceprints made there)."""
+    colouring score high whoever speaks (1.33: -0.10 at RT60 0.45 s, 18 dB; 0: off). It puts a
+    never-enrolled voice's windows at the same place on the scale in every channel (measured, eval
+    seed 0: 3 % of them reach 0.70-0.72 clean, in a room against clean voiceprints, and in a room
+    against voiceprints made there)."""
     adapt_windows: float = 0.0
     """In-session adaptation: a voice's session voiceprint holds its latest this many confidently
     named windows (30; 0: off; ``decisions.adaptation``)."""

@@ -169,7 +169,7 @@ GE2E_DECISION = {
     "merge_threshold": 0.82,
     "fold_threshold": 0.78,
     "cohort_top_n": 20,
-    "cohort_gain": 2.3,
+    "cohort_gain": 2.0,
     "cohort_clean_level": 0.585,
     "room_join_lift": 0.4,
     "room_score_penalty": 1.33,
