@@ -50,12 +50,17 @@ def test_every_voice_is_lifted_alike_so_the_ranking_stays_the_models() -> None:
 
 def test_a_window_and_voiceprints_that_share_a_room_score_lower() -> None:
     v = dataclasses.replace(GE2E, room_score_penalty=1.0, cohort_clean_level=0.585)
-    # both in the room (levels 0.505): 1.0 x (0.585 - 0.505) off every score
-    out = policy.compensated(v, [("a", "A", 0.80), ("b", "B", 0.70)], level=0.505, enrolled={"a": 0.505, "b": 0.505})
+    # the session and the voiceprints both in the room (levels 0.505): 1.0 x (0.585 - 0.505) off every score
+    out = policy.compensated(v, [("a", "A", 0.80), ("b", "B", 0.70)], level=0.505, enrolled={"a": 0.505, "b": 0.505}, room=0.505)
     assert [(sid, round(s, 6)) for sid, _, s in out] == [("a", 0.72), ("b", 0.62)]
     # clean voiceprints heard in the room: lifted, not penalised (the higher level is clean)
-    out = policy.compensated(v, [("a", "A", 0.60)], level=0.505, enrolled={"a": 0.585})
+    out = policy.compensated(v, [("a", "A", 0.60)], level=0.505, enrolled={"a": 0.585}, room=0.505)
     assert round(out[0][2], 6) == round(0.60 + v.cohort_gain * 0.08, 6)
+    # a voice unlike every cohort voice (level 0.45 in any channel) in a clean session: no penalty,
+    # and none before the session has a level
+    out = policy.compensated(v, [("c", "C", 0.75)], level=0.45, enrolled={"c": 0.45}, room=0.59)
+    assert round(out[0][2], 6) == 0.75
+    assert round(policy.compensated(v, [("c", "C", 0.75)], level=0.45, enrolled={"c": 0.45})[0][2], 6) == 0.75
     # a clean session is left alone
     assert policy.shared_room(v, 0.59) == 0.0 and policy.shared_room(LIFT, 0.40) == 0.0
 

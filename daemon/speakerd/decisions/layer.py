@@ -111,9 +111,11 @@ class DecisionLayer:
         level = None if self._session_level is None else np.array([self._session_level])
         return self._rank(embedding.reshape(1, -1), level)[0][0]
 
-    def _rank(self, embeddings: np.ndarray, level: np.ndarray | None = None) -> tuple[list[list[Candidate]], np.ndarray | None]:
+    def _rank(self, embeddings: np.ndarray, level: np.ndarray | None = None,
+              regular: Sequence[bool] = ()) -> tuple[list[list[Candidate]], np.ndarray | None]:
         """``rank``, and each embedding's cohort level (None without a cohort); ``level`` given:
-        compensate at that level instead of the embeddings' own."""
+        compensate at that level instead of the embeddings' own. The levels of the ``regular``
+        ones (a window's, not a probe's) join the session's level first (``_room``)."""
         rankings = self.ranker.rank(embeddings)
         v = self.values
         if self.cohort is None or v.cohort_top_n < 1:
@@ -121,10 +123,12 @@ class DecisionLayer:
         top_n = int(v.cohort_top_n)
         if level is None:
             level, _ = self.cohort.level(embeddings, top_n)
+        self._room([float(lv) for lv, r in zip(level, regular) if r])
         if not policy.normalising(v) or not any(rankings):
             return rankings, level
         enrolled = self._enrolled_levels({sid for r in rankings for sid, _, _ in r}, top_n)
-        return [policy.compensated(v, r, float(m), enrolled) for r, m in zip(rankings, level, strict=True)], level
+        room = self._session_level
+        return [policy.compensated(v, r, float(m), enrolled, room) for r, m in zip(rankings, level, strict=True)], level
 
     def _room(self, levels: list[float]) -> None:
         """The session's cohort level (a slow running mean over its regular windows) sets how much
@@ -166,15 +170,13 @@ class DecisionLayer:
         return Decided(out)
 
     def _windows(self, windows: list[EmbeddedWindow]) -> Decided:
-        rankings, levels = self._rank(np.stack([w.embedding for w in windows]))
-        if levels is not None:
-            self._room([float(lv) for lv, w in zip(levels, windows, strict=True) if not w.window.probe])
+        rankings, _ = self._rank(np.stack([w.embedding for w in windows]), regular=[not w.window.probe for w in windows])
         out: list[Decision] = []
         regular: list[MatchedWindow] = []
-        for i, (embedded, ranking) in enumerate(zip(windows, rankings, strict=True)):
-            level = float(levels[i]) if levels is not None else None
-            matched = MatchedWindow(embedded.window, self._verdict(ranking, embedded, level), embedded.embedding)
-            room = policy.shared_room(self.values, level) if level is not None else 0.0
+        session = self._session_level
+        room = policy.shared_room(self.values, session) if session is not None else 0.0
+        for embedded, ranking in zip(windows, rankings, strict=True):
+            matched = MatchedWindow(embedded.window, self._verdict(ranking, embedded, session), embedded.embedding)
             if embedded.window.probe:  # probes are short-lived evidence for the tracker only
                 matched = self._nearest_provisional(matched, room)
             else:
@@ -185,8 +187,9 @@ class DecisionLayer:
         return Decided(out, regular)
 
     def _verdict(self, ranking: list[Candidate], embedded: EmbeddedWindow, level: float | None = None) -> Match:
-        """The window's verdict with its voices' session voiceprints; a regular window the
-        enrolled voiceprints alone name firmly refines its voice's session voiceprint."""
+        """The window's verdict with its voices' session voiceprints (``level``: the session's
+        cohort level); a regular window the enrolled voiceprints alone name firmly refines its
+        voice's session voiceprint."""
         v = self.values
         enrolled = policy.verdict(v, ranking)
         lifted = self.session.lifted(v, ranking, embedded.embedding, level)

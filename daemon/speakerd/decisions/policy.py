@@ -33,7 +33,8 @@ def normalising(v: DecisionValues) -> bool:
     return v.cohort_top_n >= 1 and v.cohort_gain > 0
 
 
-def compensated(v: DecisionValues, candidates: Sequence[Candidate], level: float, enrolled: Mapping[str, float]) -> list[Candidate]:
+def compensated(v: DecisionValues, candidates: Sequence[Candidate], level: float, enrolled: Mapping[str, float],
+                room: float | None = None) -> list[Candidate]:
     """Candidates with every score raised by ``cohort_gain`` times how far the window's cohort
     ``level`` lies under the enrolled voices' level (the mean over the candidates of each voice's
     enrollment embeddings' mean level).
@@ -44,19 +45,23 @@ def compensated(v: DecisionValues, candidates: Sequence[Candidate], level: float
     were: the shared colouring of a room is not rewarded twice. One lift for every voice, so the
     ranking stays the model's: lifting each voice by its own enrollment's level re-ranked voices by
     how generic they sound (measured in the room, seed 0: nearest voice right 83.5 -> 79.8 % of
-    windows, 91.2 -> 83.3 % of whole turns). Kept within -1 to 1."""
+    windows, 91.2 -> 83.3 % of whole turns). ``room``: the session's level, for ``shared_room``
+    (None: no penalty yet). Kept within -1 to 1."""
     known = [enrolled[sid] for sid, _, _ in candidates if sid in enrolled]
     if not known:
         return list(candidates)
     voices = float(np.mean(known))
-    lift = v.cohort_gain * max(0.0, voices - level) - shared_room(v, max(voices, level))
+    penalty = shared_room(v, max(voices, room)) if room is not None else 0.0
+    lift = v.cohort_gain * max(0.0, voices - level) - penalty
     return [(sid, name, max(-1.0, min(1.0, score + lift))) for sid, name, score in candidates]
 
 
 def shared_room(v: DecisionValues, level: float) -> float:
-    """How much lower a window's scores stand when it and the enrolled voices are both heard
-    through a room (``level``: the higher of their cohort levels): ``room_score_penalty`` times
-    how far that level lies under ``cohort_clean_level``; 0 in a clean channel on either side."""
+    """How much lower a window's scores stand when the session and the enrolled voices are both
+    heard through a room (``level``: the higher of the session's and the voices' cohort levels):
+    ``room_score_penalty`` times how far that level lies under ``cohort_clean_level``; 0 in a clean
+    channel on either side. The session's level, not the window's: a voice unlike any cohort voice
+    has a low level of its own in any channel, and one window's level would penalise it as a room."""
     if v.room_score_penalty <= 0 or v.cohort_clean_level <= 0:
         return 0.0
     return v.room_score_penalty * max(0.0, v.cohort_clean_level - level)
