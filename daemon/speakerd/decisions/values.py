@@ -75,7 +75,7 @@ class DecisionValues:
     channel level (20); 0 scores without the cohort (``decisions.cohort``)."""
     cohort_gain: float = 0.0
     """A window whose level lies under the enrolled voices' enrollment level has its scores raised
-    by this times the difference: the channel's pull, taken back (2.0; 2.3 named 6-8 points more of
+    by this times the difference: the channel's pull, taken back (2.0; 2.3 named 8-10 points more of
     the enrolled speech across a room but 2-7 points more never-enrolled speech, eval seeds 0-1)."""
     cohort_clean_level: float = 0.0
     """A clean session's cohort level (0.585, the mean over eval's clean windows): how far a
@@ -88,9 +88,9 @@ class DecisionValues:
     """Scores fall by this times how far the higher of the window's and the enrolled voices' cohort
     levels lies under ``cohort_clean_level``: a window and voiceprints that share one room's
     colouring score high whoever speaks (1.33: -0.10 at RT60 0.45 s, 18 dB; 0: off). It puts a
-    never-enrolled voice's windows at the same place on the scale in every channel (measured, eval
-    seed 0: 3 % of them reach 0.70-0.72 clean, in a room against clean voiceprints, and in a room
-    against voiceprints made there)."""
+    never-enrolled voice's windows at about the same place on the scale in every channel (offline,
+    eval seed 0, gain 2.3, levels of single windows: 3 % of them reach 0.70 clean and 0.72 in a room
+    against clean voiceprints and against voiceprints made there; gain 2.0 lowers the middle one)."""
     adapt_windows: float = 0.0
     """In-session adaptation: a voice's session voiceprint holds its latest this many confidently
     named windows (30; 0: off; ``decisions.adaptation``)."""
