@@ -258,3 +258,12 @@ def test_a_probes_cosine_to_a_provisional_voice_loses_the_shared_room_term_too()
     probe = layer._nearest_provisional(first, room)
     assert probe.label_score == pytest.approx(1.0 - room)
     assert probe.label_margin == pytest.approx(1.0 - room - first.match.score)
+
+
+def test_a_voice_scores_the_better_of_its_voiceprint_and_its_room_versions_less_the_penalty() -> None:
+    v = dataclasses.replace(GE2E, room_version_penalty=0.05)
+    clean = [("a", "Ann", 0.62), ("b", "Bob", 0.58), ("c", "Cy", 0.40)]
+    rooms = [("b", "Bob", 0.80), ("a", "Ann", 0.60)]  # Cy enrolled without room versions
+    assert policy.with_rooms(v, clean, rooms) == [("b", "Bob", pytest.approx(0.75)), ("a", "Ann", 0.62), ("c", "Cy", 0.40)]
+    assert policy.with_rooms(v, clean, []) == clean  # no room versions: the ranking as it was
+    assert policy.with_rooms(dataclasses.replace(v, room_version_penalty=0.3), clean, rooms) == clean

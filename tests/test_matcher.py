@@ -325,6 +325,36 @@ def test_from_store_uses_the_persisted_index_and_round_trips(
         assert store.load_index().ntotal == 20
 
 
+@pytest.mark.parametrize("mode", ["centroid", "top3"])
+def test_room_versions_are_a_voiceprint_of_their_own(tmp_path: Path, rng: np.random.Generator, mode: str) -> None:
+    """Multi-condition enrollment's room versions: stored marked, ranked apart from the recordings
+    (which rank exactly as without them), gone with their speaker."""
+    centres, embs = clusters(rng, speakers=3, per=4)
+    _, rooms = clusters(rng, speakers=3, per=6)  # "heard in a room": centres of their own
+    settings = MatchSettings(top_k=64, score=mode)
+    with SpeakerStore(tmp_path / "multi", fingerprint=FP, dim=DIM) as store:
+        speakers = [store.enroll(f"name{s}", embs[s], "a.wav", in_rooms=rooms[s] if s < 2 else None) for s in range(3)]
+        assert [sp.num_embeddings for sp in speakers] == [10, 10, 4]
+        assert len(store.room_version_ids()) == 12
+        index = SpeakerIndex.from_store(store, settings)
+    with SpeakerStore(tmp_path / "plain", fingerprint=FP, dim=DIM) as store:
+        for s in range(3):
+            store.enroll(f"name{s}", embs[s], "a.wav")
+        plain = SpeakerIndex.from_store(store, settings)
+    assert index.num_embeddings == 12
+    queries = normalise(np.concatenate([centres, rooms.mean(axis=1)]))
+    got, want = index.rank(queries), plain.rank(queries)
+    assert [[(c[1], round(c[2], 5)) for c in r] for r in got] == [[(c[1], round(c[2], 5)) for c in r] for r in want]
+    in_rooms = index.rank_rooms(queries)
+    assert [sorted(c[1] for c in r) for r in in_rooms] == [["name0", "name1"]] * 6  # name2 has no room versions
+    room_means = normalise(rooms[:2].mean(axis=1))
+    for q, r in zip(queries, in_rooms, strict=True):
+        assert dict((c[1], c[2]) for c in r) == pytest.approx({f"name{s}": float(room_means[s] @ q) for s in range(2)}, abs=1e-5)
+    assert index.remove(speakers[0].id)
+    assert [c[1] for c in index.rank_rooms(queries[:1])[0]] == ["name1"]
+    assert SpeakerIndex(DIM).rank_rooms(queries[:2]) == [[], []]
+
+
 def test_concurrent_updates_and_matching(rng: np.random.Generator) -> None:
     _, embs = clusters(rng, speakers=8, per=5)
     index = build(embs[:4], MatchSettings(), 0.5)

@@ -1,5 +1,6 @@
 """Multi-condition enrollment: a voice enrolled from clean files, with room versions of them, scores
-much higher when heard across a room through a table microphone than one enrolled from the files alone."""
+much higher when heard across a room through a table microphone than one enrolled from the files alone;
+the rooms come from the model bundle, so enrollment needs no room simulator."""
 
 from __future__ import annotations
 
@@ -64,13 +65,14 @@ def test_room_versions_lift_the_score_across_a_room(model, librispeech: Path, tm
     report = prepare_enrollment(SPEAKER, clips[:2], settings, bundle.features, backend.embed)
     multi = add_room_versions(report, settings, bundle.features, backend.embed, MultiConditionSettings(versions=VERSIONS))
     assert [f.path for f in multi.files] == [f.path for f in report.files]
-    assert multi.num_embeddings > (VERSIONS + 1) * 0.8 * report.num_embeddings  # every version gave windows
-    clean, rooms = _centroid(report.embeddings_matrix()), _centroid(multi.embeddings_matrix())
+    assert np.array_equal(multi.embeddings_matrix(), report.embeddings_matrix())  # the recordings' voiceprint as it was
+    assert len(multi.rooms_matrix()) > VERSIONS * 0.8 * report.num_embeddings  # every version gave windows
+    clean, rooms = _centroid(report.embeddings_matrix()), _centroid(multi.rooms_matrix())
     for i, clip in enumerate(clips[5:7]):
         heard = _through_a_room(clip, tmp_path, seed=i)
         before = _scores(heard, clean, settings, bundle, backend)
         after = _scores(heard, rooms, settings, bundle, backend)
-        # measured 0.51-0.55 -> 0.69-0.70: from far below the 0.70 threshold to about it
+        # the room versions' voiceprint alone: from far below the 0.70 threshold to about it
         assert after - before > 0.10, (clip.name, before, after)
         assert after > 0.62
 
@@ -89,3 +91,77 @@ def test_missing_pyroomacoustics_says_what_to_install(model, librispeech: Path, 
     monkeypatch.setitem(sys.modules, "pyroomacoustics", None)  # as if not installed
     with pytest.raises(RoomError, match=r"pip install 'speakerd\[rooms\]'"):
         add_room_versions(report, settings, bundle.features, backend.embed, MultiConditionSettings(versions=2))
+
+
+# -- the model bundle's room responses: enrollment through rooms with no room simulator ----------------
+
+
+@pytest.fixture(scope="module")
+def responses():
+    from speakerd.room_responses import build_responses
+
+    return build_responses(count=VERSIONS, seed=7)
+
+
+def test_the_bundles_room_responses_need_no_room_simulator(model, responses, librispeech: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, bundle, backend = model
+    clips = librispeech_speakers(librispeech)[SPEAKER]
+    report = prepare_enrollment(SPEAKER, clips[:2], settings, bundle.features, backend.embed)
+    heard = [_through_a_room(clip, tmp_path, seed=10 + i) for i, clip in enumerate(clips[5:7])]  # before it goes
+    monkeypatch.setitem(sys.modules, "pyroomacoustics", None)  # as on a Mac with the daemon's dependencies only
+    multi = add_room_versions(report, settings, bundle.features, backend.embed, MultiConditionSettings(versions=VERSIONS), responses)
+    assert len(multi.rooms_matrix()) > VERSIONS * 0.8 * report.num_embeddings
+    clean, rooms = _centroid(report.embeddings_matrix()), _centroid(multi.rooms_matrix())
+    for path in heard:
+        before = _scores(path, clean, settings, bundle, backend)
+        after = _scores(path, rooms, settings, bundle, backend)
+        assert after - before > 0.10, (path.name, before, after)
+
+
+def test_room_responses_are_whole_rooms_and_survive_a_save(responses, tmp_path: Path) -> None:
+    from speakerd.room_responses import load_responses, trimmed
+
+    assert len(responses) == VERSIONS
+    for response, rt60 in zip(responses.responses, responses.rt60_s, strict=True):
+        assert 0.25 <= rt60 <= 0.75
+        # the tail cut keeps the decay an RT60 needs (60 dB) and no more than a second of it
+        assert 0.2 * rt60 * SAMPLE_RATE < len(response) <= 1.5 * SAMPLE_RATE
+        assert np.sum(response.astype(np.float64) ** 2) > 0
+    responses.save(tmp_path / "rooms.npz")
+    loaded = load_responses(tmp_path / "rooms.npz")
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.responses, responses.responses, strict=True))
+    decay = np.exp(-np.arange(16000) / 800.0)  # energy exp(-n / 400): what remains is 60 dB down at n = 5,526
+    cut = trimmed(decay)
+    kept = np.sum(cut.astype(np.float64) ** 2) / np.sum(decay ** 2)
+    assert 1 - 1e-6 <= kept <= 1.0 and 5500 <= len(cut) <= 5560
+
+
+def test_damaged_room_responses_are_refused(tmp_path: Path) -> None:
+    from speakerd.room_responses import load_responses
+
+    path = tmp_path / "rooms.npz"
+    np.savez(path, samples=np.zeros(10, dtype=np.float32), lengths=np.array([4, 4]), rt60_s=np.array([0.3, 0.4]))
+    with pytest.raises(ValueError, match="does not hold room responses"):
+        load_responses(path)
+
+
+def test_a_bundle_without_responses_enrolls_clean_unless_rooms_were_asked_for(default_model: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch,
+                                                                               caplog: pytest.LogCaptureFixture) -> None:
+    import dataclasses
+
+    from speakerd.bundle import resolve_bundle
+    from speakerd.enroll import enrollment_rooms
+
+    bundle = dataclasses.replace(resolve_bundle(str(default_model)), path=tmp_path)  # no rooms.npz there
+    multi = MultiConditionSettings(versions=2)
+    assert enrollment_rooms(bundle, multi, asked=False) == (multi, None)  # pyroomacoustics simulates them
+    monkeypatch.setitem(sys.modules, "pyroomacoustics", None)
+    with caplog.at_level("WARNING"):
+        used, drawn = enrollment_rooms(bundle, multi, asked=False)
+    assert (used.versions, drawn) == (0, None)
+    assert "speakerd models build" in caplog.text
+    with pytest.raises(RoomError, match=r"pip install 'speakerd\[rooms\]'"):
+        enrollment_rooms(bundle, multi, asked=True)
+    assert enrollment_rooms(resolve_bundle(str(default_model)), multi, asked=True)[1] is not None  # the built bundle has them

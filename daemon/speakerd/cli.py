@@ -110,7 +110,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_enroll(args: argparse.Namespace) -> int:
-    from .enroll import add_room_versions, enroll_beside_daemon, prepare_enrollment
+    from .enroll import add_room_versions, enroll_beside_daemon, enrollment_rooms, prepare_enrollment
     from .names import check_name
     from .store import DB_NAME
 
@@ -132,17 +132,21 @@ def cmd_enroll(args: argparse.Namespace) -> int:
         backend = _backend(bundle, settings)
         held.callback(backend.close)
         report = prepare_enrollment(args.name, [Path(p) for p in args.audio], settings, bundle.features, backend.embed)
-        report = add_room_versions(report, settings, bundle.features, backend.embed, settings.enroll_rooms)
+        multi, responses = enrollment_rooms(bundle, settings.enroll_rooms, asked=args.room_versions is not None)
+        report = add_room_versions(report, settings, bundle.features, backend.embed, multi, responses)
         if store is None:
             store = held.enter_context(_open_store(args, settings)[1])
-        speaker, daemon = enroll_beside_daemon(store, args.name, report.embeddings_matrix(), ",".join(map(str, args.audio)))
+        speaker, daemon = enroll_beside_daemon(store, args.name, report.embeddings_matrix(), ",".join(map(str, args.audio)),
+                                               report.rooms_matrix())
     print(f"enrolled {speaker.name} ({speaker.id}): {report.total_speech_s:.1f} s of speech, "
           f"{report.num_embeddings} window embeddings from {len(report.files)} file(s); "
           f"{speaker.num_embeddings} embeddings stored in all")
     for f in report.files:
-        print(f"  {f.path}: {f.speech_s:.1f} s speech, {len(f.embeddings)} windows")
-    if settings.enroll_rooms.versions:
-        print(f"  windows include {settings.enroll_rooms.versions} simulated room versions of each recording (multi-condition enrollment)")
+        rooms = f", {len(f.in_rooms)} through rooms" if f.in_rooms is not None else ""
+        print(f"  {f.path}: {f.speech_s:.1f} s speech, {len(f.embeddings)} windows{rooms}")
+    if multi.versions:
+        print(f"  each recording was also heard through {multi.versions} simulated rooms: a voiceprint for the voice "
+              f"across a room from a table microphone (multi-condition enrollment; --room-versions 0: none)")
     if report.consistency:
         worst = min(report.consistency)
         verdict = "consistent" if worst >= 0.6 else "INCONSISTENT: check that every file is the same person"
@@ -358,7 +362,8 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     enroll.add_argument("--backend", choices=("auto", "onnx", "coreml"))
     enroll.add_argument("--room-versions", type=int, metavar="N",
                         help="multi-condition enrollment: also embed each recording through N simulated rooms, so the voice "
-                             "is recognised across a room from a table microphone (default enroll_rooms.versions; needs pyroomacoustics)")
+                             "is recognised across a room from a table microphone; 0: the recordings as they are (default "
+                             "enroll_rooms.versions, 2; the rooms come with the model bundle)")
     enroll.set_defaults(func=cmd_enroll)
 
     speakers = sub.add_parser(

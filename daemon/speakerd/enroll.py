@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from .audio import SAMPLE_RATE, seconds
+from .bundle import ModelBundle
 from .errors import SpeakerdError, check
+from .room_responses import RoomResponses, bundle_responses
 from .rooms import MultiConditionSettings
 from .settings import Settings
 from .sources import FileSource
@@ -59,6 +61,8 @@ class FileEmbeddings:
     embeddings: np.ndarray
     speech_s: float
     windows: list[Window]
+    in_rooms: np.ndarray | None = None
+    """The file's windows heard through simulated rooms (``add_room_versions``), if any."""
 
 
 def file_windows(path: Path, settings: Settings, features) -> tuple[list[Window], float]:  # noqa: ANN001
@@ -132,6 +136,11 @@ class EnrollReport:
     def embeddings_matrix(self) -> np.ndarray:
         return np.concatenate([f.embeddings for f in self.files])
 
+    def rooms_matrix(self) -> np.ndarray | None:
+        """Every file's room versions' embeddings, or None without multi-condition enrollment."""
+        found = [f.in_rooms for f in self.files if f.in_rooms is not None and len(f.in_rooms)]
+        return np.concatenate(found) if found else None
+
 
 def _centroid(embs: np.ndarray) -> np.ndarray:
     c = embs.mean(axis=0)
@@ -191,8 +200,10 @@ def prepare_enrollment(
     return EnrollReport(name=name, files=files, consistency=consistency, total_speech_s=total)
 
 
-def enroll_beside_daemon(store: SpeakerStore, name: str, embeddings: np.ndarray, source: str) -> tuple[Speaker, Holder | None]:
-    """Write an enrollment so that a daemon serving the store sees it; returns the speaker and that daemon.
+def enroll_beside_daemon(store: SpeakerStore, name: str, embeddings: np.ndarray, source: str,
+                         in_rooms: np.ndarray | None = None) -> tuple[Speaker, Holder | None]:
+    """Write an enrollment (and its room versions' embeddings) so that a daemon serving the store sees
+    it; returns the speaker and that daemon.
 
     With no daemon, under the store lock (a daemon starting meanwhile waits, then reads it). With a
     daemon holding the store, beside it (SQLite takes a second writer) and then SIGHUP to that
@@ -205,7 +216,7 @@ def enroll_beside_daemon(store: SpeakerStore, name: str, embeddings: np.ndarray,
     except StoreBusy as busy:
         if busy.holder is None or not busy.holder.is_daemon:
             raise
-        speaker = store.enroll(name, embeddings, source=source)
+        speaker = store.enroll(name, embeddings, source, in_rooms)
         try:
             os.kill(busy.holder.pid, signal.SIGHUP)
         except OSError as exc:
@@ -215,7 +226,31 @@ def enroll_beside_daemon(store: SpeakerStore, name: str, embeddings: np.ndarray,
             ) from None
         return speaker, busy.holder
     with lock:
-        return store.enroll(name, embeddings, source=source), None
+        return store.enroll(name, embeddings, source, in_rooms), None
+
+
+def enrollment_rooms(bundle: ModelBundle, multi: MultiConditionSettings, asked: bool) -> tuple[MultiConditionSettings, RoomResponses | None]:
+    """The rooms multi-condition enrollment puts recordings through: the bundle's room responses, else
+    rooms simulated anew. A bundle without responses (built before them) and no pyroomacoustics:
+    the error that says how to get them when ``asked`` for (``--room-versions``), else clean
+    recordings only, with a warning, as enrollment was before rooms came in by default."""
+    if multi.versions == 0:
+        return multi, None
+    responses = bundle_responses(bundle)
+    if responses is not None:
+        return multi, responses
+    from . import rooms
+
+    try:
+        rooms.pyroomacoustics()
+    except rooms.RoomError:
+        if asked:
+            raise
+        logger.warning("model %s has no room responses and pyroomacoustics is not installed: enrolling from the clean "
+                       "recordings only, which match less well across a room (rebuild the model with `speakerd models "
+                       "build %s`, or pip install 'speakerd[rooms]')", bundle.name, bundle.name)
+        return dataclasses.replace(multi, versions=0), None
+    return multi, None
 
 
 def add_room_versions(
@@ -224,12 +259,15 @@ def add_room_versions(
     features,  # noqa: ANN001
     embed: Callable[[np.ndarray], np.ndarray],
     multi: MultiConditionSettings,
+    responses: RoomResponses | None = None,
 ) -> EnrollReport:
     """Multi-condition enrollment: every recording also through ``multi.versions`` simulated rooms.
 
     A voiceprint from a clean file alone scores low through a table microphone across a room; its
-    windows heard through rooms and noise (kept beside the clean ones) make it match there. Each
-    version goes through the same VAD and windows as the file itself. Needs pyroomacoustics.
+    windows heard through rooms and noise (``FileEmbeddings.in_rooms``, a voiceprint of their own
+    beside the clean one) make it match there. Each version goes through the same VAD and windows
+    as the file itself. The rooms are ``responses`` (the model bundle's), or simulated anew without
+    them (needs pyroomacoustics).
     """
     if multi.versions == 0:
         return report
@@ -240,21 +278,24 @@ def add_room_versions(
 
     from . import rooms
 
-    rooms.pyroomacoustics()  # say what is missing before any work
+    if responses is None:
+        rooms.pyroomacoustics()  # say what is missing before any work
     files: list[FileEmbeddings] = []
     with tempfile.TemporaryDirectory(prefix="speakerd-rooms-") as tmp:
         for f in report.files:
             audio = _read_16k(f.path, settings)
-            extra = [f.embeddings]
-            for k, version in enumerate(rooms.room_versions(audio, multi, seed=zlib.crc32(f.path.name.encode()))):
+            extra: list[np.ndarray] = []
+            drawn = None if responses is None else responses.responses
+            versions = rooms.room_versions(audio, multi, zlib.crc32(f.path.name.encode()), drawn)
+            for k, version in enumerate(versions):
                 wav = Path(tmp) / f"version-{k}.wav"
                 sf.write(str(wav), version, SAMPLE_RATE, subtype="FLOAT")
                 windows, _ = file_windows(wav, settings, features)
                 if windows:
                     extra.append(embed_windows(windows, embed))
             logger.info("%s: %d room versions, %d embeddings beside %d clean", f.path.name, multi.versions,
-                        sum(map(len, extra[1:])), len(f.embeddings))
-            files.append(dataclasses.replace(f, embeddings=np.concatenate(extra)))
+                        sum(map(len, extra)), len(f.embeddings))
+            files.append(dataclasses.replace(f, in_rooms=np.concatenate(extra) if extra else None))
     return dataclasses.replace(report, files=files)
 
 

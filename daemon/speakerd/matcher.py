@@ -6,6 +6,12 @@ scores are cosine similarities in [-1, 1]. A window is scored against each *spea
 embedding: the ``top_k`` nearest embeddings are fetched in one faiss call for the whole batch and
 grouped by speaker (``max`` or ``top3``), or the window is compared with each speaker's normalised
 mean embedding (``centroid``, exact over all speakers; faiss is not needed for that).
+
+Embeddings of a speaker's recordings heard through simulated rooms (multi-condition enrollment,
+``store.ROOM_VERSION``) are a voiceprint of their own: ``rank`` scores the recordings as they are,
+``rank_rooms`` the room versions, and the decision layer takes the better of the two
+(``decisions.policy.with_rooms``). Averaged into one voiceprint they cost clean speech: the mean
+moved towards "heard in a room" and clean windows scored under the threshold.
 """
 
 from __future__ import annotations
@@ -73,6 +79,41 @@ def _normalise(matrix: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(matrix / np.maximum(norms, np.finfo(np.float32).tiny), dtype=np.float32)
 
 
+class _Centroids:
+    """Each speaker's normalised mean embedding, searchable in one faiss call; rebuilt when stale.
+    Not numpy: a (8, d) @ (d, n) matmul lets OpenBLAS start its own threads, which on busy cores
+    measured 20 ms median against 0.2 ms for faiss with one thread."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.ids: list[str] = []
+        self.matrix = np.zeros((0, dim), dtype=np.float32)
+        self._index = faiss.IndexFlatIP(dim)
+        self.stale = False
+
+    def refresh(self, vectors: dict[str, np.ndarray]) -> None:
+        if self.stale:
+            self.ids = list(vectors)
+            means = [vectors[s].mean(axis=0) for s in self.ids]
+            self.matrix = _normalise(np.array(means, dtype=np.float32).reshape(-1, self.dim))
+            self._index = faiss.IndexFlatIP(self.dim)
+            self._index.add(self.matrix)
+            self.stale = False
+
+    def search(self, queries: np.ndarray) -> list[list[tuple[str, float]]]:
+        """Per query: (speaker id, cosine) for every speaker, best first."""
+        if not self.ids:
+            return [[] for _ in range(len(queries))]
+        sims, rows = self._index.search(queries, len(self.ids))
+        return [
+            [(self.ids[j], s) for s, j in zip(row_sims, row_ids, strict=True)]
+            for row_sims, row_ids in zip(sims.astype(np.float64).tolist(), rows.tolist(), strict=True)
+        ]
+
+    def score(self, speaker_id: str, query: np.ndarray) -> float:
+        return float(self.matrix[self.ids.index(speaker_id)] @ query)
+
+
 class SpeakerIndex:
     """Enrolled speakers' embeddings in memory, searchable in batches. Thread-safe (one lock)."""
 
@@ -88,10 +129,10 @@ class SpeakerIndex:
         self._vectors: dict[str, np.ndarray] = {}  # speaker id -> (m, dim) normalised
         self._emb_ids: dict[str, np.ndarray] = {}  # speaker id -> its embedding ids
         self._next_local_id = LOCAL_ID_BASE
-        self._centroid_ids: list[str] = []
-        self._centroids = np.zeros((0, self.dim), dtype=np.float32)
-        self._centroid_index = faiss.IndexFlatIP(self.dim)
-        self._centroids_dirty = False
+        self._centroids = _Centroids(self.dim)
+        self._rooms: dict[str, np.ndarray] = {}  # speaker id -> room versions' embeddings, normalised
+        self._room_ids: dict[str, np.ndarray] = {}
+        self._room_centroids = _Centroids(self.dim)
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -104,6 +145,7 @@ class SpeakerIndex:
         for _ in range(FROM_STORE_ATTEMPTS):
             index = store.load_index()
             row_ids, owners = store.embedding_owners()
+            in_rooms = store.room_version_ids()
             names = {s.id: s.name for s in store.speakers()}
             index_ids = faiss.vector_to_array(index.id_map).astype(np.int64)
             if np.array_equal(np.sort(index_ids), row_ids) and set(owners) <= set(names):
@@ -113,21 +155,30 @@ class SpeakerIndex:
             raise StoreError(f"the speaker store in {store.directory} kept changing while it was loaded")
 
         built = cls(store.dim, settings)
-        built._index = index
         flat = faiss.downcast_index(index.index)
         # IndexFlat stores vectors in insertion order, the same order as id_map.
         vectors = faiss.vector_to_array(flat.codes).view(np.float32).reshape(-1, store.dim)
         owner_of = dict(zip(row_ids.tolist(), owners, strict=True))
+        room = set(in_rooms.tolist())
         rows_of: dict[str, list[int]] = {}
+        room_rows_of: dict[str, list[int]] = {}
         for row, emb_id in enumerate(index_ids.tolist()):
-            rows_of.setdefault(owner_of[emb_id], []).append(row)
+            (room_rows_of if emb_id in room else rows_of).setdefault(owner_of[emb_id], []).append(row)
         for speaker_id, rows in rows_of.items():  # a speaker left with no embeddings cannot match
             built._names[speaker_id] = names[speaker_id]
             built._vectors[speaker_id] = np.ascontiguousarray(vectors[rows])
             built._emb_ids[speaker_id] = index_ids[rows]
-        built._owner = owner_of
-        built._centroids_dirty = True
-        logger.info("speaker index: %d speakers, %d embeddings", len(built._names), index.ntotal)
+        for speaker_id, rows in room_rows_of.items():
+            if speaker_id in built._names:  # room versions alone are no voiceprint
+                built._rooms[speaker_id] = np.ascontiguousarray(vectors[rows])
+                built._room_ids[speaker_id] = index_ids[rows]
+        if room:  # the neighbour search (max, top3) sees the recordings as they are, as rank does
+            index.remove_ids(np.fromiter(room, dtype=np.int64))
+        built._index = index
+        built._owner = {i: o for i, o in owner_of.items() if i not in room}
+        built._centroids.stale = built._room_centroids.stale = True
+        logger.info("speaker index: %d speakers, %d embeddings (%d more through simulated rooms)", len(built._names),
+                    index.ntotal, len(room))
         return built
 
     def _prepare(self, embeddings: np.ndarray, what: str) -> np.ndarray:
@@ -162,7 +213,7 @@ class SpeakerIndex:
             self._vectors[speaker_id] = np.concatenate([self._vectors.get(speaker_id, matrix[:0]), matrix])
             self._emb_ids[speaker_id] = np.concatenate([self._emb_ids.get(speaker_id, new_ids[:0]), new_ids])
             self._owner.update((i, speaker_id) for i in new_ids.tolist())
-            self._centroids_dirty = True
+            self._centroids.stale = True
 
     def remove(self, speaker_id: str) -> bool:
         """Forget a speaker; False if it was not there."""
@@ -174,7 +225,9 @@ class SpeakerIndex:
             for i in ids.tolist():
                 del self._owner[i]
             del self._names[speaker_id], self._vectors[speaker_id]
-            self._centroids_dirty = True
+            self._rooms.pop(speaker_id, None)
+            self._room_ids.pop(speaker_id, None)
+            self._centroids.stale = self._room_centroids.stale = True
             return True
 
     def rename(self, speaker_id: str, name: str) -> None:
@@ -211,29 +264,14 @@ class SpeakerIndex:
         best = sims[:TOP_N]
         return sum(best) / len(best)
 
-    def _refresh_centroids(self) -> None:
-        if self._centroids_dirty:
-            self._centroid_ids = list(self._vectors)
-            means = [self._vectors[s].mean(axis=0) for s in self._centroid_ids]
-            self._centroids = _normalise(np.array(means, dtype=np.float32).reshape(-1, self.dim))
-            self._centroid_index = faiss.IndexFlatIP(self.dim)
-            self._centroid_index.add(self._centroids)
-            self._centroids_dirty = False
-
     def _candidates(self, queries: np.ndarray) -> list[list[tuple[str, float]]]:
         """Per query: (speaker id, score) for every candidate speaker, best first."""
         if not self._names:
             return [[] for _ in range(len(queries))]
-        # Not numpy: a (8, d) @ (d, n) matmul lets OpenBLAS start its own threads, which on busy
-        # cores measured 20 ms median against 0.2 ms for faiss with one thread.
         faiss.omp_set_num_threads(self.settings.faiss_threads)  # an OpenMP ICV of this thread only
         if self.settings.score == "centroid":
-            self._refresh_centroids()
-            sims, rows = self._centroid_index.search(queries, len(self._centroid_ids))
-            return [
-                [(self._centroid_ids[j], s) for s, j in zip(row_sims, row_ids, strict=True)]
-                for row_sims, row_ids in zip(sims.astype(np.float64).tolist(), rows.tolist(), strict=True)
-            ]
+            self._centroids.refresh(self._vectors)
+            return self._centroids.search(queries)
         k = min(self.settings.top_k, int(self._index.ntotal))
         sims, ids = self._index.search(queries, k)  # one call for the whole batch
         out = []
@@ -256,6 +294,18 @@ class SpeakerIndex:
                 return []
             names = self._names
             return [[(spk, names[spk], score) for spk, score in c] for c in self._candidates(queries)]
+
+    def rank_rooms(self, embeddings: np.ndarray) -> list[list[Candidate]]:
+        """As ``rank``, against each speaker's room versions' mean (multi-condition enrollment), for
+        the speakers that have them (empty lists when none has)."""
+        queries = self._prepare(embeddings, "embeddings")
+        with self._lock:
+            if not self._rooms:
+                return [[] for _ in range(len(queries))]
+            faiss.omp_set_num_threads(self.settings.faiss_threads)
+            self._room_centroids.refresh(self._rooms)
+            names = self._names
+            return [[(spk, names[spk], score) for spk, score in c] for c in self._room_centroids.search(queries)]
 
     def embeddings_of(self, speaker_id: str) -> np.ndarray | None:
         """A copy of an enrolled speaker's normalised embeddings (m, dim), or None."""
@@ -285,8 +335,8 @@ class SpeakerIndex:
             if speaker_id not in self._names:
                 raise KeyError(speaker_id)
             if self.settings.score == "centroid":
-                self._refresh_centroids()
-                return float(self._centroids[self._centroid_ids.index(speaker_id)] @ query)
+                self._centroids.refresh(self._vectors)
+                return self._centroids.score(speaker_id, query)
             sims = np.sort(self._vectors[speaker_id] @ query)[::-1]
             return float(self._aggregate(sims.astype(np.float64).tolist()))
 

@@ -32,6 +32,7 @@ from .store import (
     DB_NAME,
     FILE_MODE,
     INDEX_NAME,
+    ROOM_VERSION,
     SCHEMA,
     SCHEMA_VERSION,
     SPEAKER_ID_PREFIX,
@@ -46,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 PLACEHOLDER_PREFIX = "recovered-"
 ASIDE_PREFIX = "before-recover-"
+FROM_INDEX = "recovered from index.faiss"
+"""Source of an embedding the database lost and the index kept."""
 COMMAND = "speakerd speakers recover"
 LOCK_WAIT_S = 10.0
 MAX_UNITS = 4_000
@@ -242,6 +245,33 @@ def group_by_voice(ids: np.ndarray, vectors: np.ndarray, settings: RecoverSettin
     return sorted(groups, key=lambda g: int(g[0]))
 
 
+def _room_version_ids(stamp: dict[str, object], rows: dict[int, tuple[str | None, bytes, str, float]]) -> set[int]:
+    """Ids of room-version embeddings (multi-condition enrollment): marked in their source where the
+    database kept it, else listed by the index's stamp (``store.id_runs``)."""
+    out = {i for i, r in rows.items() if r[2].startswith(ROOM_VERSION)}
+    runs = stamp.get("room_versions")
+    if isinstance(runs, list):
+        for run in runs:
+            if isinstance(run, list) and len(run) == 2 and all(isinstance(x, int) for x in run):
+                out.update(i for i in range(run[0], run[1] + 1) if i in rows)
+    return out
+
+
+def _with_room_versions(groups: list[np.ndarray], room_ids: list[int]) -> list[np.ndarray]:
+    """Each room-version embedding joined to the group of the nearest id before it: one enrollment
+    writes a recording's windows and then their room versions under consecutive ids, so that is
+    the same voice (regrouping them by similarity split one voice into its clean and room halves)."""
+    if not room_ids or not groups:
+        return groups
+    firsts = sorted((int(i), g) for g, group in enumerate(groups) for i in group.tolist())
+    keys = [i for i, _ in firsts]
+    extra: dict[int, list[int]] = {}
+    for i in room_ids:
+        k = max(0, int(np.searchsorted(keys, i)) - 1)
+        extra.setdefault(firsts[k][1], []).append(i)
+    return [np.asarray(sorted([*group.tolist(), *extra.get(g, [])]), dtype=np.int64) for g, group in enumerate(groups)]
+
+
 def _move_aside(directory: Path) -> Path:
     aside = directory / (ASIDE_PREFIX + time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()))
     suffix = 1
@@ -337,16 +367,21 @@ def _recover(directory: Path, fingerprint: str, dim: int, settings: RecoverSetti
         if len(blob) != 4 * data_dim:  # not in the database, or damaged there: the index's copy
             if i not in from_index:
                 continue
-            blob, source = from_index[i].astype("<f4").tobytes(), source or "recovered from index.faiss"
+            blob, source = from_index[i].astype("<f4").tobytes(), source or FROM_INDEX
         rows[i] = (owner, blob, source, created or time.time())
     speakers = {sid: name for sid, name in salvage.names.items() if any(r[0] == sid for r in rows.values())}
     # rows whose owner is known but whose name was lost stay together; the rest are grouped by voice
     groups = [np.asarray(sorted(i for i, r in rows.items() if r[0] == sid)) for sid in
               sorted({r[0] for r in rows.values() if r[0] is not None and r[0] not in speakers})]
-    orphans = np.asarray([i for i, r in rows.items() if r[0] is None], dtype=np.int64)
+    in_rooms = _room_version_ids(stamp, rows)
+    for i in in_rooms:  # the database's mark, or the stamp's for what only the index kept
+        if not rows[i][2].startswith(ROOM_VERSION):
+            rows[i] = (rows[i][0], rows[i][1], ROOM_VERSION + rows[i][2], rows[i][3])
+    orphans = np.asarray([i for i, r in rows.items() if r[0] is None and i not in in_rooms], dtype=np.int64)
     if len(orphans):
         matrix = np.stack([np.frombuffer(rows[i][1], dtype="<f4") for i in orphans.tolist()])
         groups += group_by_voice(orphans, matrix, settings)
+    groups = _with_room_versions(groups, sorted(i for i in in_rooms if rows[i][0] is None))
     placeholders: dict[str, int] = {}
     taken = set(speakers.values())
     counter = 0

@@ -51,6 +51,10 @@ TEMP_GRACE_SECONDS = 1.0
 (The grace covers the instant between a writer creating its temp file and locking it.)"""
 TEMP_PREFIX = ".index-"
 SPEAKER_ID_PREFIX = "spk-"
+ROOM_VERSION = "room version of "
+"""``source`` prefix of an embedding of a recording heard through a simulated room (multi-condition
+enrollment): the matcher keeps those as a voiceprint of their own (``matcher.SpeakerIndex``). A
+speakerd from before them reads them as ordinary embeddings."""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
@@ -100,6 +104,19 @@ class Speaker:
 def default_store_dir() -> Path:
     """Where the store lives unless ``--store`` says otherwise."""
     return data_dir() / "store"
+
+
+def id_runs(ids: np.ndarray) -> list[list[int]]:
+    """Ascending ids as [first, last] runs of consecutive ids: what the stamp keeps of the room
+    versions' ids (one enrollment writes them consecutively), so ``speakers recover`` can tell them
+    apart when the database is lost."""
+    runs: list[list[int]] = []
+    for i in np.asarray(ids, dtype=np.int64).tolist():
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return runs
 
 
 def _ids_checksum(ids: np.ndarray) -> str:
@@ -424,12 +441,17 @@ class SpeakerStore:
             raise StoreError("embeddings contain an all-zero vector")
         return matrix
 
-    def enroll(self, name: str, embeddings: np.ndarray, source: str) -> Speaker:
+    def enroll(self, name: str, embeddings: np.ndarray, source: str, in_rooms: np.ndarray | None = None) -> Speaker:
         """Create speaker ``name`` or append to it, in one transaction; then update the index.
 
-        Vectors are stored as the model produced them (float32); the index holds them normalised.
+        ``in_rooms``: embeddings of the same recordings heard through simulated rooms, stored with
+        their source marked ``ROOM_VERSION``. Vectors are stored as the model produced them
+        (float32); the index holds them normalised.
         """
         matrix = self._check_embeddings(embeddings)
+        rooms = self._check_embeddings(in_rooms) if in_rooms is not None and len(in_rooms) else matrix[:0]
+        sources = [source] * len(matrix) + [ROOM_VERSION + source] * len(rooms)
+        matrix = np.concatenate([matrix, rooms])
         now = time.time()
         with self._lock:
             with self._write() as conn:
@@ -445,11 +467,11 @@ class SpeakerStore:
                     speaker_id = existing[0]
                     conn.execute("UPDATE speakers SET updated = ? WHERE id = ?", (now, speaker_id))
                 new_ids = []
-                for row in matrix:
+                for row, row_source in zip(matrix, sources, strict=True):
                     cur = conn.execute(
                         "INSERT INTO embeddings(speaker_id, model_fingerprint, dim, vector, source, created) "
                         "VALUES (?, ?, ?, ?, ?, ?)",
-                        (speaker_id, self.fingerprint, self.dim, row.tobytes(), source, now),
+                        (speaker_id, self.fingerprint, self.dim, row.tobytes(), row_source, now),
                     )
                     new_ids.append(cur.lastrowid)
                 speaker = self._require(conn, speaker_id)
@@ -515,6 +537,13 @@ class SpeakerStore:
             rows = self._conn.execute("SELECT id, speaker_id FROM embeddings ORDER BY id").fetchall()
         return np.asarray([r[0] for r in rows], dtype=np.int64), [r[1] for r in rows]
 
+    def room_version_ids(self) -> np.ndarray:
+        """Row ids of the embeddings heard through simulated rooms (``ROOM_VERSION``), ascending."""
+        with self._lock:
+            rows = self._conn.execute("SELECT id FROM embeddings WHERE substr(source, 1, ?) = ? ORDER BY id",
+                                      (len(ROOM_VERSION), ROOM_VERSION)).fetchall()
+        return np.asarray([r[0] for r in rows], dtype=np.int64)
+
     def _sqlite_ids(self) -> np.ndarray:
         with self._lock:
             return np.asarray([r[0] for r in self._conn.execute("SELECT id FROM embeddings")], dtype=np.int64)
@@ -538,6 +567,7 @@ class SpeakerStore:
             "max_id": int(ids.max()) if len(ids) else 0,
             "ids_sha256": _ids_checksum(ids),
             "index_sha256": index_sha256,
+            "room_versions": id_runs(self.room_version_ids()),
         }
 
     def _open_index(self) -> faiss.IndexIDMap2:

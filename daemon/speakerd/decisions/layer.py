@@ -41,7 +41,8 @@ Embedded = EmbeddedWindow | SpeechStart | SpeechEnd
 
 class Ranker(Protocol):
     """Enrolled speakers ranked per embedding, best first (``matcher.SpeakerIndex``). A ranker that
-    also has ``embeddings_of(speaker_id) -> ndarray | None`` lets the cohort compensate its scores."""
+    also has ``embeddings_of(speaker_id) -> ndarray | None`` lets the cohort compensate its scores,
+    and one with ``rank_rooms(embeddings)`` adds its voices' room versions (``policy.with_rooms``)."""
 
     def rank(self, embeddings: np.ndarray) -> list[list[Candidate]]: ...
 
@@ -116,6 +117,15 @@ class DecisionLayer:
         """``rank``, and each embedding's cohort level (None without a cohort); ``level`` given:
         compensate at that level instead of the embeddings' own. The levels of the ``regular``
         ones (a window's, not a probe's) join the session's level first (``_room``)."""
+        rankings, level = self._compensated(embeddings, level, regular)
+        rank_rooms = getattr(self.ranker, "rank_rooms", None)
+        if rank_rooms is not None:
+            rankings = [policy.with_rooms(self.values, r, rooms) for r, rooms in zip(rankings, rank_rooms(embeddings), strict=True)]
+        return rankings, level
+
+    def _compensated(self, embeddings: np.ndarray, level: np.ndarray | None,
+                     regular: Sequence[bool]) -> tuple[list[list[Candidate]], np.ndarray | None]:
+        """The ranker's candidates compensated for the channel (``_rank``'s first half)."""
         rankings = self.ranker.rank(embeddings)
         v = self.values
         if self.cohort is None or v.cohort_top_n < 1:

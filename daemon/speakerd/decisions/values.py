@@ -91,6 +91,10 @@ class DecisionValues:
     never-enrolled voice's windows at about the same place on the scale in every channel (offline,
     eval seed 0, gain 2.3, levels of single windows: 3 % of them reach 0.70 clean and 0.72 in a room
     against clean voiceprints and against voiceprints made there; gain 2.0 lowers the middle one)."""
+    room_version_penalty: float = 0.0
+    """A voice's room versions (multi-condition enrollment) score this much less than its clean
+    voiceprint: voices nobody enrolled, heard through a room, come nearer to voiceprints made through
+    rooms too (0.05: eval's room, seed 0, never-enrolled speech named 43 % at 0; 0: counted as they are)."""
     adapt_windows: float = 0.0
     """In-session adaptation: a voice's session voiceprint holds its latest this many confidently
     named windows (30; 0: off; ``decisions.adaptation``)."""
@@ -117,12 +121,13 @@ class DecisionValues:
         return dataclasses.asdict(self)
 
 
-MARGINS = frozenset({"relaxed_margin", "uncertain_band", "uncertain_margin", "decisive_margin", "tentative_margin", "departure_drop", "adapt_margin", "adapt_penalty"})
+MARGINS = frozenset({"relaxed_margin", "uncertain_band", "uncertain_margin", "decisive_margin", "tentative_margin", "departure_drop",
+                     "room_version_penalty", "adapt_margin", "adapt_penalty"})
 """Values that are differences of cosines (within 0 to 2); the rest are cosines (within -1 to 1)."""
 WITHIN = {"cohort_top_n": 1000.0, "cohort_gain": 10.0, "room_join_lift": 10.0, "room_score_penalty": 10.0, "adapt_windows": 1000.0}
 """Values that are neither cosines nor margins: a count and a factor (within 0 and the number given)."""
 OPTIONAL = frozenset({"cohort_top_n", "cohort_gain", "cohort_clean_level", "room_join_lift", "room_score_penalty",
-                      "adapt_windows", "adapt_margin", "adapt_penalty"})
+                      "room_version_penalty", "adapt_windows", "adapt_margin", "adapt_penalty"})
 """Values a model may leave out: cohort compensation and in-session adaptation are then off."""
 
 
@@ -155,6 +160,7 @@ class DecisionOverrides:
     cohort_clean_level: float | None = None
     room_join_lift: float | None = None
     room_score_penalty: float | None = None
+    room_version_penalty: float | None = None
     adapt_windows: float | None = None
     adapt_margin: float | None = None
     adapt_penalty: float | None = None

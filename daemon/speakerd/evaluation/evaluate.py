@@ -483,19 +483,22 @@ def enroll_store(directory: Path, enroll: dict[str, list[Path]], settings: Any, 
                  room_versions: int = 0) -> Any:
     """A fresh store with every enrolled speaker, through the real enrollment path; its index.
 
-    ``room_versions``: multi-condition enrollment, each clip also through that many simulated rooms.
+    ``room_versions``: multi-condition enrollment, each clip also through that many of the bundle's
+    room responses (simulated anew when it has none), as ``speakerd enroll`` does by default.
     """
     from ..enroll import add_room_versions, prepare_enrollment
     from ..matcher import SpeakerIndex
+    from ..room_responses import bundle_responses
     from ..rooms import MultiConditionSettings
     from ..store import SpeakerStore
 
     multi = MultiConditionSettings(versions=room_versions)
+    responses = bundle_responses(bundle) if room_versions else None  # as `speakerd enroll` does
     with SpeakerStore(directory, fingerprint=bundle.fingerprint, dim=bundle.embedding_dim) as store:
         for spk, paths in sorted(enroll.items()):
             report = prepare_enrollment(NAME_PREFIX + spk, paths, settings, bundle.features, backend.embed)
-            report = add_room_versions(report, settings, bundle.features, backend.embed, multi)
-            store.enroll(NAME_PREFIX + spk, report.embeddings_matrix(), source=",".join(map(str, paths)))
+            report = add_room_versions(report, settings, bundle.features, backend.embed, multi, responses)
+            store.enroll(NAME_PREFIX + spk, report.embeddings_matrix(), ",".join(map(str, paths)), report.rooms_matrix())
         return SpeakerIndex.from_store(store, settings.matching)
 
 

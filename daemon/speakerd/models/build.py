@@ -9,6 +9,7 @@ needs no network. torch and onnx are imported only inside the build functions, s
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -44,6 +45,10 @@ from ..bundle import (
     kept_decision,
     write_manifest,
 )
+from ..room_responses import ARTIFACT as ROOMS_ARTIFACT
+from ..room_responses import FILE as ROOMS_FILE
+from ..room_responses import SOURCE as ROOMS_SOURCE
+
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = "cache"
@@ -173,6 +178,7 @@ GE2E_DECISION = {
     "cohort_clean_level": 0.585,
     "room_join_lift": 0.4,
     "room_score_penalty": 1.33,
+    "room_version_penalty": 0.05,
     "adapt_windows": 30,
     "adapt_margin": 0.05,
     "adapt_penalty": 0.05,
@@ -288,7 +294,7 @@ def build_ge2e_resemblyzer(
             embedding_dim=256,
             features=GE2E_RECIPE,
             fingerprint=ge2e_fingerprint(actual_sha),
-            artifacts={"onnx": ONNX_FILE, "coreml": COREML_DIR, COHORT_ARTIFACT: COHORT_FILE},
+            artifacts={"onnx": ONNX_FILE, "coreml": COREML_DIR, COHORT_ARTIFACT: COHORT_FILE, ROOMS_ARTIFACT: ROOMS_FILE},
             io={"input": "feats", "output": "embs"},
             window_frames=frames,
             description=GE2E_DESCRIPTION,
@@ -299,6 +305,7 @@ def build_ge2e_resemblyzer(
                 "weights_sha256": actual_sha,
                 "license": GE2E_LICENSE,
                 "cohort": COHORT_SOURCE,
+                "rooms": ROOMS_SOURCE,
             },
         )
         write_manifest(bundle)
@@ -307,6 +314,7 @@ def build_ge2e_resemblyzer(
         steps.close()
     logger.info("built %s: %s (%s)", GE2E_NAME, onnx_path, bundle.fingerprint)
     build_bundle_cohort(load_bundle(out_dir))
+    build_bundle_rooms(load_bundle(out_dir))
     return load_bundle(out_dir)
 
 
@@ -321,12 +329,34 @@ def cohort_audio() -> Path:
     return Path(os.environ.get(COHORT_AUDIO_ENV, default))
 
 
-def ensure_cohort(name: str) -> Path | None:
-    """``scripts/setup``: build the cohort of an already built bundle that has none yet."""
+def ensure_artifacts(name: str) -> None:
+    """``scripts/setup``: build the background cohort and the room responses of an already built
+    bundle that has them in its manifest but not on disk (built before they existed)."""
     bundle = load_bundle(models_root() / name)
-    if COHORT_ARTIFACT not in bundle.artifacts or bundle.artifact(COHORT_ARTIFACT) is not None:
-        return bundle.artifact(COHORT_ARTIFACT)
-    return build_bundle_cohort(bundle)
+    if COHORT_ARTIFACT in bundle.artifacts and bundle.artifact(COHORT_ARTIFACT) is None:
+        build_bundle_cohort(bundle)
+    if bundle.artifact(ROOMS_ARTIFACT) is None:
+        build_bundle_rooms(bundle)
+
+
+def build_bundle_rooms(bundle: ModelBundle) -> Path | None:
+    """The bundle's room responses for multi-condition enrollment (``room_responses``), added to its
+    manifest; None (with a warning) without pyroomacoustics: enrollment then simulates its rooms."""
+    from ..room_responses import build_responses
+    from ..rooms import RoomError
+
+    try:
+        responses = build_responses()
+    except RoomError as exc:
+        logger.warning("no room responses built (%s); multi-condition enrollment will need pyroomacoustics", exc)
+        return None
+    path = bundle.path / bundle.artifacts.get(ROOMS_ARTIFACT, ROOMS_FILE)
+    responses.save(path)
+    if ROOMS_ARTIFACT not in bundle.artifacts:
+        write_manifest(dataclasses.replace(bundle, artifacts={**bundle.artifacts, ROOMS_ARTIFACT: ROOMS_FILE},
+                                           source={**bundle.source, "rooms": ROOMS_SOURCE}))
+    logger.info("room responses: %d rooms in %s", len(responses), path)
+    return path
 
 
 def build_bundle_cohort(bundle: ModelBundle, audio_dir: Path | None = None) -> Path | None:
