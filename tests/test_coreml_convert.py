@@ -318,15 +318,15 @@ def tiny_lstm(seed: int = 0) -> nn.Module:
 
 
 def test_ge2e_conversion_writes_one_fixed_package_per_length(tmp_path: Path) -> None:
-    out = convert_ge2e_coreml(tiny_lstm(), tmp_path, [30, 20, 30])
+    out = convert_ge2e_coreml(tiny_lstm(), tmp_path, [9, 6, 9])
     assert out == tmp_path / "coreml"
-    assert sorted(p.name for p in out.iterdir()) == ["frames-20.mlpackage", "frames-30.mlpackage"]
+    assert sorted(p.name for p in out.iterdir()) == ["frames-6.mlpackage", "frames-9.mlpackage"]
     assert [p.name for p in tmp_path.iterdir()] == ["coreml"]  # no staging left behind
     served = read_package_set(out, feat_dim=40, embedding_dim=8)
     assert served.layout == "per-length"
-    assert served.window_frames == (20, 30)
-    assert {p.name: f for p, f in served.packages.items()} == {"frames-20.mlpackage": (20,), "frames-30.mlpackage": (30,)}
-    for frames in (20, 30):
+    assert served.window_frames == (6, 9)
+    assert {p.name: f for p, f in served.packages.items()} == {"frames-6.mlpackage": (6,), "frames-9.mlpackage": (9,)}
+    for frames in (6, 9):
         report = check_mlpackage(out / f"frames-{frames}.mlpackage", feat_dim=40, window_frames=[frames])
         assert report.ok and report.flexibility == "fixed"
         assert report.op_counts["linear"] == 2 * (frames - 1) + 2 + 1  # hidden per step, input per layer, output
@@ -336,24 +336,24 @@ def test_ge2e_conversion_writes_one_fixed_package_per_length(tmp_path: Path) -> 
 
 def test_ge2e_rebuild_reuses_matching_packages_and_drops_others(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = tiny_lstm()
-    out = convert_ge2e_coreml(model, tmp_path, [20, 30])
-    weights_20 = (out / "frames-20.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_mtime_ns
+    out = convert_ge2e_coreml(model, tmp_path, [6, 9])
+    weights_6 = (out / "frames-6.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="speakerd.coreml.convert"):
-        convert_ge2e_coreml(model, tmp_path, [20, 40])
-    assert "reusing frames-20.mlpackage" in caplog.text
-    assert "over 20 frames" not in caplog.text and "over 40 frames" in caplog.text
-    assert sorted(p.name for p in out.iterdir()) == ["frames-20.mlpackage", "frames-40.mlpackage"]
-    assert (out / "frames-20.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_mtime_ns == weights_20
+        convert_ge2e_coreml(model, tmp_path, [6, 12])
+    assert "reusing frames-6.mlpackage" in caplog.text
+    assert "over 6 frames" not in caplog.text and "over 12 frames" in caplog.text
+    assert sorted(p.name for p in out.iterdir()) == ["frames-12.mlpackage", "frames-6.mlpackage"]
+    assert (out / "frames-6.mlpackage" / "Data" / "com.apple.CoreML" / "weights" / "weight.bin").stat().st_mtime_ns == weights_6
     # other weights: the stamp differs, so the package is converted again
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="speakerd.coreml.convert"):
-        convert_ge2e_coreml(tiny_lstm(seed=1), tmp_path, [20])
-    assert "was built from something else" in caplog.text and "over 20 frames" in caplog.text
-    assert json.loads(package_metadata(out / "frames-20.mlpackage")[STAMP_KEY])["weights"] == state_digest(tiny_lstm(seed=1))[:16]
+        convert_ge2e_coreml(tiny_lstm(seed=1), tmp_path, [6])
+    assert "was built from something else" in caplog.text and "over 6 frames" in caplog.text
+    assert json.loads(package_metadata(out / "frames-6.mlpackage")[STAMP_KEY])["weights"] == state_digest(tiny_lstm(seed=1))[:16]
 
 
 def test_failed_ge2e_conversion_keeps_the_previous_packages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = convert_ge2e_coreml(tiny_lstm(), tmp_path, [20])
+    out = convert_ge2e_coreml(tiny_lstm(), tmp_path, [6])
     before = package_digest_of(out)
 
     def failing(*args: object, **kwargs: object) -> Path:
@@ -361,7 +361,7 @@ def test_failed_ge2e_conversion_keeps_the_previous_packages(tmp_path: Path, monk
 
     monkeypatch.setattr(convert_module, "convert_to_mlpackage", failing)
     with pytest.raises(ConversionError, match="simulated"):
-        convert_ge2e_coreml(tiny_lstm(), tmp_path, [20, 30])
+        convert_ge2e_coreml(tiny_lstm(), tmp_path, [6, 9])
     assert package_digest_of(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["coreml"]
 
@@ -371,12 +371,12 @@ def package_digest_of(directory: Path) -> dict[str, int]:
 
 
 def test_package_set_rejects_misnamed_duplicate_and_missing_packages(tmp_path: Path) -> None:
-    out = convert_ge2e_coreml(tiny_lstm(), tmp_path / "a", [20])
-    shutil.copytree(out / "frames-20.mlpackage", out / "frames-25.mlpackage")
+    out = convert_ge2e_coreml(tiny_lstm(), tmp_path / "a", [6])
+    shutil.copytree(out / "frames-6.mlpackage", out / "frames-7.mlpackage")
     with pytest.raises(CheckError) as err:
         read_package_set(out, feat_dim=40)
-    assert "frames-25.mlpackage takes [20] frames, not what its name says" in str(err.value)
-    assert "20 frames served by both frames-20.mlpackage and frames-25.mlpackage" in str(err.value)
+    assert "frames-7.mlpackage takes [6] frames, not what its name says" in str(err.value)
+    assert "6 frames served by both frames-6.mlpackage and frames-7.mlpackage" in str(err.value)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckError, match="holds no frames-<T>.mlpackage packages"):
         read_package_set(tmp_path / "empty")
