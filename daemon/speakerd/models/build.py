@@ -178,7 +178,7 @@ GE2E_DECISION = {
     "cohort_clean_level": 0.585,
     "room_join_lift": 0.4,
     "room_score_penalty": 1.33,
-    "room_version_penalty": 0.05,
+    "room_version_penalty": 0.065,
     "adapt_windows": 30,
     "adapt_margin": 0.05,
     "adapt_penalty": 0.05,
@@ -244,6 +244,7 @@ def build_ge2e_resemblyzer(
     frames = tuple(sorted({int(f) for f in (window_frames if window_frames is not None else ge2e_default_window_frames())}))
     if not frames or frames[0] <= 0:
         raise BuildError(f"window_frames must be positive frame counts, got {window_frames}")
+    previous = _built_fingerprint(out_dir)
     steps = tqdm(total=6, desc=f"build {GE2E_NAME}", unit="step", disable=not progress, file=sys.stderr)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -313,8 +314,11 @@ def build_ge2e_resemblyzer(
     finally:
         steps.close()
     logger.info("built %s: %s (%s)", GE2E_NAME, onnx_path, bundle.fingerprint)
-    build_bundle_cohort(load_bundle(out_dir))
-    build_bundle_rooms(load_bundle(out_dir))
+    built = load_bundle(out_dir)
+    if built.artifact(COHORT_ARTIFACT) is None or previous != built.fingerprint:
+        build_bundle_cohort(built)  # a rebuild of the same weights keeps its cohort, as its decision values
+    if built.artifact(ROOMS_ARTIFACT) is None:
+        build_bundle_rooms(built)  # the same on every build (``room_responses.SEED``)
     return load_bundle(out_dir)
 
 
@@ -327,6 +331,14 @@ COHORT_AUDIO_ENV = "SPEAKERD_COHORT_AUDIO"
 def cohort_audio() -> Path:
     default = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "librispeech" / "train-clean-100"
     return Path(os.environ.get(COHORT_AUDIO_ENV, default))
+
+
+def _built_fingerprint(path: Path) -> str | None:
+    """The fingerprint of the bundle already at ``path``, if any."""
+    try:
+        return load_bundle(path).fingerprint
+    except BundleError:
+        return None
 
 
 def ensure_artifacts(name: str) -> None:
