@@ -116,15 +116,17 @@ MIN_INT8_AGREEMENT = 0.99
 
 def onnx_artifact(bundle: ModelBundle, precision: str) -> str:
     """The bundle's ONNX artifact for ``precision``: ``int8`` requires the INT8 file; ``auto`` takes
-    it only when its recorded agreement with FP32 holds (models/wespeaker/quantize.py records it)."""
+    it only when its recorded agreement with FP32 holds (models/wespeaker/quantize.py and
+    models/ge2e_int8.py record it)."""
     if precision == "fp32":
         return "onnx"
     has_int8 = bundle.artifact(INT8_ARTIFACT) is not None
     if precision == "int8":
         if not has_int8:
             raise BackendError(
-                f"model {bundle.name!r} has no INT8 file; build one with `speakerd models convert wespeaker "
-                f"--checkpoint PATH --int8 LIBRISPEECH_DIR` or set embedding.precision = \"fp32\""
+                f"model {bundle.name!r} has no INT8 file; build one (`speakerd models build ge2e-resemblyzer` with "
+                f"the LibriSpeech clips beside it, or `speakerd models convert wespeaker --checkpoint PATH --int8 "
+                f"LIBRISPEECH_DIR`) or set embedding.precision = \"fp32\""
             )
         return INT8_ARTIFACT
     record = bundle.source.get("int8") if isinstance(bundle.source, dict) else None
