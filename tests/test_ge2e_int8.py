@@ -74,11 +74,13 @@ def test_int8_agrees_with_fp32_on_held_out_windows_and_probes_alone_and_batched(
         fp32.close()
         int8.close()
     single, in_batch = cosines(alone, ref), cosines(batched, ref)
-    # measured 2026-12-07: alone worst 0.992, median 0.998; ONNX Runtime quantises activations per
-    # call, so a window's INT8 embedding moves with its batch-mates (worst 0.998 against alone)
-    assert single.min() >= MIN_INT8_AGREEMENT and np.median(single) >= 0.996, (single.min(), np.median(single))
-    assert in_batch.min() >= MIN_INT8_AGREEMENT and np.median(in_batch) >= 0.996, (in_batch.min(), np.median(in_batch))
-    assert cosines(batched, alone).min() >= 0.995
+    # measured 2026-12-07 on 716 windows: alone worst 0.9932, median 0.9980; batched by 8 worst
+    # 0.9955, median 0.9985. ONNX Runtime quantises activations per call, so a window's INT8
+    # embedding moves with its batch-mates: worst 0.9942, median 0.9994 against alone
+    assert single.min() >= MIN_INT8_AGREEMENT and np.median(single) >= 0.997, (single.min(), np.median(single))
+    assert in_batch.min() >= MIN_INT8_AGREEMENT and np.median(in_batch) >= 0.997, (in_batch.min(), np.median(in_batch))
+    moved = cosines(batched, alone)
+    assert moved.min() >= MIN_INT8_AGREEMENT and np.median(moved) >= 0.999, (moved.min(), np.median(moved))
 
 
 def test_setup_adds_the_int8_file_to_a_bundle_built_before_it(
