@@ -304,7 +304,7 @@ def build_ge2e_resemblyzer(
             },
         )
         write_manifest(bundle)
-        # before the cohort, so the cohort is embedded with the precision the daemon will use
+        # before the cohort, so the cohort is embedded with the precision "auto" takes
         add_int8(out_dir, _librispeech())
         steps.update()
     finally:
@@ -335,13 +335,15 @@ def ensure_cohort(name: str) -> Path | None:
 
 def ensure_int8(name: str) -> Path | None:
     """``scripts/setup``: add the INT8 file to a bundle built before it existed (its manifest, from
-    git, names the file), and embed the cohort again with the precision the daemon then uses."""
+    git, names the file), and embed the cohort again if the daemon's default precision takes it."""
+    from ..embedding.backend import onnx_artifact
+
     bundle = load_bundle(models_root() / name)
     if not needs_int8(bundle):
         return bundle.artifact(INT8_ARTIFACT)
     logger.info("%s: adding the INT8 file", name)
     bundle = add_int8(bundle.path, _librispeech())
-    if bundle.artifact(INT8_ARTIFACT) is not None and COHORT_ARTIFACT in bundle.artifacts:
+    if COHORT_ARTIFACT in bundle.artifacts and onnx_artifact(bundle, "auto") == INT8_ARTIFACT:
         build_bundle_cohort(bundle)
     return bundle.artifact(INT8_ARTIFACT)
 
