@@ -215,7 +215,7 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--model", type=Path, default=models_root() / "ge2e-resemblyzer")
     parser.add_argument("--onnx", help="use this ONNX file instead of the bundle's")
-    parser.add_argument("--int8", action="store_true", help="use an int8 copy (speakerd.models.build.quantize_int8)")
+    parser.add_argument("--int8", action="store_true", help="use an int8 copy (speakerd.models.ge2e_int8.quantize_int8)")
     parser.add_argument("--windows", type=float, nargs="+", default=[1.5, 1.6], help="window lengths, seconds")
     parser.add_argument("--hop", type=float, default=0.0, help="hop between windows in a clip (default: window length)")
     parser.add_argument("--max-per-utt", type=int, default=6)
@@ -227,7 +227,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     if args.int8:
-        from speakerd.models.build import quantize_int8
+        from speakerd.models.ge2e_int8 import quantize_int8
 
         src = Path(args.onnx) if args.onnx else load_bundle(args.model).require_artifact("onnx")
         args.onnx = str(quantize_int8(src, Path(tempfile.mkdtemp()) / "model.int8.onnx"))

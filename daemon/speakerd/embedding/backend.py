@@ -116,19 +116,26 @@ MIN_INT8_AGREEMENT = 0.99
 
 def onnx_artifact(bundle: ModelBundle, precision: str) -> str:
     """The bundle's ONNX artifact for ``precision``: ``int8`` requires the INT8 file; ``auto`` takes
-    it only when its recorded agreement with FP32 holds (models/wespeaker/quantize.py records it)."""
+    it only when its recorded agreement with FP32 holds (models/wespeaker/quantize.py and
+    models/ge2e_int8.py record it) and the record does not say ``"auto": false`` (a bundle whose
+    INT8 embeddings agree but move its decisions, as GE2E's do)."""
     if precision == "fp32":
         return "onnx"
     has_int8 = bundle.artifact(INT8_ARTIFACT) is not None
     if precision == "int8":
         if not has_int8:
             raise BackendError(
-                f"model {bundle.name!r} has no INT8 file; build one with `speakerd models convert wespeaker "
-                f"--checkpoint PATH --int8 LIBRISPEECH_DIR` or set embedding.precision = \"fp32\""
+                f"model {bundle.name!r} has no INT8 file; build one (`speakerd models build ge2e-resemblyzer` with "
+                f"the LibriSpeech clips beside it, or `speakerd models convert wespeaker --checkpoint PATH --int8 "
+                f"LIBRISPEECH_DIR`) or set embedding.precision = \"fp32\""
             )
         return INT8_ARTIFACT
     record = bundle.source.get("int8") if isinstance(bundle.source, dict) else None
     worst = float(record.get("min_cosine", 0.0)) if isinstance(record, dict) else 0.0
+    if has_int8 and isinstance(record, dict) and record.get("auto") is False:
+        logger.info("model %s: INT8 file not taken by precision auto (%s); embedding.precision = \"int8\" uses it",
+                    bundle.name, record.get("why", "its manifest says so"))
+        return "onnx"
     if has_int8 and worst >= MIN_INT8_AGREEMENT:
         return INT8_ARTIFACT
     if has_int8:

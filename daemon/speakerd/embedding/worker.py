@@ -39,7 +39,9 @@ class EmbeddingSettings:
     coreml_compute_units: str = "ALL"
     precision: str = "auto"
     """ONNX Runtime only. auto: the bundle's INT8 file when it has one whose embeddings agreed with
-    FP32 (worst cosine >= 0.99 on real speech, recorded when it was built), else FP32; fp32; int8."""
+    FP32 (worst cosine >= 0.99 on real speech, recorded when it was built) and whose manifest lets
+    auto take it, else FP32; fp32; int8. GE2E's INT8 file halves the live CPU but moves decisions,
+    so only int8 takes it (models/ge2e_int8.py)."""
 
     trunk: str = "shared"
     """shared: a bundle with a ResNet trunk (WeSpeaker ResNet34) runs it once per stretch of speech and

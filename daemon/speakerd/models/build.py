@@ -30,6 +30,8 @@ import numpy as np
 
 from ..decisions.cohort import ARTIFACT as COHORT_ARTIFACT
 from ..decisions.cohort import FILE as COHORT_FILE
+from ..embedding.backend import INT8_ARTIFACT
+from .ge2e_int8 import add_int8, needs_int8
 from ..bundle import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
@@ -310,6 +312,8 @@ def build_ge2e_resemblyzer(
             },
         )
         write_manifest(bundle)
+        # before the cohort, so the cohort is embedded with the precision "auto" takes
+        add_int8(out_dir, _librispeech())
         steps.update()
     finally:
         steps.close()
@@ -369,6 +373,21 @@ def build_bundle_rooms(bundle: ModelBundle) -> Path | None:
                                            source={**bundle.source, "rooms": ROOMS_SOURCE}))
     logger.info("room responses: %d rooms in %s", len(responses), path)
     return path
+
+
+def ensure_int8(name: str) -> Path | None:
+    """``scripts/setup``: add the INT8 file to a bundle built before it existed (its manifest, from
+    git, names the file), and embed the cohort again if the daemon's default precision takes it."""
+    from ..embedding.backend import onnx_artifact
+
+    bundle = load_bundle(models_root() / name)
+    if not needs_int8(bundle):
+        return bundle.artifact(INT8_ARTIFACT)
+    logger.info("%s: adding the INT8 file", name)
+    bundle = add_int8(bundle.path, _librispeech())
+    if COHORT_ARTIFACT in bundle.artifacts and onnx_artifact(bundle, "auto") == INT8_ARTIFACT:
+        build_bundle_cohort(bundle)
+    return bundle.artifact(INT8_ARTIFACT)
 
 
 def build_bundle_cohort(bundle: ModelBundle, audio_dir: Path | None = None) -> Path | None:
@@ -567,22 +586,6 @@ def export_onnx(model: Any, path: Path) -> None:
     tmp.replace(path)
 
 
-def quantize_int8(src: Path, dst: Path) -> Path:
-    """Optional speed-up, not part of the default bundle: dynamic int8 with per-channel weights for LSTM
-    layers 2-3 and the linear layer. Layer 1 stays float because its input is mel *power*, whose range
-    per-tensor uint8 activations cannot hold (quantising it too took window EER from 6% to 38%)."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    lstms = [n.name for n in onnx.load(str(src)).graph.node if n.op_type == "LSTM"]
-    if not lstms:
-        raise BuildError(f"{src} has no LSTM node to keep in float")
-    quantize_dynamic(
-        str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=[lstms[0]]
-    )
-    return dst
-
-
 def check_export(model: Any, onnx_path: Path, feats: list[np.ndarray]) -> float:
     """Worst cosine between torch and ONNX Runtime embeddings over ``feats`` (each (B, T, bins))."""
     import onnxruntime as ort
@@ -618,9 +621,13 @@ def _check_features(recipe: FeatureRecipe) -> list[np.ndarray]:
     return batches
 
 
+def _librispeech() -> Path:
+    """$SPEAKERD_LIBRISPEECH, else ``../shared/data/librispeech`` beside the project."""
+    return Path(os.environ.get("SPEAKERD_LIBRISPEECH", Path(__file__).resolve().parents[3].parent / "shared/data/librispeech"))
+
+
 def _check_audio() -> np.ndarray:
-    root = Path(os.environ.get("SPEAKERD_LIBRISPEECH", Path(__file__).resolve().parents[3].parent / "shared/data/librispeech"))
-    clips = sorted((root / "test-other").glob("*/*.flac"))
+    clips = sorted((_librispeech() / "test-other").glob("*/*.flac"))
     if clips:
         import soundfile as sf
 
