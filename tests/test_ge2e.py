@@ -118,13 +118,15 @@ def test_manifest_describes_the_bundle(bundle: ModelBundle) -> None:
         "license": bundle.source["license"],
         "cohort": bundle.source["cohort"],
         "int8": bundle.source["int8"],  # its agreement with FP32: tests/test_ge2e_int8.py
+        "rooms": bundle.source["rooms"],
     }
     assert "LibriSpeech train-clean-100" in bundle.source["cohort"]  # the background cohort names its voices
+    assert "pyroomacoustics" in bundle.source["rooms"]  # the room responses say how they were made
     assert bundle.features == GE2E_RECIPE
     assert bundle.fingerprint == fingerprint_of(NAME, GE2E_WEIGHTS_SHA256, GE2E_RECIPE, 256)
     assert bundle.window_frames == (58, 78, 98, 148)  # the daemon's 0.6 / 0.8 s probes, 1.0 / 1.5 s windows
     assert bundle.artifacts == {  # coreml/ is there once built
-        "onnx": "model.onnx", "coreml": "coreml", "cohort": "cohort.npz", "onnx_int8": "model.int8.onnx",
+        "onnx": "model.onnx", "coreml": "coreml", "cohort": "cohort.npz", "rooms": "rooms.npz", "onnx_int8": "model.int8.onnx",
     }
     assert bundle.io == {"input": "feats", "output": "embs"}
     assert bundle.sample_rate == SR and bundle.embedding_dim == 256
