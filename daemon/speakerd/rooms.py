@@ -266,9 +266,8 @@ class MultiConditionSettings:
     through a table microphone. 0 is off. The rooms come from the model bundle's room responses
     (``room_responses``), or are simulated when it has none (needs pyroomacoustics). ``seed`` makes a
     recording's versions the same on every enrollment. 2 by default: in eval's room (RT60 0.45 s,
-    18 dB) a voice enrolled from clean clips was named in 88 % of its speech against 61 % without, and
-    never-enrolled voices on clean speech were named less (3.0 % against 9.1 %), for 1-1.4 points of
-    clean-speech identification (seed 0; docs/BENCHMARKS.md, session 8)."""
+    18 dB) voices enrolled from clean clips were named in 74-81 % of their speech against 51-63 %
+    without, with clean speech unchanged (seeds 0-2; docs/BENCHMARKS.md, session 8)."""
 
     versions: int = 2
     seed: int = 0
