@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import shutil
 import os
 import subprocess
 import sys
@@ -193,11 +194,19 @@ def test_offline_with_empty_cache_names_the_wheel(tmp_path: Path, monkeypatch: p
     assert "pip download --no-deps resemblyzer==0.1.4" in message and str(tmp_path / "cache") in message
 
 
-def test_weights_that_differ_from_the_manifest_are_refused(bundle: ModelBundle, tmp_path: Path) -> None:
+def _build_dir(bundle: ModelBundle, tmp_path: Path) -> Path:
+    """A folder to build the bundle into offline: the wheel from the built bundle's cache, and its
+    room responses (model-independent; simulating 32 rooms took 30-60 s of each build here)."""
     out = tmp_path / NAME
     (out / "cache").mkdir(parents=True)
     wheel = next((bundle.path / "cache").glob("*.whl"))
     (out / "cache" / wheel.name).symlink_to(wheel)
+    shutil.copyfile(bundle.path / "rooms.npz", out / "rooms.npz")
+    return out
+
+
+def test_weights_that_differ_from_the_manifest_are_refused(bundle: ModelBundle, tmp_path: Path) -> None:
+    out = _build_dir(bundle, tmp_path)
     manifest = json.loads((bundle.path / "manifest.json").read_text())
     manifest["source"]["weights_sha256"] = "0" * 64
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -211,10 +220,7 @@ def test_build_without_coremltools_skips_coreml_with_a_warning(
 ) -> None:
     from speakerd.models import build as build_module
 
-    out = tmp_path / NAME
-    (out / "cache").mkdir(parents=True)
-    wheel = next((bundle.path / "cache").glob("*.whl"))
-    (out / "cache" / wheel.name).symlink_to(wheel)
+    out = _build_dir(bundle, tmp_path)
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         build_module.importlib.util, "find_spec", lambda name, *a: None if name == "coremltools" else real_find_spec(name, *a)
@@ -233,10 +239,7 @@ def test_build_converts_coreml_packages_only_on_request(
 ) -> None:
     """Linux cannot run CoreML: converting its packages cost the set-up 2m21s of 5 minutes (issue 18).
     test_coreml_convert.py builds them with coreml=True, so they stay proven on Linux."""
-    out = tmp_path / NAME
-    (out / "cache").mkdir(parents=True)
-    wheel = next((bundle.path / "cache").glob("*.whl"))
-    (out / "cache" / wheel.name).symlink_to(wheel)
+    out = _build_dir(bundle, tmp_path)
     with caplog.at_level(logging.INFO, logger="speakerd.models.build"):
         built = build_model(NAME, out, progress=False)
     assert built.artifact("onnx") == out / "model.onnx"
