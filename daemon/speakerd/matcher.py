@@ -131,7 +131,6 @@ class SpeakerIndex:
         self._next_local_id = LOCAL_ID_BASE
         self._centroids = _Centroids(self.dim)
         self._rooms: dict[str, np.ndarray] = {}  # speaker id -> room versions' embeddings, normalised
-        self._room_ids: dict[str, np.ndarray] = {}
         self._room_centroids = _Centroids(self.dim)
 
     # -- building ---------------------------------------------------------------------------------
@@ -171,7 +170,6 @@ class SpeakerIndex:
         for speaker_id, rows in room_rows_of.items():
             if speaker_id in built._names:  # room versions alone are no voiceprint
                 built._rooms[speaker_id] = np.ascontiguousarray(vectors[rows])
-                built._room_ids[speaker_id] = index_ids[rows]
         if room:  # the neighbour search (max, top3) sees the recordings as they are, as rank does
             index.remove_ids(np.fromiter(room, dtype=np.int64))
         built._index = index
@@ -226,7 +224,6 @@ class SpeakerIndex:
                 del self._owner[i]
             del self._names[speaker_id], self._vectors[speaker_id]
             self._rooms.pop(speaker_id, None)
-            self._room_ids.pop(speaker_id, None)
             self._centroids.stale = self._room_centroids.stale = True
             return True
 
