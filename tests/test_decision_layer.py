@@ -90,3 +90,32 @@ def test_the_layer_names_windows_with_the_models_values() -> None:
     assert second.match.uncertain is False and first.match.margin == pytest.approx(0.31)
     d.swap_values(GE2E.__class__(**{**GE2E.to_dict(), "threshold": 0.68}))
     assert d.verdict(np.array([0.69, 0.40], np.float32)).known, "a reload's values apply to the next window"
+
+
+class Cosines:
+    """A ranker with one enrolled voice, Ann, scored by cosine to her voiceprint (the first axis)."""
+
+    def rank(self, embeddings: np.ndarray) -> list[list[Candidate]]:
+        return [[(*ANN, float(e[0] / np.linalg.norm(e)))] for e in embeddings]
+
+
+def test_a_window_nearer_a_voice_heard_unnamed_than_the_enrolled_one_is_that_voices() -> None:
+    """A voice nobody enrolled lies at cosine 0.55 to Ann: its windows go to a provisional speaker.
+    One of its windows then scores 0.72 against Ann, over the threshold, but nearer its own voice:
+    it stays that voice's, not Ann's. Ann's own window, as high, is still Ann's."""
+    d = DecisionLayer(GE2E, TrackerSettings(), ProvisionalSettings(), ranker=Cosines(), dim=8, hop_samples=HOP)
+    rng = np.random.default_rng(1)
+    other = np.array([0.55, np.sqrt(1 - 0.55**2), 0, 0, 0, 0, 0, 0])
+    d.process([boundary(SpeechStart, R1)])
+    for k in range(8):
+        e = other + rng.normal(scale=0.02, size=8)
+        out = d.process([EmbeddedWindow(regular(R1, k, 0, 0).window, e)])
+    label = out.windows[0].label
+    assert label is not None and not label.known  # a provisional speaker by now
+    leaning = other + 0.3 * np.eye(8)[0]  # cosine 0.72 to Ann, 0.95 to the other voice
+    assert 0.70 <= leaning[0] / np.linalg.norm(leaning) <= 0.75
+    got = d.process([EmbeddedWindow(regular(R1, 8, 0, 0).window, leaning)]).windows[0]
+    assert not got.match.known and got.label == label and got.match.score == pytest.approx(0.72, abs=0.03)
+    ann = np.eye(8)[0] * 0.72 + np.eye(8)[2] * np.sqrt(1 - 0.72**2)  # Ann at 0.72, far from the other voice
+    mine = d.process([EmbeddedWindow(regular(R1, 9, 0, 0).window, ann)]).windows[0]
+    assert mine.match.known and mine.match.name == "Ann"

@@ -209,15 +209,20 @@ class DecisionLayer:
         return match
 
     def _open_set(self, mw: MatchedWindow, room: float = 0.0) -> tuple[MatchedWindow, list[Decision]]:
-        """A window no enrolled speaker matched gets a provisional label; clustering's relabels
-        come back as events. ``room``: the shared-room term its enrolled scores lost
+        """A window no enrolled speaker matched, or one a provisional speaker claims back
+        (``policy.claims``), gets a provisional label; clustering's relabels come back as events. ``room``: the shared-room term its enrolled scores lost
         (``policy.shared_room``), taken off its cosine to a provisional centroid too: that centroid
         was made in the same room, and weighed raw against penalised enrolled scores it won back
         the windows of voices enrolled in the room."""
         w = mw.window
         self._last_decided = w.decided
-        if mw.match.known or mw.embedding is None:
+        if mw.embedding is None:
             return mw, []
+        if mw.match.known:
+            ref, cosine = self.provisional.nearest(mw.embedding)
+            if not policy.claims(mw.match, ref, cosine - room):
+                return mw, []
+            mw = replace(mw, match=policy.yielded(mw.match))
         found = self.provisional.observe(mw.embedding, w.start, w.end)
         if found.label is None:
             return mw, []
