@@ -266,7 +266,7 @@ class MultiConditionSettings:
     through a table microphone. 0 is off. The rooms come from the model bundle's room responses
     (``room_responses``), or are simulated when it has none (needs pyroomacoustics). ``seed`` makes a
     recording's versions the same on every enrollment. 2 by default: in eval's room (RT60 0.45 s,
-    18 dB) voices enrolled from clean clips were named in 74-81 % of their speech against 51-63 %
+    18 dB) voices enrolled from clean clips were named in 73-79 % of their speech against 46-59 %
     without, with clean speech unchanged (seeds 0-2; docs/BENCHMARKS.md, session 8)."""
 
     versions: int = 2

@@ -291,9 +291,10 @@ def claims(match: Match, provisional: SpeakerRef | None, cosine: float) -> bool:
     session (``cosine``: to that provisional speaker's centroid, less the shared-room term, on the
     same scale as the enrolled score), is that voice's: in a room a voice nobody enrolled scores
     high against enrolled voiceprints too, and it is its own nearest voice once it has spoken.
-    No bar of its own: the two scores are compared (eval's room, default enrollment, seeds 0 / 1:
-    never-enrolled speech named 3.0 / 4.7 -> 3.0 / 2.3 %, identification 76.8 / 80.8 -> 78.2 /
-    79.1 %; a margin of 0.04 changed nothing)."""
+    No bar of its own: the two scores are compared (eval, seeds 0 / 1 / 2, never-enrolled speech
+    named as enrolled: room, default enrollment 3.0 / 4.7 / 19.4 -> 3.0 / 2.3 / 13.0 %, clean
+    speech 9.1 / 2.2 / 5.6 -> 4.1 / 0.7 / 1.5 %; identification within -1.7 to +3.5 points; a
+    margin of 0.04 changed nothing; docs/BENCHMARKS.md, session 8)."""
     return match.known and provisional is not None and not provisional.known and cosine >= match.score
 
 
