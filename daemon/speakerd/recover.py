@@ -259,7 +259,7 @@ def _room_version_ids(stamp: dict[str, object], rows: dict[int, tuple[str | None
 
 def _with_room_versions(groups: list[np.ndarray], room_ids: list[int]) -> list[np.ndarray]:
     """Each room-version embedding joined to the group of the nearest id before it: one enrollment
-    writes a recording's windows and then their room versions under consecutive ids, so that is
+    writes its recordings' windows and then their room versions under consecutive ids, so that is
     the same voice (regrouping them by similarity split one voice into its clean and room halves)."""
     if not room_ids or not groups:
         return groups
