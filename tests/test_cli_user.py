@@ -43,6 +43,13 @@ def test_run_help_imports_no_command_module_and_starts_at_once() -> None:
     assert min(walls) < HELP_BUDGET_S, f"speakerd run --help took {min(walls):.3f} s at best"
 
 
+def test_python_dash_m_speakerd_is_the_console_script() -> None:
+    out = subprocess.run([sys.executable, "-m", "speakerd", "models", "--help"], capture_output=True, text=True, env=_env(), timeout=60)
+    assert out.returncode == 0 and "usage: speakerd models" in out.stdout, out.stderr
+    bad = subprocess.run([sys.executable, "-m", "speakerd", "no-such-command"], capture_output=True, text=True, env=_env(), timeout=60)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc (numpy's BLAS is OpenBLAS on Linux)")
 @pytest.mark.parametrize("command", ["run", "bench"])
 def test_the_daemon_and_its_bench_run_numpy_on_one_blas_thread(command: str) -> None:
