@@ -146,3 +146,15 @@ def test_grouping_many_vectors_stays_pure() -> None:
     for g in groups:
         assert len(set(who[g - 1].tolist())) == 1
     assert sum(map(len, groups)) == n
+
+
+def test_a_damaged_stamps_room_version_runs_only_mark_rows_that_exist() -> None:
+    """The stamp lists room versions as [first, last] runs; a damaged or hostile one (a run over
+    10^15 ids, junk entries) marks the rows inside its runs and costs no more than the rows."""
+    from speakerd.recover import _room_version_ids
+    from speakerd.store import ROOM_VERSION
+
+    rows = {i: (None, b"", "a.wav", 0.0) for i in (1, 2, 7, 9)} | {12: (None, b"", ROOM_VERSION + "a.wav", 0.0)}
+    stamp = {"room_versions": [[2, 10**15], "junk", [1], [None, 3]]}
+    assert _room_version_ids(stamp, rows) == {2, 7, 9, 12}
+    assert _room_version_ids({"room_versions": "junk"}, rows) == {12}

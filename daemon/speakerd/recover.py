@@ -250,10 +250,10 @@ def _room_version_ids(stamp: dict[str, object], rows: dict[int, tuple[str | None
     database kept it, else listed by the index's stamp (``store.id_runs``)."""
     out = {i for i, r in rows.items() if r[2].startswith(ROOM_VERSION)}
     runs = stamp.get("room_versions")
-    if isinstance(runs, list):
-        for run in runs:
-            if isinstance(run, list) and len(run) == 2 and all(isinstance(x, int) for x in run):
-                out.update(i for i in range(run[0], run[1] + 1) if i in rows)
+    if isinstance(runs, list):  # a damaged stamp's runs may be anything: only the rows there are are looked up
+        pairs = (r for r in runs if isinstance(r, list) and len(r) == 2)
+        valid = [(a, b) for a, b in pairs if isinstance(a, int) and isinstance(b, int)]
+        out.update(i for i in rows if any(a <= i <= b for a, b in valid))
     return out
 
 

@@ -210,7 +210,8 @@ class DecisionLayer:
 
     def _open_set(self, mw: MatchedWindow, room: float = 0.0) -> tuple[MatchedWindow, list[Decision]]:
         """A window no enrolled speaker matched, or one a provisional speaker claims back
-        (``policy.claims``), gets a provisional label; clustering's relabels come back as events. ``room``: the shared-room term its enrolled scores lost
+        (``policy.claims``), gets a provisional label; clustering's relabels come back as events.
+        ``room``: the shared-room term its enrolled scores lost
         (``policy.shared_room``), taken off its cosine to a provisional centroid too: that centroid
         was made in the same room, and weighed raw against penalised enrolled scores it won back
         the windows of voices enrolled in the room."""

@@ -486,14 +486,12 @@ def enroll_store(directory: Path, enroll: dict[str, list[Path]], settings: Any, 
     ``room_versions``: multi-condition enrollment, each clip also through that many of the bundle's
     room responses (simulated anew when it has none), as ``speakerd enroll`` does by default.
     """
-    from ..enroll import add_room_versions, prepare_enrollment
+    from ..enroll import add_room_versions, enrollment_rooms, prepare_enrollment
     from ..matcher import SpeakerIndex
-    from ..room_responses import bundle_responses
     from ..rooms import MultiConditionSettings
     from ..store import SpeakerStore
 
-    multi = MultiConditionSettings(versions=room_versions)
-    responses = bundle_responses(bundle) if room_versions else None  # as `speakerd enroll` does
+    multi, responses = enrollment_rooms(bundle, MultiConditionSettings(versions=room_versions), asked=True)
     with SpeakerStore(directory, fingerprint=bundle.fingerprint, dim=bundle.embedding_dim) as store:
         for spk, paths in sorted(enroll.items()):
             report = prepare_enrollment(NAME_PREFIX + spk, paths, settings, bundle.features, backend.embed)

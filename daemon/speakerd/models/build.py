@@ -30,8 +30,6 @@ import numpy as np
 
 from ..decisions.cohort import ARTIFACT as COHORT_ARTIFACT
 from ..decisions.cohort import FILE as COHORT_FILE
-from ..embedding.backend import INT8_ARTIFACT
-from .ge2e_int8 import add_int8, needs_int8
 from ..bundle import (
     DEFAULT_MODEL,
     KNOWN_MODELS,
@@ -50,6 +48,8 @@ from ..bundle import (
 from ..room_responses import ARTIFACT as ROOMS_ARTIFACT
 from ..room_responses import FILE as ROOMS_FILE
 from ..room_responses import SOURCE as ROOMS_SOURCE
+from ..embedding.backend import INT8_ARTIFACT
+from .ge2e_int8 import add_int8, needs_int8
 
 logger = logging.getLogger(__name__)
 
