@@ -292,8 +292,35 @@ def _replace_dir(new: Path, target: Path, trash: Path) -> None:
         logger.info("another build replaced %s at the same time; keeping its packages", target)
 
 
+def _convert_length(unrolled: nn.Module, path: Path, feat_dim: int, frames: int, stamp: str) -> float:
+    """One length's package (run in a worker process when lengths are converted side by side)."""
+    started = time.monotonic()
+    convert_to_mlpackage(unrolled, path, feat_dim=feat_dim, window_frames=[frames], metadata={STAMP_KEY: stamp})
+    return time.monotonic() - started
+
+
+def _convert_lengths(unrolled: nn.Module, jobs: list[tuple[int, Path, str]], feat_dim: int, workers: int) -> None:
+    """Convert each (frames, path, stamp); with ``workers`` > 1, that many lengths at once, each in
+    its own (spawned) process: a conversion is single-threaded Python, about a minute per length."""
+    if workers <= 1 or len(jobs) <= 1:
+        for frames, path, stamp in jobs:
+            _convert_length(unrolled, path, feat_dim, frames, stamp)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    longest_first = sorted(jobs, key=lambda job: -job[0])  # the longest takes longest: start it first
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=spawn) as pool:
+        futures = {frames: pool.submit(_convert_length, unrolled, path, feat_dim, frames, stamp)
+                   for frames, path, stamp in longest_first}
+        for frames, future in futures.items():
+            logger.info("converted %s frames in a worker (%.1f s)", frames, future.result())
+
+
 def convert_ge2e_coreml(
-    model: nn.Module, out_dir: Path, window_frames: Sequence[int], feat_dim: int = 40, *, reuse: bool = True
+    model: nn.Module, out_dir: Path, window_frames: Sequence[int], feat_dim: int = 40, *, reuse: bool = True,
+    workers: int = 1,
 ) -> Path:
     """Convert a GE2E encoder (``.lstm``: ``nn.LSTM``, ``.linear``: ``nn.Linear``) to one fixed-shape
     package per window length, ``out_dir/coreml/frames-<T>.mlpackage``; returns ``out_dir/coreml``.
@@ -304,6 +331,7 @@ def convert_ge2e_coreml(
     already in place whose :func:`build_stamp` matches is kept (after the static check again).
     The new directory is assembled beside the old one and swapped in whole: a failure leaves the
     previous packages untouched, and no package for a length no longer asked for survives.
+    ``workers``: how many lengths to convert at once, each in its own process.
     """
     from .layout import PER_LENGTH_DIR, per_length_name
 
@@ -320,6 +348,7 @@ def convert_ge2e_coreml(
     try:
         assembled = staging / PER_LENGTH_DIR
         assembled.mkdir()
+        jobs: list[tuple[int, Path, str]] = []
         for frames in frames_list:
             name = per_length_name(frames)
             stamp = build_stamp(model, frames, feat_dim)
@@ -331,9 +360,8 @@ def convert_ge2e_coreml(
             if not agreement >= MIN_UNROLL_COSINE:
                 raise ConversionError(f"unrolled LSTM disagrees with the model at {frames} frames: cosine {agreement:.7f}")
             logger.info("unrolled %d-layer LSTM over %d frames (cosine to nn.LSTM %.7f)", lstm.num_layers, frames, agreement)
-            convert_to_mlpackage(
-                unrolled, assembled / name, feat_dim=feat_dim, window_frames=[frames], metadata={STAMP_KEY: stamp}
-            )
+            jobs.append((frames, assembled / name, stamp))
+        _convert_lengths(unrolled, jobs, feat_dim, workers)
         _replace_dir(assembled, target, staging / "previous")
     finally:
         shutil.rmtree(staging, ignore_errors=True)

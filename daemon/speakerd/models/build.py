@@ -414,12 +414,18 @@ def build_bundle_cohort(bundle: ModelBundle, audio_dir: Path | None = None) -> P
     return path
 
 
+COREML_WORKERS = 2
+"""GE2E lengths converted at once, one process each (a conversion is single-threaded Python); two
+halve a 2-core machine's first build (3.4 min -> about 2) without holding four torch imports."""
+
+
 def build_ge2e_coreml(model: Any, out_dir: Path, window_frames: Sequence[int]) -> Path | None:
     """``out_dir/coreml/frames-<T>.mlpackage`` per window length, statically checked and run in FP16
     against torch on real speech; None (with a warning) if coremltools is not installed.
 
     Packages already built from the same weights, converter and tools are reused, so a rebuild (and
-    every test session's build) takes seconds; a first build converts, about a minute per length.
+    every test session's build) takes seconds; a first build converts, about a minute per length,
+    :data:`COREML_WORKERS` lengths at once.
     """
     if importlib.util.find_spec("coremltools") is None:
         logger.warning(
@@ -432,7 +438,8 @@ def build_ge2e_coreml(model: Any, out_dir: Path, window_frames: Sequence[int]) -
     from ..coreml.mil_exec import MilError
 
     try:
-        coreml_dir = convert_ge2e_coreml(model, out_dir, window_frames, feat_dim=GE2E_RECIPE.num_mel_bins)
+        coreml_dir = convert_ge2e_coreml(model, out_dir, window_frames, feat_dim=GE2E_RECIPE.num_mel_bins,
+                                         workers=min(COREML_WORKERS, os.cpu_count() or 1))
         check_coreml(model, coreml_dir, GE2E_RECIPE, window_frames)
     except (ConversionError, CheckError, MilError) as exc:
         raise BuildError(f"CoreML packages for {GE2E_NAME}: {exc}") from exc
