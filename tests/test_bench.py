@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from pathlib import Path
 
 import pytest
 
+from speakerd import benchpeers
 from speakerd.bench import BATCH_SIZES, WINDOW_LENGTHS_S, add_bench_arguments, main_bench
 
 STAGES = ("capture_resample", "vad", "fbank_windows", "embedding", "match", "publish")
 
 
 @pytest.mark.slow
-def test_bench_json_smoke(librispeech: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_json_smoke(librispeech: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # the real Resemblyzer and speakerd processes, alternated once instead of PEER_REPEATS (3) times:
+    # each Resemblyzer process imports torch (~8 s); this test pins the peer figures' presence, and
+    # test_bench_peers.py pins the comparison itself (also with one repeat). 36 s -> about 20 s.
+    monkeypatch.setattr(benchpeers, "compare_default", functools.partial(benchpeers.compare_default, repeats=1))
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
     args = parser.parse_args(["--seconds", "5", "--json", "--audio-seconds", "20", "--repeats", "3",
