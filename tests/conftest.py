@@ -33,6 +33,23 @@ def own_user_dirs(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
         yield root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_bytecode_cache(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """Let the Python processes the tests start (the speakerd CLI, Resemblyzer, conversions) keep
+    their compiled bytecode, in the session's own folder. With PYTHONDONTWRITEBYTECODE set (as on
+    this CI machine) and a venv installed with --no-compile, every one of some 150 subprocesses
+    compiled torch, numpy, onnxruntime, ... from source again (1.5-10 s each); now the first one does.
+    The code each process runs is the same; the installed packages and the repo are not written."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        yield None
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("PYTHONDONTWRITEBYTECODE")
+        prefix = tmp_path_factory.mktemp("pycache")
+        mp.setenv("PYTHONPYCACHEPREFIX", str(prefix))
+        yield prefix
+
+
 @pytest.fixture(scope="session")
 def librispeech() -> Path:
     """The LibriSpeech clips beside the repo; tests skip, saying why, only if they are truly absent."""
