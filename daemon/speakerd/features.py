@@ -111,21 +111,33 @@ class FeatureStream:
 
 
 def finish_window(recipe: FeatureRecipe, feats: np.ndarray, samples: np.ndarray | None) -> np.ndarray:
-    """Per-window post-processing the model was trained with: gain normalisation, then CMN.
+    """Per-window post-processing the model was trained with: gain normalisation, then CMN."""
+    return finish_gained(recipe, feats, gain_db(recipe, samples))
+
+
+def gain_db(recipe: FeatureRecipe, samples: np.ndarray | None) -> float:
+    """The gain (dB) the recipe's normalisation gives this window's samples: up to
+    ``gain_normalize_dbfs``, never down; 0 when none applies."""
+    if recipe.gain_normalize_dbfs is None or samples is None or not len(samples):
+        return 0.0
+    change_db = recipe.gain_normalize_dbfs - dbfs(samples)
+    return change_db if change_db > 0 and math.isfinite(change_db) else 0.0
+
+
+def finish_gained(recipe: FeatureRecipe, feats: np.ndarray, change_db: float) -> np.ndarray:
+    """``finish_window`` with the window's ``gain_db`` already known.
 
     Gain is applied in the feature domain (a power spectrum scales by g^2, a log one shifts by its
     log), so the shared stream never has to be recomputed per window.
     """
     out = feats
-    if recipe.gain_normalize_dbfs is not None and samples is not None and len(samples):
-        change_db = recipe.gain_normalize_dbfs - dbfs(samples)
-        if change_db > 0 and math.isfinite(change_db):
-            # amplitude gain g = 10^(dB/20); a power spectrum scales by g^2, a magnitude one by g
-            exponent_db = change_db / 10.0 if recipe.use_power else change_db / 20.0
-            if recipe.use_log_fbank:
-                out = out + np.float32(exponent_db * math.log(10.0))
-            else:
-                out = out * np.float32(10.0**exponent_db)
+    if change_db > 0:
+        # amplitude gain g = 10^(dB/20); a power spectrum scales by g^2, a magnitude one by g
+        exponent_db = change_db / 10.0 if recipe.use_power else change_db / 20.0
+        if recipe.use_log_fbank:
+            out = out + np.float32(exponent_db * math.log(10.0))
+        else:
+            out = out * np.float32(10.0**exponent_db)
     if recipe.cmn:
         out = out - out.mean(axis=0, keepdims=True)
     return out.astype(np.float32, copy=False)

@@ -21,7 +21,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, to_samples
 from .bundle import FeatureRecipe
 from .errors import check
-from .features import FeatureStream, finish_window
+from .features import FeatureStream, finish_gained, gain_db
 from .vad import SpeechAudio, SpeechEnd, SpeechStart, VadEvent
 
 
@@ -102,6 +102,9 @@ class Window:
     lag: int = 0
     """Samples past ``end`` before the window could be made: a region's tail windows wait for the
     VAD to decide that the region ended."""
+    gain_db: float = 0.0
+    """The level normalisation ``feats`` carry (``features.gain_db``; 0: none): the lockstep
+    backend embeds a window without it from the frames it shares with its neighbours."""
 
     @property
     def decided(self) -> tuple[int, float]:
@@ -118,6 +121,35 @@ class Window:
 
 
 WindowerOutput = Window | SpeechStart | SpeechEnd
+
+
+def grid_windows(settings: WindowSettings, begin: int, end: int) -> dict[int, tuple[int, ...]]:
+    """The windows ``SpeechWindower`` places on its grids with a start in [``begin``, ``end``)
+    (samples from the region start), as start -> the lengths starting there, ascending: the first
+    window, the regular ones, and the probes (cut ones near the start too). A region gets those
+    its length reaches and its VAD voices; its tail window and tail probe are off the grids."""
+    first, full, hop = to_samples(settings.first_length_s), to_samples(settings.length_s), to_samples(settings.hop_s)
+    found: dict[int, set[int]] = {}
+
+    def add(start: int, length: int) -> None:
+        if begin <= start < end:
+            found.setdefault(start, set()).add(length)
+
+    add(0, first)
+    second_end = max(first + hop, full)  # ``SpeechWindower._following_end``
+    k = max(0, -(-(begin - (second_end - full)) // hop))
+    while (start := second_end - full + k * hop) < end:
+        add(start, full)
+        k += 1
+    if settings.probe_hop_s:
+        probe, probe_hop, probe_end = to_samples(settings.probe_length_s), to_samples(settings.probe_hop_s), to_samples(settings.probe_start_s)
+        k = 0 if begin <= 0 else max(0, -(-(begin + probe - probe_end) // probe_hop))
+        while (start := max(0, (stop := probe_end + k * probe_hop) - probe)) < end:
+            regular = stop == first or (stop >= second_end and (stop - second_end) % hop == 0)
+            if not regular:  # a probe is made only where no regular window ends
+                add(start, stop - start)
+            k += 1
+    return {start: tuple(sorted(lengths)) for start, lengths in sorted(found.items())}
 NEVER = 1 << 62
 """A sample position no stream reaches: the next probe end when probes are off."""
 
@@ -267,7 +299,8 @@ class SpeechWindower:
             return None
         first, stop = self._frames_for(start, end)
         stop = min(stop, self._stream.num_frames)
-        feats = finish_window(self.recipe, self._stream.frames(first, stop), samples)
+        gain = gain_db(self.recipe, samples)
+        feats = finish_gained(self.recipe, self._stream.frames(first, stop), gain)
         anchor_sample, anchor_wall = self._anchor
         if probe:
             self.probes_emitted += 1
@@ -283,6 +316,7 @@ class SpeechWindower:
             first_in_region=start == self._region_start and end - start == self._first and not probe,
             probe=probe,
             lag=max(0, decided - end) if decided is not None else 0,
+            gain_db=gain,
         )
 
     def _trim(self, keep_from: int) -> None:
