@@ -128,6 +128,7 @@ def test_manifest_describes_the_bundle(bundle: ModelBundle) -> None:
     assert bundle.window_frames == (58, 78, 98, 148)  # the daemon's 0.6 / 0.8 s probes, 1.0 / 1.5 s windows
     assert bundle.artifacts == {  # coreml/ is there once built
         "onnx": "model.onnx", "coreml": "coreml", "cohort": "cohort.npz", "rooms": "rooms.npz", "onnx_int8": "model.int8.onnx",
+        "onnx_stream": "model.stream.onnx",  # embedding/lockstep.py: tests/test_lockstep.py
     }
     assert bundle.io == {"input": "feats", "output": "embs"}
     assert bundle.sample_rate == SR and bundle.embedding_dim == 256

@@ -118,6 +118,9 @@ class Pipeline:
         self._lock = threading.RLock()
         """Held while the decision layer runs and its events are published, and while the control
         plane relabels, so a relabel event and the events after it leave in order."""
+        reset = getattr(backend, "reset", None)
+        if reset is not None:
+            reset()  # a backend that follows the stream (shared trunk, lockstep rows) starts afresh
         self.worker = EmbeddingWorker(
             backend.embed,
             self._on_embedded,

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -72,6 +73,7 @@ def create_backend(
     window_frames: Sequence[int] | None = None,
     precision: str = "fp32",
     trunk: str = "per_window",
+    grid: Grid | None = None,
 ) -> EmbeddingBackend:
     """``auto`` takes CoreML on macOS when the bundle has a package, else ONNX Runtime.
 
@@ -81,7 +83,9 @@ def create_backend(
     A CoreML failure under ``auto`` (including unserved lengths) falls back to ONNX and logs why;
     asked for by name, it is an error. ``precision`` picks the ONNX file (:func:`onnx_artifact`);
     ``trunk`` "shared" runs a bundle's ResNet trunk once per stretch of speech (embedding/trunk.py)
-    when the bundle has one: on CoreML with the bundle's chunk packages, else on ONNX Runtime.
+    when the bundle has one: on CoreML with the bundle's chunk packages, else on ONNX Runtime; for
+    a bundle with a streaming LSTM graph (GE2E) and the windower's ``grid``, "shared" advances the
+    windows of a region together on ONNX Runtime in FP32 (embedding/lockstep.py, exact).
     """
     if kind not in BACKENDS:
         raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
@@ -106,6 +110,10 @@ def create_backend(
         from .trunk import SharedTrunkBackend
 
         return SharedTrunkBackend(bundle, threads=threads, precision_artifact=artifact)
+    if trunk == "shared" and grid is not None and artifact == "onnx" and bundle.artifact(STREAM_ARTIFACT) is not None:
+        from .lockstep import OnnxLockstepBackend
+
+        return OnnxLockstepBackend(bundle, grid, threads=threads)
     return OnnxBackend(bundle, threads=threads, artifact=artifact)
 
 
@@ -143,6 +151,13 @@ def onnx_artifact(bundle: ModelBundle, precision: str) -> str:
     return "onnx"
 
 
+STREAM_ARTIFACT = "onnx_stream"
+"""A GE2E bundle's streaming LSTM graph (models/ge2e_stream.py), for embedding/lockstep.py."""
+Grid = Callable[[int, int], dict[int, tuple[int, ...]]]
+"""``(begin, end)`` samples from a region start -> the windower's grid windows starting there
+(``windows.grid_windows``)."""
+
+
 class EmbeddingChoice(Protocol):
     """The embedding settings a backend is made from (``EmbeddingSettings``)."""
 
@@ -155,6 +170,9 @@ class EmbeddingChoice(Protocol):
 
 def backend_for(bundle: ModelBundle, embedding: EmbeddingChoice, windows: WindowLengths) -> EmbeddingBackend:
     """The backend the settings ask for, checked against the windows the daemon will feed it."""
+    from ..windows import WindowSettings, grid_windows
+
+    grid = functools.partial(grid_windows, windows) if isinstance(windows, WindowSettings) else None
     return create_backend(
         bundle,
         embedding.backend,
@@ -163,4 +181,5 @@ def backend_for(bundle: ModelBundle, embedding: EmbeddingChoice, windows: Window
         window_frames=window_frame_counts(windows, bundle.features, bundle.sample_rate),
         precision=embedding.precision,
         trunk=embedding.trunk,
+        grid=grid,
     )

@@ -45,8 +45,9 @@ class EmbeddingSettings:
 
     trunk: str = "shared"
     """shared: a bundle with a ResNet trunk (WeSpeaker ResNet34) runs it once per stretch of speech and
-    pools each window's slice (embedding/trunk.py); per_window: the exact whole network per window.
-    Models without a trunk (GE2E) always run per window."""
+    pools each window's slice (embedding/trunk.py); GE2E (FP32 ONNX Runtime) advances the windows
+    of a region through its LSTM together (embedding/lockstep.py, exact); per_window: the whole
+    network per window."""
 
     def __post_init__(self) -> None:
         check(self.trunk in ("shared", "per_window"), "embedding.trunk", self.trunk, "must be shared or per_window")

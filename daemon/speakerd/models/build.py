@@ -50,6 +50,7 @@ from ..room_responses import FILE as ROOMS_FILE
 from ..room_responses import SOURCE as ROOMS_SOURCE
 from ..embedding.backend import INT8_ARTIFACT
 from .ge2e_int8 import add_int8, needs_int8
+from .ge2e_stream import add_stream, needs_stream
 
 logger = logging.getLogger(__name__)
 
@@ -314,6 +315,7 @@ def build_ge2e_resemblyzer(
         write_manifest(bundle)
         # before the cohort, so the cohort is embedded with the precision "auto" takes
         add_int8(out_dir, _librispeech())
+        add_stream(out_dir)
         steps.update()
     finally:
         steps.close()
@@ -346,9 +348,12 @@ def _built_fingerprint(path: Path) -> str | None:
 
 
 def ensure_artifacts(name: str) -> None:
-    """``scripts/setup``: build the background cohort and the room responses of an already built
-    bundle that has them in its manifest but not on disk (built before they existed)."""
+    """``scripts/setup``: build the background cohort, the room responses and the streaming LSTM
+    graph of an already built bundle that has them in its manifest but not on disk (built before
+    they existed)."""
     bundle = load_bundle(models_root() / name)
+    if needs_stream(bundle):
+        bundle = add_stream(bundle.path)
     if COHORT_ARTIFACT in bundle.artifacts and bundle.artifact(COHORT_ARTIFACT) is None:
         build_bundle_cohort(bundle)
     if bundle.artifact(ROOMS_ARTIFACT) is None:

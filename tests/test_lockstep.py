@@ -1,0 +1,141 @@
+"""GE2E windows advanced through the LSTM together (embedding/lockstep.py): the windower's grids,
+the streaming graph, and embeddings equal to the whole-window path on real speech, live and in a
+backlog, with scaled, dropped and off-grid windows taking the whole-window path."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from speakerd.audio import AudioChunk
+from speakerd.bench import speech
+from speakerd.bundle import load_bundle
+from speakerd.embedding import backend_for
+from speakerd.embedding.backend import STREAM_ARTIFACT
+from speakerd.embedding.lockstep import LockstepBackend, OnnxLockstepBackend
+from speakerd.embedding.onnx_backend import OnnxBackend
+from speakerd.models.ge2e_stream import STREAM_FILE, add_stream, needs_stream
+from speakerd.settings import Settings
+from speakerd.vad import SpeechEnd, VadSegmenter
+from speakerd.windows import SpeechWindower, Window, WindowSettings, grid_windows
+
+EXACT = 0.9999
+"""The issue's bar for an exact method: every embedding equal to the whole-window one to this cosine."""
+
+
+def windows_of(audio: np.ndarray, recipe, settings: WindowSettings | None = None) -> tuple[list[Window], int]:
+    """Every window and probe the daemon makes of ``audio``, and how many speech regions it had."""
+    base = Settings()
+    seg, windower = VadSegmenter(base.vad), SpeechWindower(settings or base.windows, recipe)
+    out: list[Window] = []
+    regions = 0
+    events = [e for i in range(0, len(audio), 1600) for e in seg.process(AudioChunk(audio[i : i + 1600], i, i / 16000))]
+    for event in events + seg.flush():
+        for item in windower.process(event):
+            out += [item] if isinstance(item, Window) else []
+            regions += isinstance(item, SpeechEnd)
+    return out, regions
+
+
+def with_pauses(audio: np.ndarray, every_s: float = 9.0, pause_s: float = 1.0) -> np.ndarray:
+    """Speech with a silence every ``every_s``: regions end, and the next starts afresh."""
+    step, pause = int(every_s * 16000), np.zeros(int(pause_s * 16000), dtype=np.float32)
+    return np.concatenate([part for i in range(0, len(audio), step) for part in (audio[i : i + step], pause)])
+
+
+@pytest.fixture(scope="module")
+def speech_windows(librispeech: Path, default_model: Path) -> list[Window]:
+    return windows_of(with_pauses(speech(librispeech, 60.0)), load_bundle(default_model).features)[0]
+
+
+@pytest.fixture(scope="module")
+def lockstep(default_model: Path) -> OnnxLockstepBackend:
+    backend = backend_for(load_bundle(default_model), Settings().embedding, Settings().windows)
+    assert isinstance(backend, OnnxLockstepBackend), backend.name
+    return backend
+
+
+def whole(backend: LockstepBackend, windows: list[Window]) -> np.ndarray:
+    return np.concatenate([backend.exact.embed(w.feats[None]) for w in windows])
+
+
+def run(backend: LockstepBackend, windows: list[Window], size: int) -> np.ndarray:
+    backend.reset()
+    backend.counters = dict.fromkeys(backend.counters, 0)
+    return np.concatenate([backend.embed_windows(windows[i : i + size]) for i in range(0, len(windows), size)])
+
+
+@pytest.mark.parametrize("settings", [WindowSettings(), WindowSettings(first_length_s=1.2, hop_s=0.3, probe_hop_s=0.2, probe_start_s=0.7)])
+def test_every_window_but_a_regions_tail_is_on_the_grids(librispeech: Path, default_model: Path, settings: WindowSettings) -> None:
+    windows, regions = windows_of(with_pauses(speech(librispeech, 40.0)), load_bundle(default_model).features, settings)
+    starts = {w.start - w.region_start for w in windows}
+    grid = grid_windows(settings, 0, max(starts) + 1)
+    off = [w for w in windows if w.end - w.start not in grid.get(w.start - w.region_start, ())]
+    assert len(windows) > 150 and regions >= 4
+    assert len(off) <= 2 * regions, [(w.start - w.region_start, w.end - w.start) for w in off]  # a tail window and a tail probe each
+    # asking in pieces gives the same starts as asking at once
+    pieces: dict[int, tuple[int, ...]] = {}
+    for a in range(0, max(starts) + 1, 1234):
+        pieces.update(grid_windows(settings, a, min(a + 1234, max(starts) + 1)))
+    assert pieces == grid
+
+
+def test_the_streaming_graph_carries_state_across_calls(lockstep: OnnxLockstepBackend, speech_windows: list[Window]) -> None:
+    w = next(w for w in speech_windows if w.num_frames == 148 and w.gain_db == 0)
+    zeros = np.zeros((3, 1, 256), dtype=np.float32)
+    x = w.feats[:, None, :]
+    h, c, _ = lockstep._step(np.ascontiguousarray(x[:61]), zeros, zeros, np.zeros(0, dtype=np.int64))
+    _, _, (emb,) = lockstep._step(np.ascontiguousarray(x[61:]), h, c, np.array([147 - 61], dtype=np.int64))
+    assert float(emb @ lockstep.exact.embed(w.feats[None])[0]) >= EXACT
+
+
+@pytest.mark.parametrize("size", [1, 7, 32])
+def test_lockstep_embeddings_equal_the_whole_window_ones(lockstep: OnnxLockstepBackend, speech_windows: list[Window], size: int) -> None:
+    """Live (one window per call), a short backlog, and a file's backlog."""
+    got = run(lockstep, speech_windows, size)
+    cos = np.sum(got * whole(lockstep, speech_windows), axis=1)
+    assert cos.min() >= EXACT, cos.min()
+    counted = lockstep.counters
+    # test-other is loud: almost every window is unscaled and on the grids, so rows serve it
+    assert counted["lockstep_windows"] >= 0.9 * len(speech_windows), counted
+    assert counted["lockstep_windows"] + counted["exact_windows"] == len(speech_windows)
+    # the cost: rows step through about the frames the whole-window path would (a few rows are
+    # for windows a region's end never lets be made), several rows per LSTM step instead of one
+    assert counted["row_steps"] <= 1.1 * sum(w.num_frames for w in speech_windows), counted
+    assert counted["row_steps"] >= 4.0 * counted["steps"], counted
+    assert counted["passes"] <= 2.5 * len(speech_windows), counted
+
+
+def test_scaled_dropped_and_foreign_windows_stay_exact(lockstep: OnnxLockstepBackend, speech_windows: list[Window],
+                                                       librispeech: Path, default_model: Path) -> None:
+    # a live queue that dropped every fifth window: rows stranded by the gap end, the rest go on
+    kept = [w for i, w in enumerate(speech_windows) if i % 5 != 3]
+    cos = np.sum(run(lockstep, kept, 1) * whole(lockstep, kept), axis=1)
+    assert cos.min() >= EXACT and lockstep.counters["lockstep_windows"] >= 0.5 * len(kept), lockstep.counters
+    # quiet speech (-45 dBFS): every window is scaled, so rows stop opening and windows go whole
+    audio = speech(librispeech, 20.0)
+    quiet, _ = windows_of(audio * np.float32(10 ** (-45 / 20) / np.sqrt(np.mean(audio**2))), load_bundle(default_model).features)
+    assert all(w.gain_db > 0 for w in quiet)
+    cos = np.sum(run(lockstep, quiet, 1) * whole(lockstep, quiet), axis=1)
+    assert cos.min() >= EXACT
+    assert lockstep.counters["exact_windows"] == len(quiet) and lockstep.counters["rows"] <= 12, lockstep.counters
+
+
+def test_per_window_and_int8_settings_and_a_bundle_without_the_graph_run_whole_windows(default_model: Path, tmp_path: Path) -> None:
+    bundle = load_bundle(default_model)
+    settings = Settings()
+    assert isinstance(backend_for(bundle, dataclasses.replace(settings.embedding, trunk="per_window"), settings.windows), OnnxBackend)
+    assert isinstance(backend_for(bundle, dataclasses.replace(settings.embedding, precision="int8"), settings.windows), OnnxBackend)
+    copy = tmp_path / "ge2e"
+    shutil.copytree(default_model, copy, ignore=shutil.ignore_patterns("coreml", "cache", STREAM_FILE))
+    stale = load_bundle(copy)
+    assert needs_stream(stale)
+    assert isinstance(backend_for(stale, settings.embedding, settings.windows), OnnxBackend)
+    # scripts/setup adds it (models.build.ensure_artifacts): the graph is rebuilt from model.onnx
+    added = add_stream(copy)
+    assert not needs_stream(added) and added.artifact(STREAM_ARTIFACT) is not None
+    assert isinstance(backend_for(added, settings.embedding, settings.windows), OnnxLockstepBackend)
