@@ -150,6 +150,8 @@ def grid_windows(settings: WindowSettings, begin: int, end: int) -> dict[int, tu
                 add(start, stop - start)
             k += 1
     return {start: tuple(sorted(lengths)) for start, lengths in sorted(found.items())}
+
+
 NEVER = 1 << 62
 """A sample position no stream reaches: the next probe end when probes are off."""
 
