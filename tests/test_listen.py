@@ -99,3 +99,17 @@ def test_listen_on_a_one_speaker_file_shows_the_speaker_and_the_turns(enrolled: 
     for line in lines:
         assert " change " in line or " segment " in line, f"not a change or a turn: {line}"
         assert f"{name} <- {name}" not in line and "margin" not in line and "windows=" not in line, line
+
+
+def test_sigint_stops_a_listener_started_with_sigint_ignored() -> None:
+    """A script's `speakerd listen ... &` inherits an ignored SIGINT from its shell; kill -INT must still stop it."""
+    listener = popen_speakerd("listen", "--sub", f"tcp://127.0.0.1:{_free_port()}", stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert "Ctrl-C to stop" in listener.stderr.readline()  # it is listening
+        listener.send_signal(signal.SIGINT)
+        assert listener.wait(15) == 0
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.wait(5)
