@@ -297,8 +297,10 @@ def subscribe_target(
 def main_listen(args: argparse.Namespace) -> int:
     # Ctrl-C and `kill -INT` stop the listener even when it was started from a script with `&`,
     # whose shell hands background commands an ignored SIGINT (Python then never raises
-    # KeyboardInterrupt, and the listener outlived every SIGINT: seen in a CI run started so)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # KeyboardInterrupt, and the listener outlived every SIGINT: seen in a CI run started so).
+    # Only the main thread may set a handler; a caller running it in a thread stops it its own way.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     endpoint, curve = listen_target(args)
     return listen(endpoint, as_json=args.json, topics=tuple(args.topic or ("",)), max_events=args.max_events, curve=curve,
                   verbose=getattr(args, "verbose", 0) > 0)
