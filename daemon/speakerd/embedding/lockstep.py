@@ -16,7 +16,8 @@ scaled (``Window.gain_db`` > 0) is embedded on its own, as before. In a quiet ro
 windows are scaled, rows would be wasted work: new rows open only while at least
 :data:`MIN_UNSCALED` of recent windows were unscaled. Windows off the grids (a region's tail
 window), windows whose row could not run (frames missing after a dropped window) and a backlog
-(:data:`BACKLOG`, where batches of whole windows cost less) also take the whole-window path. ``embedding.trunk = "per_window"`` turns rows off.
+(:data:`BACKLOG`, where batches of whole windows cost less) also take the whole-window path.
+``embedding.trunk = "per_window"`` turns rows off.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ logger = logging.getLogger(__name__)
 
 MIN_UNSCALED = 0.5
 """Share of recent windows that must be unscaled for new rows to open. Rows cost about half of
-embedding every window alone (measured below), so they pay while fewer than half are scaled."""
+embedding every window alone (120 s of test-other: 5.39 -> 3.11 s of CPU; docs/BENCHMARKS.md,
+session 10), so they pay while fewer than half of the windows are scaled and embedded again whole."""
 BACKLOG = 8
 """A run of this many windows is a backlog (a file, or a live queue catching up): whole windows
 batched by length cost less per window there (ONNX Runtime on two threads, 3.2 ms per 1.5 s window
@@ -169,20 +171,16 @@ class LockstepBackend:
         region = self._region
         if region is None or not run:
             return
-        for i in run:
-            w = windows[i]
-            region.add((w.start - w.region_start) // self._shift, _unscaled(w))
+        spans = [(i, (windows[i].start - windows[i].region_start) // self._shift) for i in run]
+        for i, first in spans:
+            region.add(first, _unscaled(windows[i]))
         self._open(region)
         self._run_rows(region)
-        newest = 0
-        for i in run:
-            w = windows[i]
-            first = (w.start - w.region_start) // self._shift
-            stop = first + w.num_frames
-            newest = max(newest, stop)
-            kept = region.kept.pop((first, stop), None)
-            if kept is not None and w.gain_db == 0.0:
+        for i, first in spans:
+            kept = region.kept.pop((first, first + windows[i].num_frames), None)
+            if kept is not None and windows[i].gain_db == 0.0:
                 out[i] = kept
+        newest = max(first + windows[i].num_frames for i, first in spans)
         region.kept = {k: e for k, e in region.kept.items() if k[1] >= newest}  # windows never made
         region.rows = [r for r in region.rows if r.done < r.last]
         region.trim(region.opened // self._shift)
@@ -232,7 +230,7 @@ class LockstepBackend:
 
 
 def _unscaled(w: Window) -> np.ndarray:
-    """The window's frames before its gain (mel power scales by g^2: ``features.apply_gain``)."""
+    """The window's frames before its gain (mel power scales by g^2: ``features.finish_gained``)."""
     if w.gain_db == 0.0:
         return w.feats
     return (w.feats / np.float32(10.0 ** (w.gain_db / 10.0))).astype(np.float32)

@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 STREAM_FILE = "model.stream.onnx"
 LAYERS = 3
-HIDDEN = 256
 
 
 class StreamGraphError(Exception):
@@ -49,6 +48,7 @@ def build_stream(src: Path, dst: Path) -> Path:
     gemms = [n for n in graph.node if n.op_type == "Gemm"]
     if len(lstms) != LAYERS or len(gemms) != 1 or not all(a in inits for a in gemms[0].input[1:3]):
         raise StreamGraphError(f"{src}: expected {LAYERS} LSTM nodes and one Gemm with stored weights")
+    hidden = int({a.name: helper.get_attribute_value(a) for a in lstms[0].attribute}["hidden_size"])
     nodes = [
         helper.make_node("Split", ["h", "split3"], [f"h{i}" for i in range(LAYERS)], axis=0),
         helper.make_node("Split", ["c", "split3"], [f"c{i}" for i in range(LAYERS)], axis=0),
@@ -80,10 +80,10 @@ def build_stream(src: Path, dst: Path) -> Path:
     consts = [
         numpy_helper.from_array(np.array([1, 1, 1], np.int64), "split3"),
         numpy_helper.from_array(np.array([1], np.int64), "axis1"),
-        numpy_helper.from_array(np.array([-1, HIDDEN], np.int64), "flat"),
+        numpy_helper.from_array(np.array([-1, hidden], np.int64), "flat"),
         numpy_helper.from_array(np.array(1e-12, np.float32), "eps"),
     ]
-    state = [LAYERS, "B", HIDDEN]
+    state = [LAYERS, "B", hidden]
     inputs = [
         helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "B", 40]),
         helper.make_tensor_value_info("h", TensorProto.FLOAT, state),
@@ -93,7 +93,7 @@ def build_stream(src: Path, dst: Path) -> Path:
     outputs = [
         helper.make_tensor_value_info("h_out", TensorProto.FLOAT, state),
         helper.make_tensor_value_info("c_out", TensorProto.FLOAT, state),
-        helper.make_tensor_value_info("embs", TensorProto.FLOAT, ["K", HIDDEN]),
+        helper.make_tensor_value_info("embs", TensorProto.FLOAT, ["K", hidden]),
     ]
     out = helper.make_graph(nodes, "ge2e_stream", inputs, outputs, [inits[u] for u in dict.fromkeys(used)] + consts)
     stream = helper.make_model(out, opset_imports=model.opset_import)
