@@ -290,6 +290,32 @@ def test_misnamed_per_length_package_is_refused(per_length: Path, tmp_path: Path
         CoreMLBackend(bundle, cache_dir=tmp_path / "c", coremltools_module=FakeCoreML())
 
 
+def test_setup_rebuilds_coreml_packages_that_miss_the_daemon_windows(per_length: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Mac bundle converted before the daemon's windows changed (probes 0.6 -> 0.55 s): its
+    packages lack a length, and ``scripts/setup`` (``ensure_artifacts``) builds it instead of leaving
+    macOS on ONNX Runtime."""
+    import dataclasses
+
+    from speakerd.models import build
+
+    current = make_bundle(tmp_path / "b", per_length)
+    assert build.stale_coreml_frames(current) == []
+    older = dataclasses.replace(current, window_frames=(53, *WINDOWS))
+    assert build.stale_coreml_frames(older) == [53]
+    built: list[str] = []
+    monkeypatch.setattr(build, "load_bundle", lambda path: older)
+    monkeypatch.setattr(build, "needs_stream", lambda bundle: False)
+    monkeypatch.setattr(build, "build_bundle_rooms", lambda bundle: None)
+    monkeypatch.setattr(build, "build_model", lambda name, *a, **k: built.append(name))
+    monkeypatch.setattr(build, "coreml_by_default", lambda: False)
+    build.ensure_artifacts("tiny")
+    assert built == []  # off macOS the packages are not rebuilt
+    monkeypatch.setattr(build, "coreml_by_default", lambda: True)
+    build.ensure_artifacts("tiny")
+    assert built == ["tiny"]
+
+
 def test_window_frame_counts_follow_the_window_settings() -> None:
     from speakerd.models.build import GE2E_RECIPE
     from speakerd.windows import WindowSettings

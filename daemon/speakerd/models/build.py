@@ -358,6 +358,28 @@ def ensure_artifacts(name: str) -> None:
         build_bundle_cohort(bundle)
     if bundle.artifact(ROOMS_ARTIFACT) is None:
         build_bundle_rooms(bundle)
+    if coreml_by_default() and (stale := stale_coreml_frames(bundle)):
+        logger.info("%s: its CoreML packages do not serve %s frames (the daemon's windows changed); building them", name, stale)
+        build_model(name)  # converts only the missing lengths: the others are reused
+
+
+def stale_coreml_frames(bundle: ModelBundle) -> list[int]:
+    """Window lengths (frames) the manifest lists that the bundle's CoreML packages do not serve: a
+    bundle converted before the daemon's windows changed, which macOS would run on ONNX Runtime
+    instead (``create_backend`` falls back and says so). [] without CoreML packages."""
+    folder = bundle.artifact("coreml")
+    if folder is None or importlib.util.find_spec("coremltools") is None:  # without it macOS runs ONNX anyway
+        return []
+    from ..coreml.check import CheckError
+    from ..coreml.layout import missing_frames, read_package_set
+    from ..coreml.mil_exec import MilError
+
+    try:
+        served = read_package_set(folder, feat_dim=bundle.features.num_mel_bins).window_frames
+    except (CheckError, MilError) as exc:
+        logger.warning("%s: CoreML packages unreadable (%s)", bundle.name, exc)
+        served = ()
+    return missing_frames(served, bundle.window_frames)
 
 
 def build_bundle_rooms(bundle: ModelBundle) -> Path | None:
