@@ -320,8 +320,8 @@ def test_window_frame_counts_follow_the_window_settings() -> None:
     from speakerd.models.build import GE2E_RECIPE
     from speakerd.windows import WindowSettings
 
-    assert window_frame_counts(WindowSettings(), GE2E_RECIPE) == (58, 78, 98, 148)  # probes 0.6 / 0.8 s too
-    assert window_frame_counts(WindowSettings(), FeatureRecipe()) == (58, 78, 98, 148)
+    assert window_frame_counts(WindowSettings(), GE2E_RECIPE) == (53, 78, 98, 148)  # probes 0.55 / 0.8 s too
+    assert window_frame_counts(WindowSettings(), FeatureRecipe()) == (53, 78, 98, 148)
     assert window_frame_counts(WindowSettings(probe_hop_s=0), GE2E_RECIPE) == (98, 148)
     assert window_frame_counts(WindowSettings(length_s=2.0, first_length_s=1.0, probe_hop_s=0), GE2E_RECIPE) == (98, 198)
     assert window_frame_counts(WindowSettings(length_s=1.5, first_length_s=1.5, probe_hop_s=0), GE2E_RECIPE) == (148,)

@@ -103,10 +103,11 @@ def test_lockstep_embeddings_equal_the_whole_window_ones(lockstep: OnnxLockstepB
     # test-other is loud: almost every window is unscaled and on the grids, so rows serve it
     assert counted["lockstep_windows"] >= 0.9 * len(speech_windows), counted
     assert counted["lockstep_windows"] + counted["exact_windows"] == len(speech_windows)
-    # the cost: rows step through about the frames the whole-window path would (a few rows are
-    # for windows a region's end never lets be made), several rows per LSTM step instead of one
-    assert counted["row_steps"] <= 1.1 * sum(w.num_frames for w in speech_windows), counted
-    assert counted["row_steps"] >= 4.0 * counted["steps"], counted
+    # the cost: every other probe starts with a regular window and shares its row, so rows step
+    # through a quarter fewer frames than the whole-window path (0.74 here; 1.0 with probes off the
+    # windows' grid), several rows per LSTM step instead of one
+    assert counted["row_steps"] <= 0.8 * sum(w.num_frames for w in speech_windows), counted
+    assert counted["row_steps"] >= 3.5 * counted["steps"], counted
     assert counted["passes"] <= 2.5 * len(speech_windows), counted
 
 

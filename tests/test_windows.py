@@ -142,7 +142,7 @@ def test_region_shorter_than_first_window_yields_no_regular_window(clips: list[n
     assert (w.windows_emitted, w.windows_rejected) == (0, 0)
     # probes still guess who spoke it (tentatively)
     probed = run(SpeechWindower(WindowSettings(), RECIPE), region_events(clips[0][: s(0.99)], R))
-    assert windows_of(probed) == [] and [(w.end - R) / SAMPLE_RATE for w in probes_of(probed)] == [0.6, 0.85, 0.99]
+    assert windows_of(probed) == [] and [(w.end - R) / SAMPLE_RATE for w in probes_of(probed)] == [0.55, 0.8, 0.99]
 
 
 @pytest.mark.parametrize(
@@ -329,17 +329,21 @@ def test_probes_fill_a_finer_grid_between_regular_windows() -> None:
     audio = noise(3.0)
     out = run(SpeechWindower(WindowSettings(), RECIPE), region_events(audio, R))
     probes = [((w.start - R) / SAMPLE_RATE, (w.end - R) / SAMPLE_RATE) for w in probes_of(out)]
-    # the first probe is cut to the region (0.6 s), the rest are 0.8 s every 0.25 s; none ends with a regular
+    # the first probe is cut to the region (0.55 s), the rest are 0.8 s every 0.25 s; none ends with a regular
     # window; the last one ends with the region, where a new voice's first words before a pause would be
-    assert probes == [(0.0, 0.6), (0.05, 0.85), (0.3, 1.1), (0.55, 1.35), (0.8, 1.6), (1.05, 1.85), (1.3, 2.1),
-                      (1.55, 2.35), (1.8, 2.6), (2.05, 2.85), (2.2, 3.0)]
+    assert probes == [(0.0, 0.55), (0.0, 0.8), (0.25, 1.05), (0.5, 1.3), (0.75, 1.55), (1.0, 1.8), (1.25, 2.05),
+                      (1.5, 2.3), (1.75, 2.55), (2.0, 2.8), (2.2, 3.0)]
     assert spans(out, R) == [(0.0, 1.0), (0.0, 1.5), (0.5, 2.0), (1.0, 2.5), (1.5, 3.0)], "the regular grid is unchanged"
+    # every other grid probe starts where a regular window starts: the lockstep backend's rows serve both
+    starts = {a for a, _ in spans(out, R)}
+    assert [a for a, _ in probes[1:-1] if a in starts] == [0.0, 0.5, 1.0, 1.5]
     assert all(not w.first_in_region for w in probes_of(out))
     lengths = {w.num_frames for w in probes_of(out)}
     assert lengths == {RECIPE.num_frames(s(x), SAMPLE_RATE) for x in WindowSettings().probe_lengths()}
 
 
-@pytest.mark.parametrize(("duration", "tail_probe"), [(2.95, None), (3.0, (2.2, 3.0)), (3.05, (2.25, 3.05))])
+@pytest.mark.parametrize(("duration", "tail_probe"),  # grid probes end at 2.55, 2.8, 3.05
+                         [(2.9, None), (2.95, (2.15, 2.95)), (3.0, (2.2, 3.0)), (3.05, None)])
 def test_a_probe_ends_with_the_region_unless_the_grid_put_one_there(duration: float, tail_probe) -> None:
     """Made when the VAD ends the region, so dated then (its lag), like the region's last regular window."""
     events = region_events(noise(duration), R)
@@ -371,7 +375,7 @@ def test_probes_off_and_the_voiced_share_gates_them_too() -> None:
     voiced[: s(0.3)] = True
     gated = SpeechWindower(WindowSettings(), RECIPE)
     out = run(gated, region_events(audio, R, voiced=voiced))
-    assert [((w.start - R) / SAMPLE_RATE, (w.end - R) / SAMPLE_RATE) for w in probes_of(out)] == [(0.0, 0.6)]
+    assert [((w.start - R) / SAMPLE_RATE, (w.end - R) / SAMPLE_RATE) for w in probes_of(out)] == [(0.0, 0.55)]
     assert gated.probes_emitted == 1 and gated.windows_emitted == len(windows_of(out))
 
 

@@ -40,9 +40,11 @@ class WindowSettings:
     regular window ends. 0 turns probes off."""
     probe_length_s: float = 0.8
     """Length of a probe window: short enough to be mostly the new voice soon after a hand-over."""
-    probe_start_s: float = 0.6
+    probe_start_s: float = 0.55
     """End of a region's first probe, so a voice after a pause is guessed this soon; probes that
-    would start before the region are cut to begin with it."""
+    would start before the region are cut to begin with it. 0.55 puts every other probe's start
+    (``end - probe_length_s``) on a regular window's start, where the lockstep backend advances
+    both in one LSTM row: a quarter fewer row-steps than 0.6 (docs/BENCHMARKS.md, session 11)."""
 
     def __post_init__(self) -> None:
         check(0.5 <= self.length_s <= 10.0, "windows.length_s", self.length_s, "must be within 0.5 to 10 s")
