@@ -80,11 +80,18 @@ def test_int8_agrees_with_fp32_on_held_out_windows_and_probes_alone_and_batched(
     single, in_batch = cosines(alone, ref), cosines(batched, ref)
     # measured 2026-12-07 on 716 windows: alone worst 0.9932, median 0.9980; batched by 8 worst
     # 0.9955, median 0.9985. ONNX Runtime quantises activations per call, so a window's INT8
-    # embedding moves with its batch-mates: worst 0.9942, median 0.9994 against alone
-    assert single.min() >= MIN_INT8_AGREEMENT and np.median(single) >= 0.997, (single.min(), np.median(single))
-    assert in_batch.min() >= MIN_INT8_AGREEMENT and np.median(in_batch) >= 0.997, (in_batch.min(), np.median(in_batch))
+    # embedding moves with its batch-mates: worst 0.9942, median 0.9994 against alone.
+    # A region's cut first probe (0.55 s since session 11, 53 frames; a tentative guess only) has
+    # the fewest frames to average the quantisation noise over: 718 windows, alone worst 0.9881 on
+    # one of its 34 (0.6 s cut probes: >= 0.993), every window of 0.8 s or more >= 0.9906; against
+    # its batch-mates' quantisation 0.9899 (the others >= 0.9940)
+    cut = np.array([w.num_frames < 78 for w in windows])
+    for name, got in (("alone", single), ("batched", in_batch)):
+        assert got[~cut].min() >= MIN_INT8_AGREEMENT and np.median(got) >= 0.997, (name, got[~cut].min(), np.median(got))
+        assert got[cut].min() >= 0.985, (name, got[cut].min())
     moved = cosines(batched, alone)
-    assert moved.min() >= MIN_INT8_AGREEMENT and np.median(moved) >= 0.999, (moved.min(), np.median(moved))
+    assert moved[~cut].min() >= MIN_INT8_AGREEMENT and np.median(moved) >= 0.999, (moved[~cut].min(), np.median(moved))
+    assert moved[cut].min() >= 0.985, moved[cut].min()
 
 
 def test_setup_adds_the_int8_file_to_a_bundle_built_before_it(
