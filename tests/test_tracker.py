@@ -800,3 +800,43 @@ def test_tentative_settings_are_checked() -> None:
         replace(GE2E, tentative_margin=-0.1)
     with pytest.raises(ConfigError, match="decision.departure_drop"):
         replace(GE2E, departure_drop=-0.1)
+
+
+def near_miss(w: Window, nearest: SpeakerRef, score: float) -> MatchedWindow:
+    """A window the matcher names nobody for, with ``nearest`` ahead by less than any bar."""
+    return MatchedWindow(w, Match(speaker_id=None, name=None, score=score, margin=0.03, runner_up="z", known=False,
+                                  nearest=nearest.id, nearest_name=nearest.name))
+
+
+C = SpeakerRef("c", "Cat", True)
+
+
+@pytest.mark.parametrize(
+    ("probe_first", "probe_voice", "probe_score", "window_voice", "current", "announced_at"),
+    [
+        (True, B, 0.66, B, A, 1.0),  # the probe, then the first window: announced at the window
+        (False, B, 0.66, B, A, 1.35),  # the first window, then a probe: announced at the probe
+        (True, C, 0.66, B, A, None),  # they disagree
+        (True, B, 0.58, B, A, None),  # one of them under tentative_score
+        (True, A, 0.66, A, A, None),  # the voice speaking already
+        (True, B, 0.66, B, GUEST, None),  # an unnamed voice speaks: a near miss is most likely it
+    ],
+)
+def test_two_agreeing_near_misses_announce_the_new_voice(probe_first: bool, probe_voice: SpeakerRef, probe_score: float,
+                                                         window_voice: SpeakerRef, current: SpeakerRef,
+                                                         announced_at: float | None) -> None:
+    """In a room a new voice is nearest from its first window on, but under every margin: a window
+    and the probe beside it that agree on it announce it (tentatively) a window sooner."""
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(3):
+        w = MatchedWindow(window(R1, k), match(current if current.known else UNKNOWN, margin=DECISIVE))
+        r.decisions += r.tracker.process(w if current.known else replace(w, label=current, label_score=0.85, label_margin=0.3))
+    assert r.tracker.current == current
+    r.end(R1 + 3 * SAMPLE_RATE)
+    r.start(R2)
+    pieces = [near_miss(probe(R2, 0.8 if probe_first else 1.35, probe_voice, 0, 0).window, probe_voice, probe_score),
+              near_miss(window(R2, 0), window_voice, 0.68)]
+    out = [d for mw in (pieces if probe_first else pieces[::-1]) for d in r.tracker.process(mw)]
+    changes = [(d.payload.speaker, d.payload.tentative, sec(d.sample - R2)) for d in out if isinstance(d.payload, SpeakerChange)]
+    assert changes == ([(window_voice, True, announced_at)] if announced_at is not None else [])

@@ -213,6 +213,25 @@ def evidence_for(v: DecisionValues, mw: MatchedWindow, current: SpeakerRef | Non
     return SpeakerRef(id=m.nearest, name=m.nearest_name, known=True)
 
 
+def agreeing(v: DecisionValues, mw: MatchedWindow, other: MatchedWindow | None, current: SpeakerRef | None) -> SpeakerRef | None:
+    """The enrolled voice both an unnamed piece of evidence and the one just before it (a window and
+    the probe before it, or a probe and the unnamed window before it) have nearest, each at
+    ``tentative_score`` or more: enough for a tentative change though neither clears a margin alone.
+
+    In a room a new voice is usually nearest from its first window on, but by margins under every
+    bar (docs/BENCHMARKS.md, session 11: 20 of 22 late changes on eval's seed 0). Two overlapping
+    pieces that agree announce it a window sooner. Not while an unnamed voice speaks (a near miss on
+    an enrolled voice is most likely that voice, as in :func:`evidence_for`)."""
+    m = mw.match
+    if other is None or m.nearest is None or m.nearest_name is None or other.match.nearest != m.nearest:
+        return None
+    if current is not None and (not current.known or current.id == m.nearest):
+        return None
+    if min(m.score, other.match.score) < v.tentative_score:
+        return None
+    return SpeakerRef(id=m.nearest, name=m.nearest_name, known=True)
+
+
 def departure(v: DecisionValues, mw: MatchedWindow, current: SpeakerRef | None, own: Sequence[float]) -> SpeakerRef | None:
     """Anonymous speech, when a probe near no enrolled voice falls well below the current one's level."""
     m = mw.match

@@ -12,8 +12,10 @@ Transitions (each emits the events in brackets):
     IDLE/SPEAKING -> SPEAKING   enough agreeing windows (``confirm_windows``; ``unknown_confirm_
                                 windows`` for anonymous speech), one decisive window, or a region
                                 that held only the new voice [change, segment of the old turn]
-    SPEAKING  -> TENTATIVE      a probe or weak window is evidence for another voice, or a probe
-                                falls away from the current voice (departure) [tentative change]
+    SPEAKING  -> TENTATIVE      a probe or weak window is evidence for another voice, or it and
+                                the piece just before it have the same voice nearest (agreeing),
+                                or a probe falls away from the current voice (departure)
+                                [tentative change]
     TENTATIVE -> TENTATIVE      a firmer probe for the same voice, or a named voice for an anonymous
                                 change (same ``at``) [tentative change]
     TENTATIVE -> SPEAKING       confirmed [change, segment]; or the current voice speaks on after
@@ -172,10 +174,17 @@ class SpeakerTracker:
             return None
         return policy.evidence_for(self.values, mw, self.current)
 
+    def _agreeing(self, mw: MatchedWindow, before: MatchedWindow) -> SpeakerRef | None:
+        if not self.settings.tentative_changes:
+            return None
+        return policy.agreeing(self.values, mw, before, self.current)
+
     def _probe(self, mw: MatchedWindow) -> list[Decision]:
         """A probe between regular windows can only announce a tentative change."""
         v, current = self.values, self.current
         target = self._evidence(mw) or (policy.departure(v, mw, current, self._own) if self.settings.tentative_changes else None)
+        if target is None and self._region.lead:
+            target = self._agreeing(mw, self._region.lead[-1])
         if current is not None and current.known and mw.match.nearest == current.id:
             self._own = [*self._own[-OWN_LEVEL_PROBES + 1 :], mw.match.score]
         if self._turn is None and not self._region.has_current and policy.speaks_for(v, mw, current):
@@ -215,6 +224,8 @@ class SpeakerTracker:
         if votes >= needed or policy.decisive(self.values, mw) or self.current is None and ref.known:
             return self._change(*mw.window.decided)
         target = ref if not is_anonymous(ref) else self._evidence(mw)
+        if target is None and region.tail:
+            target = self._agreeing(mw, region.tail[-1])
         if self.settings.tentative_changes and target is not None and target != self.current and self._tentative_for(target):
             return self._announce(mw, target)
         return []
