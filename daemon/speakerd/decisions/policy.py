@@ -214,9 +214,10 @@ def evidence_for(v: DecisionValues, mw: MatchedWindow, current: SpeakerRef | Non
 
 
 def agreeing(v: DecisionValues, mw: MatchedWindow, other: MatchedWindow | None, current: SpeakerRef | None) -> SpeakerRef | None:
-    """The enrolled voice both an unnamed piece of evidence and the one just before it (a window and
-    the probe before it, or a probe and the unnamed window before it) have nearest, each at
-    ``tentative_score`` or more: enough for a tentative change though neither clears a margin alone.
+    """The enrolled voice both an unnamed piece of evidence and the one just before it (an unnamed
+    window and the probe before it, or a probe and the weak window before it: unnamed, or too close
+    to call, the tracker's ``lead``) have nearest, each at ``tentative_score`` or more: enough for
+    a tentative change though neither clears a margin alone.
 
     In a room a new voice is usually nearest from its first window on, but by margins under every
     bar (docs/BENCHMARKS.md, session 11: 20 of 22 late changes on eval's seed 0). Two overlapping
