@@ -94,9 +94,10 @@ def test_models_list_shows_every_known_model_and_the_command_that_builds_it(tmp_
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     heads = {line.split()[0]: line for line in lines if not line.startswith(" ")}
-    assert set(heads) == {"ge2e-resemblyzer", "wespeaker-resnet34"}
+    assert set(heads) == {"ge2e-resemblyzer", "ecapa-speechbrain", "wespeaker-resnet34"}
     assert all(" not built" in line for line in heads.values())
     assert "    build: speakerd models build ge2e-resemblyzer" in lines
+    assert "    build: speakerd models build ecapa-speechbrain" in lines
     assert any(line.startswith("    build: speakerd models fetch wespeaker-resnet34") and "models convert wespeaker --checkpoint" in line
                for line in lines)
 
@@ -112,7 +113,7 @@ def test_models_list_marks_the_built_default(default_model: Path) -> None:
     ("model", "says"),
     [
         ("nosuchmodel", "no model 'nosuchmodel': not a directory and not a bundle in {root}; known models: "
-                        "ge2e-resemblyzer, wespeaker-resnet34"),
+                        "ecapa-speechbrain, ge2e-resemblyzer, wespeaker-resnet34"),
         ("wespeaker-resnet34", "model 'wespeaker-resnet34' is not built yet (no bundle in {root}); build it with: "
                                "speakerd models fetch wespeaker-resnet34"),
     ],

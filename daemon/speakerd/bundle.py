@@ -44,6 +44,11 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         "GE2E d-vector encoder from Resemblyzer 0.1.4 (3-layer LSTM, 256-d, LibriSpeech + VoxCeleb)",
         f"speakerd models build {DEFAULT_MODEL}",
     ),
+    "ecapa-speechbrain": KnownModel(
+        "SpeechBrain ECAPA-TDNN (VoxCeleb, EER 0.8 %, 192-d): names voices through a room's microphone far "
+        "better than the default, at about 30x its CPU cost; see docs/BENCHMARKS.md",
+        "speakerd models build ecapa-speechbrain",
+    ),
     "wespeaker-resnet34": KnownModel(
         "WeSpeaker ResNet34 (VoxCeleb, EER 0.8 %, 256-d); see docs/wespeaker.md",
         "speakerd models fetch wespeaker-resnet34 (downloads the checkpoint), "
@@ -58,14 +63,24 @@ def how_to_get(name: str) -> str:
     return known.get if known is not None else f"speakerd models build {name}"
 
 
+KALDI_FBANK = "kaldi_fbank"
+SPEECHBRAIN_FBANK = "speechbrain_fbank"
+FEATURE_KINDS = (KALDI_FBANK, SPEECHBRAIN_FBANK)
+
+
 @dataclass(frozen=True)
 class FeatureRecipe:
     """Kaldi-style filterbank settings, mapped one to one onto kaldi-native-fbank options.
+
+    ``kind`` ``speechbrain_fbank`` is SpeechBrain's ``Fbank`` instead (ECAPA was trained on it):
+    computed per window from its samples (``features.SpeechBrainFbank``), using only the frame
+    length and shift, ``num_mel_bins``, ``low_freq``, ``high_freq``, ``input_scale`` and ``cmn``.
 
     The post-processing keys (``input_scale``, ``gain_normalize_dbfs``, ``cmn``) describe what the
     model saw in training around the filterbank itself.
     """
 
+    kind: str = KALDI_FBANK
     num_mel_bins: int = 80
     frame_length_ms: float = 25.0
     frame_shift_ms: float = 10.0
@@ -94,17 +109,24 @@ class FeatureRecipe:
         unknown = sorted(set(data) - known - {"kind"})
         if unknown:
             raise BundleError(f"unknown feature recipe keys: {', '.join(unknown)}")
-        if data.get("kind", "kaldi_fbank") != "kaldi_fbank":
-            raise BundleError(f"unsupported feature kind {data['kind']!r}; only 'kaldi_fbank' is known")
+        if data.get("kind", KALDI_FBANK) not in FEATURE_KINDS:
+            raise BundleError(f"unsupported feature kind {data['kind']!r}; known: {', '.join(FEATURE_KINDS)}")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "kaldi_fbank", **asdict(self)}
+        return asdict(self)
+
+    @property
+    def per_window(self) -> bool:
+        """Features computed from each window's own samples, not sliced from the region's stream."""
+        return self.kind == SPEECHBRAIN_FBANK
 
     def num_frames(self, num_samples: int, sample_rate: int) -> int:
         """Frames the filterbank yields for ``num_samples`` (Kaldi's rule for snip_edges)."""
         shift = int(sample_rate * self.frame_shift_ms / 1000)
         length = int(sample_rate * self.frame_length_ms / 1000)
+        if self.per_window:  # frames centred on every hop, the edges zero-padded (torch.stft center=True)
+            return 1 + num_samples // shift
         if self.snip_edges:
             return 0 if num_samples < length else 1 + (num_samples - length) // shift
         return (num_samples + shift // 2) // shift

@@ -148,6 +148,48 @@ def dbfs(wave: np.ndarray) -> float:
     return 20.0 * math.log10(max(rms, 1e-10))
 
 
+class SpeechBrainFbank:
+    """SpeechBrain's ``Fbank`` (ECAPA's training features) for one window, in numpy.
+
+    torch.stft with ``center=True``: a frame centred on every hop, the window's edges zero-padded, so
+    a window's features depend on where it starts and are computed from its own samples rather than
+    sliced from a stream. Periodic Hamming window, power spectrum, SpeechBrain's triangular filters
+    (equally spaced on the HTK mel scale, each as wide on the right as on the left), 10 log10 with a
+    floor 80 dB under the window's loudest bin. Equal to SpeechBrain 1.0's output to float rounding.
+    """
+
+    TOP_DB = 80.0
+    AMIN = 1e-10
+
+    def __init__(self, recipe: FeatureRecipe, sample_rate: int) -> None:
+        self.recipe = recipe
+        self.shift = int(sample_rate * recipe.frame_shift_ms / 1000)
+        self.length = int(sample_rate * recipe.frame_length_ms / 1000)
+        self.window = np.hamming(self.length + 1)[:-1].astype(np.float64)
+        self.mel = speechbrain_mel_matrix(recipe.num_mel_bins, sample_rate, self.length, recipe.low_freq, recipe.high_freq)
+
+    def compute(self, samples: np.ndarray) -> np.ndarray:
+        """(frames, mels) for ``samples``: ``recipe.num_frames(len(samples))`` frames."""
+        half = self.length // 2
+        wave = np.pad(np.asarray(samples, dtype=np.float64) * self.recipe.input_scale, half)
+        count = 1 + (len(wave) - self.length) // self.shift
+        starts = np.arange(count)[:, None] * self.shift
+        frames = wave[starts + np.arange(self.length)[None, :]] * self.window
+        power = np.square(np.abs(np.fft.rfft(frames, n=self.length)))
+        db = 10.0 * np.log10(np.maximum(power @ self.mel, self.AMIN))
+        return np.maximum(db, db.max() - self.TOP_DB).astype(np.float32)
+
+
+def speechbrain_mel_matrix(bins: int, sample_rate: int, n_fft: int, low_hz: float, high_hz: float) -> np.ndarray:
+    """(n_fft // 2 + 1, bins) filters as SpeechBrain's ``Filterbank`` builds them (triangular, HTK mel)."""
+    high_hz = high_hz if high_hz > 0 else sample_rate / 2
+    to_mel = lambda hz: 2595.0 * np.log10(1.0 + hz / 700.0)  # noqa: E731
+    edges = 700.0 * (10.0 ** (np.linspace(to_mel(low_hz), to_mel(high_hz), bins + 2) / 2595.0) - 1.0)
+    centre, width = edges[1:-1], (edges[1:] - edges[:-1])[:-1]
+    slope = (np.linspace(0, sample_rate // 2, n_fft // 2 + 1)[:, None] - centre[None, :]) / width[None, :]
+    return np.maximum(0.0, np.minimum(slope + 1.0, 1.0 - slope))
+
+
 class FeatureExtractor:
     """One window's features computed on their own: enrollment checks, references and tests."""
 
@@ -156,6 +198,8 @@ class FeatureExtractor:
         self.sample_rate = sample_rate
 
     def compute(self, samples: np.ndarray) -> np.ndarray:
+        if self.recipe.per_window:
+            return finish_window(self.recipe, SpeechBrainFbank(self.recipe, self.sample_rate).compute(samples), samples)
         stream = FeatureStream(self.recipe, self.sample_rate)
         stream.process(samples)
         n = stream.finish()

@@ -21,7 +21,7 @@ import numpy as np
 from .audio import SAMPLE_RATE, to_samples
 from .bundle import FeatureRecipe
 from .errors import check
-from .features import FeatureStream, finish_gained, gain_db
+from .features import FeatureStream, SpeechBrainFbank, finish_gained, gain_db
 from .vad import SpeechAudio, SpeechEnd, SpeechStart, VadEvent
 
 
@@ -165,6 +165,7 @@ class SpeechWindower:
         self.settings = settings
         self.recipe = recipe
         self._stream = FeatureStream(recipe, sample_rate)
+        self._per_window = SpeechBrainFbank(recipe, sample_rate) if recipe.per_window else None
         shift = self._stream.frame_shift
         for key, seconds in (
             ("windows.hop_s", settings.hop_s),
@@ -229,7 +230,8 @@ class SpeechWindower:
         self._audio = np.concatenate([self._audio, chunk.samples.astype(np.float32, copy=False)])
         self._voiced = np.concatenate([self._voiced, event.voiced.astype(bool, copy=False)])
         self._anchor = (chunk.end, chunk.wall_time_of(chunk.end))
-        self._stream.process(chunk.samples)
+        if self._per_window is None:
+            self._stream.process(chunk.samples)
         out: list[WindowerOutput] = []
         while True:
             end = min(self._next_end, self._next_probe)
@@ -287,6 +289,8 @@ class SpeechWindower:
         return self._first if end - self._region_start == self._first else self._full
 
     def _frames_cover(self, start: int, end: int) -> bool:
+        if self._per_window is not None:  # computed from the window's samples, which the caller checked
+            return True
         _, stop = self._frames_for(start, end)
         return stop <= self._stream.num_frames
 
@@ -301,10 +305,13 @@ class SpeechWindower:
         if fraction < self.settings.min_speech:
             self.windows_rejected += not probe
             return None
-        first, stop = self._frames_for(start, end)
-        stop = min(stop, self._stream.num_frames)
         gain = gain_db(self.recipe, samples)
-        feats = finish_gained(self.recipe, self._stream.frames(first, stop), gain)
+        if self._per_window is not None:
+            feats = finish_gained(self.recipe, self._per_window.compute(samples), gain)
+        else:
+            first, stop = self._frames_for(start, end)
+            stop = min(stop, self._stream.num_frames)
+            feats = finish_gained(self.recipe, self._stream.frames(first, stop), gain)
         anchor_sample, anchor_wall = self._anchor
         if probe:
             self.probes_emitted += 1

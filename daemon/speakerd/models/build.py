@@ -87,6 +87,7 @@ class Builder:
 
 BUILDERS: dict[str, Builder] = {
     DEFAULT_MODEL: Builder(KNOWN_MODELS[DEFAULT_MODEL].description, f"{__name__}:build_ge2e_resemblyzer"),
+    "ecapa-speechbrain": Builder(KNOWN_MODELS["ecapa-speechbrain"].description, "speakerd.models.ecapa:build_ecapa_speechbrain"),
 }
 """Names ``speakerd models build`` accepts. Add an entry per model family."""
 
@@ -112,13 +113,14 @@ def build_model(name: str, out_dir: Path | None = None, *, progress: bool = True
 def list_models(root: Path | None = None) -> list[dict[str, Any]]:
     """Every known model, every buildable name and every bundle under ``root`` (default ``models_root()``),
     one dict each: name, built (has an ONNX artifact), artifacts {kind: present}, fingerprint,
-    description, buildable, get (the command that builds it; "" for a bundle of the user's own)."""
+    description, buildable, get (the command that builds it; "" for a bundle of the user's own); the
+    default model first."""
     root = models_root() if root is None else root
     names = set(BUILDERS) | set(KNOWN_MODELS)
     if root.is_dir():
         names |= {p.name for p in root.iterdir() if (p / MANIFEST).is_file()}
     rows = []
-    for name in sorted(names):
+    for name in sorted(names, key=lambda n: (n != DEFAULT_MODEL, n)):  # the default first
         known = KNOWN_MODELS.get(name)
         row: dict[str, Any] = {
             "name": name,
@@ -252,7 +254,7 @@ def build_ge2e_resemblyzer(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         cache = out_dir / CACHE_DIR
-        expected_sha = _pinned_sha(out_dir)
+        expected_sha = pinned_sha(out_dir, GE2E_WEIGHTS_SHA256)
 
         steps.set_postfix_str("wheel")
         wheel = fetch_wheel(cache, GE2E_PACKAGE, GE2E_WHEEL_PREFIX)
@@ -514,7 +516,8 @@ def check_coreml(
     return worst
 
 
-def _pinned_sha(out_dir: Path) -> str:
+def pinned_sha(out_dir: Path, built_in: str) -> str:
+    """The weights' sha256 the committed manifest in ``out_dir`` pins, else ``built_in``."""
     manifest = out_dir / MANIFEST
     if manifest.is_file():
         try:
@@ -524,7 +527,7 @@ def _pinned_sha(out_dir: Path) -> str:
         if pinned:
             return str(pinned)
     logger.info("no committed manifest in %s; using the built-in weights sha256", out_dir)
-    return GE2E_WEIGHTS_SHA256
+    return built_in
 
 
 def fetch_wheel(cache: Path, requirement: str, prefix: str) -> Path:
