@@ -46,7 +46,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     ),
     "ecapa-speechbrain": KnownModel(
         "SpeechBrain ECAPA-TDNN (VoxCeleb, EER 0.8 %, 192-d): names voices through a room's microphone far "
-        "better than the default, at about 30x its CPU cost; see docs/BENCHMARKS.md",
+        "better than the default, at about ten times its CPU cost; see docs/BENCHMARKS.md",
         "speakerd models build ecapa-speechbrain",
     ),
     "wespeaker-resnet34": KnownModel(
