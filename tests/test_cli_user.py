@@ -113,7 +113,7 @@ def test_models_list_marks_the_built_default(default_model: Path) -> None:
     ("model", "says"),
     [
         ("nosuchmodel", "no model 'nosuchmodel': not a directory and not a bundle in {root}; known models: "
-                        "ecapa-speechbrain, ge2e-resemblyzer, wespeaker-resnet34"),
+                        "ge2e-resemblyzer, ecapa-speechbrain, wespeaker-resnet34"),
         ("wespeaker-resnet34", "model 'wespeaker-resnet34' is not built yet (no bundle in {root}); build it with: "
                                "speakerd models fetch wespeaker-resnet34"),
     ],

@@ -1,4 +1,5 @@
-"""Filterbank features with kaldi-native-fbank, configured only from a bundle's recipe.
+"""Filterbank features with kaldi-native-fbank, configured only from a bundle's recipe (and
+SpeechBrain's ``Fbank`` in numpy for the recipe kind that names it).
 
 Features are computed once per speech region as a stream and windows are slices of it: overlapping
 windows share frames instead of recomputing them, and a slice equals the per-window computation
