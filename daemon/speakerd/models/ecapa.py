@@ -21,12 +21,14 @@ from pathlib import Path
 from ..bundle import SPEECHBRAIN_FBANK, FeatureRecipe, ModelBundle, fingerprint_of, kept_decision, load_bundle, write_manifest
 from ..decisions.cohort import ARTIFACT as COHORT_ARTIFACT
 from ..decisions.cohort import FILE as COHORT_FILE
+from ..decisions.values import rescaled
 from ..room_responses import ARTIFACT as ROOMS_ARTIFACT
 from ..room_responses import FILE as ROOMS_FILE
 from ..room_responses import SOURCE as ROOMS_SOURCE
 from .build import (
     CACHE_DIR,
     COHORT_SOURCE,
+    GE2E_DECISION,
     ONNX_FILE,
     ONNX_OPSET,
     BuildError,
@@ -93,9 +95,6 @@ voices join their groups at a lower bar."""
 
 def ecapa_decision() -> dict[str, float]:
     """ge2e-resemblyzer's values carried onto ECAPA's cosine scale, then the room-tuned ones."""
-    from ..decisions.values import rescaled
-    from .build import GE2E_DECISION
-
     values = {key: round(value, 3) for key, value in rescaled(GE2E_DECISION, ECAPA_SCALE, ECAPA_OFFSET).items()}
     return {**values, **ECAPA_TUNED}
 
