@@ -593,6 +593,30 @@ def test_a_region_whose_last_probes_score_another_voice_at_the_threshold_is_cut_
     assert [(c.speaker, c.at, c.tentative) for c in r.changes()][-2:] == [(B, sec(first), True), (B, sec(first), False)]
 
 
+def test_a_runner_up_far_behind_the_speaking_voice_is_not_heard_in_the_tail() -> None:
+    """The same tail, but the speaking voice leads each probe by the relaxed margin or more: the
+    probes are hers, however high Bob scores (a model whose scores spread as ECAPA-TDNN's do)."""
+    lead = GE2E.relaxed_margin
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A, margin=DECISIVE)
+    for end_s in (2.75, 3.0):
+        r.decisions += r.tracker.process(tail_probe(R1, end_s, A, 0.72 + lead, B, margin=lead))
+    (segment,) = r.end(R1 + 3 * SAMPLE_RATE)
+    assert r.tracker.phase == Phase.SPEAKING and [c.speaker for c in r.changes()] == [A]
+    assert (segment.payload.speaker, segment.payload.end) == (A, sec(R1) + 3)
+    # a hair under the lead, Bob is heard again
+    r = Run(TrackerSettings())
+    r.start(R1)
+    for k in range(4):
+        r.window(k, A, margin=DECISIVE)
+    for end_s in (2.75, 3.0):
+        r.decisions += r.tracker.process(tail_probe(R1, end_s, A, 0.72 + lead - 0.01, B, margin=lead - 0.01))
+    r.end(R1 + 3 * SAMPLE_RATE)
+    assert r.tracker.phase == Phase.HELD and r.changes()[-1].speaker == B
+
+
 def test_a_voice_announced_earlier_in_the_region_is_not_announced_again_at_its_end() -> None:
     r = Run(TrackerSettings())
     r.start(R1)

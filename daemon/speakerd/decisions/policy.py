@@ -259,7 +259,13 @@ def lead_in(v: DecisionValues, lead: Sequence[MatchedWindow], new: SpeakerRef, r
 
 def tail_voice(v: DecisionValues, tail: Sequence[MatchedWindow], speaking: SpeakerRef) -> SpeakerChange | None:
     """Another enrolled voice the probes ending a region score at least ``threshold``, as a tentative
-    change from the earliest of them on (score and margin: the latest's)."""
+    change from the earliest of them on (score and margin: the latest's).
+
+    Another voice heard as the runner-up counts only while it trails the speaking voice by less than
+    ``relaxed_margin``, the lead that names a window alone: a probe that far ahead is the speaking
+    voice's, whatever the runner-up scores. GE2E's runner-ups never reach ``threshold`` that far
+    behind (eval seed 0 clean, room seeds 0-1: 0 of 43 probes), ECAPA-TDNN's scores spread wider
+    and did on 103 of 151 clean probes, each a change that was not there (docs/BENCHMARKS.md, session 13)."""
     found: SpeakerChange | None = None
     for mw in reversed(tail):
         m = mw.match
@@ -267,6 +273,8 @@ def tail_voice(v: DecisionValues, tail: Sequence[MatchedWindow], speaking: Speak
         if other is None or found is not None and other != found.speaker.id:
             break
         nearest = other == m.nearest
+        if not nearest and m.margin >= v.relaxed_margin:
+            break
         score = score_of(m, other)
         if score < v.threshold:
             break
