@@ -124,8 +124,8 @@ MIN_INT8_AGREEMENT = 0.99
 
 def onnx_artifact(bundle: ModelBundle, precision: str) -> str:
     """The bundle's ONNX artifact for ``precision``: ``int8`` requires the INT8 file; ``auto`` takes
-    it only when its recorded agreement with FP32 holds (models/wespeaker/quantize.py and
-    models/ge2e_int8.py record it) and the record does not say ``"auto": false`` (a bundle whose
+    it only when its recorded agreement with FP32 holds (models/wespeaker/quantize.py,
+    models/ge2e_int8.py and models/ecapa_int8.py record it) and the record does not say ``"auto": false`` (a bundle whose
     INT8 embeddings agree but move its decisions, as GE2E's do)."""
     if precision == "fp32":
         return "onnx"
@@ -133,9 +133,9 @@ def onnx_artifact(bundle: ModelBundle, precision: str) -> str:
     if precision == "int8":
         if not has_int8:
             raise BackendError(
-                f"model {bundle.name!r} has no INT8 file; build one (`speakerd models build ge2e-resemblyzer` with "
-                f"the LibriSpeech clips beside it, or `speakerd models convert wespeaker --checkpoint PATH --int8 "
-                f"LIBRISPEECH_DIR`) or set embedding.precision = \"fp32\""
+                f"model {bundle.name!r} has no INT8 file; build one (`speakerd models build {bundle.name}` for a "
+                f"built-in model, with the LibriSpeech clips beside it, or `speakerd models convert wespeaker "
+                f"--checkpoint PATH --int8 LIBRISPEECH_DIR`) or set embedding.precision = \"fp32\""
             )
         return INT8_ARTIFACT
     record = bundle.source.get("int8") if isinstance(bundle.source, dict) else None
