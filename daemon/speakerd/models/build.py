@@ -395,10 +395,6 @@ def build_bundle_rooms(bundle: ModelBundle) -> Path | None:
     return path
 
 
-ECAPA_INT8_BUNDLE = "ecapa-speechbrain"
-"""The bundle whose INT8 file ``models/ecapa_int8.py`` builds (GE2E's: ``models/ge2e_int8.py``)."""
-
-
 def ensure_int8(name: str) -> Path | None:
     """``scripts/setup``: add the INT8 file to a bundle built before it existed (its manifest, from
     git, names the file), and embed the cohort again if the daemon's default precision takes it."""
@@ -406,11 +402,15 @@ def ensure_int8(name: str) -> Path | None:
 
     from .ecapa_int8 import add_ecapa_int8
 
+    adders = {GE2E_NAME: add_int8, "ecapa-speechbrain": add_ecapa_int8}  # the built-in models with an INT8 file
     bundle = load_bundle(models_root() / name)
     if not needs_int8(bundle):
         return bundle.artifact(INT8_ARTIFACT)
+    if name not in adders:
+        logger.warning("%s: its manifest names an INT8 file, but only %s are built here", name, ", ".join(adders))
+        return None
     logger.info("%s: adding the INT8 file", name)
-    bundle = (add_ecapa_int8 if name == ECAPA_INT8_BUNDLE else add_int8)(bundle.path, _librispeech())
+    bundle = adders[name](bundle.path, _librispeech())
     if COHORT_ARTIFACT in bundle.artifacts and onnx_artifact(bundle, "auto") == INT8_ARTIFACT:
         build_bundle_cohort(bundle)
     return bundle.artifact(INT8_ARTIFACT)

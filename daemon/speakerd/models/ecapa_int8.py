@@ -16,16 +16,15 @@ the 0.99 ``precision = "auto"`` asks for, so the record says ``"auto": false``; 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 
-from ..bundle import ModelBundle, load_bundle, write_manifest
+from ..bundle import ModelBundle, load_bundle
 from ..embedding.backend import INT8_ARTIFACT
-from .wespeaker.quantize import agreement, quantize_onnx
+from .wespeaker.quantize import agreement, quantize_onnx, record_int8
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,4 @@ def add_ecapa_int8(bundle_dir: Path, data: Path | None) -> ModelBundle:
                 agree["windows"], agree["min_cosine"], agree["median_cosine"])  # fmt: skip
     record = {**agree, "calibration_windows": len(calibration), "data": "librispeech test-other, train-clean-100",
               "lengths_s": [s for s, _ in CHECK], "auto": False, "why": NOT_DEFAULT_WHY}
-    updated = dataclasses.replace(bundle, artifacts={**bundle.artifacts, INT8_ARTIFACT: INT8_FILE},
-                                  source={**bundle.source, "int8": record})
-    write_manifest(updated)
-    return load_bundle(bundle_dir)
+    return record_int8(bundle, {INT8_ARTIFACT: INT8_FILE}, record)

@@ -14,13 +14,12 @@ identification up to 2.7 points either way, a nobody-enrolled room meeting's pro
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from ..bundle import ModelBundle, load_bundle, write_manifest
+from ..bundle import ModelBundle, load_bundle
 from ..embedding.backend import INT8_ARTIFACT
 
 logger = logging.getLogger(__name__)
@@ -72,7 +71,7 @@ def add_int8(bundle_dir: Path, data: Path | None) -> ModelBundle:
     Without the LibriSpeech clips nothing is added (agreement must be measured on real speech), and
     the bundle runs FP32 as before.
     """
-    from .wespeaker.quantize import agreement
+    from .wespeaker.quantize import agreement, record_int8
 
     bundle = load_bundle(bundle_dir)
     if data is None or not (data / "test-other").is_dir():
@@ -87,11 +86,7 @@ def add_int8(bundle_dir: Path, data: Path | None) -> ModelBundle:
     record = {**agree, "data": CHECK_DATA, "lengths_s": [s for s, _ in CHECK_SECONDS], "auto": BY_DEFAULT}
     if not BY_DEFAULT:
         record["why"] = NOT_DEFAULT_WHY
-    updated = dataclasses.replace(
-        bundle, artifacts={**bundle.artifacts, INT8_ARTIFACT: INT8_FILE}, source={**bundle.source, "int8": record}
-    )
-    write_manifest(updated)
-    return load_bundle(bundle_dir)
+    return record_int8(bundle, {INT8_ARTIFACT: INT8_FILE}, record)
 
 
 def needs_int8(bundle: ModelBundle) -> bool:

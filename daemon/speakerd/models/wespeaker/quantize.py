@@ -111,16 +111,20 @@ def add_int8(bundle_dir: Path, data: Path) -> ModelBundle:
     logger.info("INT8 against FP32 on %d real windows: worst cosine %.4f, median %.4f",
                 agree["windows"], agree["min_cosine"], agree["median_cosine"])  # fmt: skip
     record = {**agree, "calibration_windows": len(calibration), "data": "librispeech test-other"}
-    artifacts = {**bundle.artifacts, INT8_ARTIFACT: INT8_FILE}
+    artifacts = {INT8_ARTIFACT: INT8_FILE}
     trunk = bundle.artifact("onnx_trunk")
     if trunk is not None:  # the shared trunk's INT8 twin, checked through the head the same way
         trunk8 = quantize_onnx(trunk, Path(bundle.path) / TRUNK_INT8_FILE, calibration)
         record["trunk"] = trunk_agreement(bundle, trunk, trunk8, held_out)
         artifacts["onnx_trunk_int8"] = TRUNK_INT8_FILE
-    source = {**bundle.source, "int8": record}
-    updated = dataclasses.replace(bundle, artifacts=artifacts, source=source)
-    write_manifest(updated)
-    return load_bundle(bundle_dir)
+    return record_int8(bundle, artifacts, record)
+
+
+def record_int8(bundle: ModelBundle, artifacts: dict[str, str], record: dict[str, Any]) -> ModelBundle:
+    """``bundle`` with its INT8 files (``artifacts``: artifact name -> file) and their agreement with
+    FP32 (``source.int8``, which ``precision = "auto"`` reads) written to its manifest, reloaded."""
+    write_manifest(dataclasses.replace(bundle, artifacts={**bundle.artifacts, **artifacts}, source={**bundle.source, "int8": record}))
+    return load_bundle(bundle.path)
 
 
 def trunk_agreement(bundle: ModelBundle, fp32: Path, int8: Path, feats: Sequence[np.ndarray]) -> dict[str, float]:
