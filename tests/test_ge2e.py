@@ -129,6 +129,7 @@ def test_manifest_describes_the_bundle(bundle: ModelBundle) -> None:
     assert bundle.artifacts == {  # coreml/ is there once built
         "onnx": "model.onnx", "coreml": "coreml", "cohort": "cohort.npz", "rooms": "rooms.npz", "onnx_int8": "model.int8.onnx",
         "onnx_stream": "model.stream.onnx",  # embedding/lockstep.py: tests/test_lockstep.py
+        "onnx_stream_int8": "model.stream.int8.onnx",
     }
     assert bundle.io == {"input": "feats", "output": "embs"}
     assert bundle.sample_rate == SR and bundle.embedding_dim == 256

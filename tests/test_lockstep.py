@@ -15,10 +15,10 @@ from speakerd.audio import AudioChunk
 from speakerd.bench import speech
 from speakerd.bundle import load_bundle
 from speakerd.embedding import backend_for
-from speakerd.embedding.backend import STREAM_ARTIFACT
+from speakerd.embedding.backend import STREAM_ARTIFACT, STREAM_INT8_ARTIFACT
 from speakerd.embedding.lockstep import BACKLOG, LockstepBackend, OnnxLockstepBackend
 from speakerd.embedding.onnx_backend import OnnxBackend
-from speakerd.models.ge2e_stream import STREAM_FILE, add_stream, needs_stream
+from speakerd.models.ge2e_stream import STREAM_FILE, STREAM_INT8_FILE, add_stream, needs_stream
 from speakerd.settings import Settings
 from speakerd.vad import SpeechEnd, VadSegmenter
 from speakerd.windows import SpeechWindower, Window, WindowSettings, grid_windows
@@ -141,17 +141,41 @@ def test_scaled_dropped_and_foreign_windows_stay_exact(lockstep: OnnxLockstepBac
     assert lockstep.counters["exact_windows"] == len(quiet) and lockstep.counters["rows"] <= 12, lockstep.counters
 
 
-def test_per_window_and_int8_settings_and_a_bundle_without_the_graph_run_whole_windows(default_model: Path, tmp_path: Path) -> None:
+def test_int8_rows_agree_with_fp32_as_the_int8_whole_windows_do(default_model: Path, speech_windows: list[Window]) -> None:
+    """``precision = "int8"`` runs rows on the INT8 streaming graph: not exact (activations are
+    quantised per step over the rows in it), but as close to FP32 as the INT8 whole-window file
+    (worst 0.9990, median 0.9995 here; the issue's bar for INT8 is 0.99), and closer still to it."""
     bundle = load_bundle(default_model)
     settings = Settings()
+    int8 = backend_for(bundle, dataclasses.replace(settings.embedding, precision="int8"), settings.windows)
+    fp32 = backend_for(bundle, dataclasses.replace(settings.embedding, precision="fp32"), settings.windows)
+    try:
+        assert isinstance(int8, OnnxLockstepBackend) and int8.name == "onnx (onnx_int8), lockstep", int8.name
+        exact, rows = whole(fp32, speech_windows), run(int8, speech_windows, 1)
+        assert int8.counters["lockstep_windows"] >= 0.9 * len(speech_windows), int8.counters
+        to_fp32, to_whole = np.sum(rows * exact, axis=1), np.sum(rows * whole(int8, speech_windows), axis=1)
+        assert to_fp32.min() >= 0.99 and np.median(to_fp32) >= 0.998, (to_fp32.min(), np.median(to_fp32))
+        assert to_whole.min() >= 0.995 and np.median(to_whole) >= 0.999, (to_whole.min(), np.median(to_whole))
+        assert to_fp32.min() >= np.sum(whole(int8, speech_windows) * exact, axis=1).min() - 0.002
+    finally:
+        int8.close()
+        fp32.close()
+
+
+def test_per_window_setting_and_a_bundle_without_the_graphs_run_whole_windows(default_model: Path, tmp_path: Path) -> None:
+    bundle = load_bundle(default_model)
+    settings = Settings()
+    int8 = dataclasses.replace(settings.embedding, precision="int8")
     assert isinstance(backend_for(bundle, dataclasses.replace(settings.embedding, trunk="per_window"), settings.windows), OnnxBackend)
-    assert isinstance(backend_for(bundle, dataclasses.replace(settings.embedding, precision="int8"), settings.windows), OnnxBackend)
     copy = tmp_path / "ge2e"
-    shutil.copytree(default_model, copy, ignore=shutil.ignore_patterns("coreml", "cache", STREAM_FILE))
+    shutil.copytree(default_model, copy, ignore=shutil.ignore_patterns("coreml", "cache", STREAM_FILE, STREAM_INT8_FILE))
     stale = load_bundle(copy)
     assert needs_stream(stale)
     assert isinstance(backend_for(stale, settings.embedding, settings.windows), OnnxBackend)
-    # scripts/setup adds it (models.build.ensure_artifacts): the graph is rebuilt from model.onnx
+    assert isinstance(backend_for(stale, int8, settings.windows), OnnxBackend)
+    # scripts/setup adds both (models.build.ensure_artifacts): the graphs are rebuilt from model.onnx
     added = add_stream(copy)
-    assert not needs_stream(added) and added.artifact(STREAM_ARTIFACT) is not None
+    assert not needs_stream(added)
+    assert added.artifact(STREAM_ARTIFACT) is not None and added.artifact(STREAM_INT8_ARTIFACT) is not None
     assert isinstance(backend_for(added, settings.embedding, settings.windows), OnnxLockstepBackend)
+    assert backend_for(added, int8, settings.windows).name == "onnx (onnx_int8), lockstep"

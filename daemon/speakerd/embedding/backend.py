@@ -85,7 +85,8 @@ def create_backend(
     ``trunk`` "shared" runs a bundle's ResNet trunk once per stretch of speech (embedding/trunk.py)
     when the bundle has one: on CoreML with the bundle's chunk packages, else on ONNX Runtime; for
     a bundle with a streaming LSTM graph (GE2E) and the windower's ``grid``, "shared" advances the
-    windows of a region together on ONNX Runtime in FP32 (embedding/lockstep.py, exact).
+    windows of a region together on ONNX Runtime (embedding/lockstep.py; exact in FP32), in the
+    precision of the whole-window file.
     """
     if kind not in BACKENDS:
         raise BackendError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")
@@ -110,10 +111,11 @@ def create_backend(
         from .trunk import SharedTrunkBackend
 
         return SharedTrunkBackend(bundle, threads=threads, precision_artifact=artifact)
-    if trunk == "shared" and grid is not None and artifact == "onnx" and bundle.artifact(STREAM_ARTIFACT) is not None:
+    stream = STREAM_OF.get(artifact)
+    if trunk == "shared" and grid is not None and stream is not None and bundle.artifact(stream) is not None:
         from .lockstep import OnnxLockstepBackend
 
-        return OnnxLockstepBackend(bundle, grid, threads=threads)
+        return OnnxLockstepBackend(bundle, grid, threads=threads, artifact=artifact, stream=stream)
     return OnnxBackend(bundle, threads=threads, artifact=artifact)
 
 
@@ -153,6 +155,10 @@ def onnx_artifact(bundle: ModelBundle, precision: str) -> str:
 
 STREAM_ARTIFACT = "onnx_stream"
 """A GE2E bundle's streaming LSTM graph (models/ge2e_stream.py), for embedding/lockstep.py."""
+STREAM_INT8_ARTIFACT = "onnx_stream_int8"
+"""The same graph quantised as the INT8 file is (models/ge2e_stream.py)."""
+STREAM_OF = {"onnx": STREAM_ARTIFACT, INT8_ARTIFACT: STREAM_INT8_ARTIFACT}
+"""The streaming graph that runs rows of the same precision as each whole-window file."""
 Grid = Callable[[int, int], dict[int, tuple[int, ...]]]
 """``(begin, end)`` samples from a region start -> the windower's grid windows starting there
 (``windows.grid_windows``)."""

@@ -8,7 +8,8 @@ of a region start on the windower's grids (``windows.grid_windows``), so each ca
 as soon as its first frame exists: every window in flight is a *row*, and all rows advance
 together, time-major, over the frames that arrived since the last call. A window's embedding is
 its row's output at its last frame, which is what the whole-window pass computes from the same
-zero state and the same frames: exact, not an approximation.
+zero state and the same frames: exact, not an approximation (in FP32: INT8 rows, below, agree
+without being exact).
 
 Except for gain. A window quieter than -30 dBFS is scaled up as a whole (``features.gain_db``),
 known only once the window is complete; rows run on unscaled frames, so a window that was
@@ -237,12 +238,16 @@ def _unscaled(w: Window) -> np.ndarray:
 
 
 class OnnxLockstepBackend(LockstepBackend):
-    """The lockstep rows on ONNX Runtime: the bundle's streaming graph on one thread (its batches
-    are the few windows in flight), FP32 ``model.onnx`` for the whole-window path."""
+    """The lockstep rows on ONNX Runtime: a streaming graph on one thread (its batches are the few
+    windows in flight), and the whole-window file of the same precision for the whole-window path:
+    ``model.onnx`` with ``model.stream.onnx`` (exact), or the INT8 pair. INT8 rows are not exact:
+    ONNX Runtime quantises each step's activations over the rows in that step, so an INT8 embedding
+    depends slightly on its row-mates, as it does on its batch-mates in the whole-window path."""
 
-    def __init__(self, bundle: ModelBundle, grid: Grid, *, threads: int = 0) -> None:
-        exact = OnnxBackend(bundle, threads=threads, artifact="onnx")
-        session = make_session(bundle.require_artifact(STREAM_ARTIFACT), 1)
+    def __init__(self, bundle: ModelBundle, grid: Grid, *, threads: int = 0, artifact: str = "onnx",
+                 stream: str = STREAM_ARTIFACT) -> None:
+        exact = OnnxBackend(bundle, threads=threads, artifact=artifact)
+        session = make_session(bundle.require_artifact(stream), 1)
         shape = session.get_inputs()[1].shape
         layers, hidden = int(shape[0]), int(shape[2])
 
@@ -253,4 +258,4 @@ class OnnxLockstepBackend(LockstepBackend):
         rate = bundle.sample_rate
         super().__init__(exact, step, grid, frame_shift=int(rate * bundle.features.frame_shift_ms / 1000),
                          num_frames=lambda n: bundle.features.num_frames(n, rate), layers=layers, hidden=hidden)
-        logger.info("GE2E windows in lockstep (%s)", STREAM_ARTIFACT)
+        logger.info("GE2E windows in lockstep (%s)", bundle.artifacts.get(stream, stream))

@@ -14,6 +14,10 @@ nodes with the same initializers, rewired; no weight is re-exported, so nothing 
 
 Built from ``model.onnx`` by ``speakerd models build`` and ``scripts/setup`` (needs the ``onnx``
 package of the build extra, not torch). A bundle without it embeds each window on its own.
+
+Beside it, when the bundle has an INT8 file, ``model.stream.int8.onnx``: the same graph quantised
+the way ``model.int8.onnx`` is (models/ge2e_int8.py: layers 2-3 and the linear layer int8), so
+``embedding.precision`` picks rows of the same precision as the whole-window path.
 """
 
 from __future__ import annotations
@@ -23,11 +27,12 @@ import logging
 from pathlib import Path
 
 from ..bundle import ModelBundle, load_bundle, write_manifest
-from ..embedding.backend import STREAM_ARTIFACT
+from ..embedding.backend import INT8_ARTIFACT, STREAM_ARTIFACT, STREAM_INT8_ARTIFACT
 
 logger = logging.getLogger(__name__)
 
 STREAM_FILE = "model.stream.onnx"
+STREAM_INT8_FILE = "model.stream.int8.onnx"
 LAYERS = 3
 
 
@@ -60,7 +65,8 @@ def build_stream(src: Path, dst: Path) -> Path:
         used += [a for a in ins[1:4] if a]
         ins[0], ins[4], ins[5], ins[6] = x, "", f"h{i}", f"c{i}"
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        nodes.append(helper.make_node("LSTM", ins, [f"y{i}", f"h_out{i}", f"c_out{i}"], **attrs))
+        # named, so quantisation can keep layer 1 in float (models/ge2e_int8.py)
+        nodes.append(helper.make_node("LSTM", ins, [f"y{i}", f"h_out{i}", f"c_out{i}"], name=node.name or f"lstm{i}", **attrs))
         nodes.append(helper.make_node("Squeeze", [f"y{i}", "axis1"], [f"s{i}"]))  # (T, 1, B, H) -> (T, B, H)
         x = f"s{i}"
     weight, bias = gemms[0].input[1:3]
@@ -106,15 +112,26 @@ def build_stream(src: Path, dst: Path) -> Path:
 
 
 def needs_stream(bundle: ModelBundle) -> bool:
-    """A built bundle whose manifest names a streaming graph that is not there (built before it existed)."""
-    return bundle.artifact("onnx") is not None and STREAM_ARTIFACT in bundle.artifacts and bundle.artifact(STREAM_ARTIFACT) is None
+    """A built bundle whose manifest names a streaming graph (FP32, or INT8 beside a built INT8 file)
+    that is not there (built before it existed)."""
+    if bundle.artifact("onnx") is None:
+        return False
+    missing = [a for a in (STREAM_ARTIFACT, STREAM_INT8_ARTIFACT) if a in bundle.artifacts and bundle.artifact(a) is None]
+    return bool(missing) or (bundle.artifact(INT8_ARTIFACT) is not None and STREAM_INT8_ARTIFACT not in bundle.artifacts)
 
 
 def add_stream(bundle_dir: Path) -> ModelBundle:
-    """Build the streaming graph beside ``model.onnx`` and name it in the manifest."""
+    """Build the streaming graph beside ``model.onnx`` (and its INT8 version beside ``model.int8.onnx``)
+    and name them in the manifest."""
+    from .ge2e_int8 import quantize_int8
+
     bundle = load_bundle(bundle_dir)
+    built = {STREAM_ARTIFACT: STREAM_FILE}
     build_stream(bundle.require_artifact("onnx"), bundle.path / STREAM_FILE)
-    if bundle.artifacts.get(STREAM_ARTIFACT) != STREAM_FILE:
-        write_manifest(dataclasses.replace(bundle, artifacts={**bundle.artifacts, STREAM_ARTIFACT: STREAM_FILE}))
-    logger.info("%s: streaming LSTM graph %s", bundle.name, STREAM_FILE)
+    if bundle.artifact(INT8_ARTIFACT) is not None:
+        quantize_int8(bundle.path / STREAM_FILE, bundle.path / STREAM_INT8_FILE)
+        built[STREAM_INT8_ARTIFACT] = STREAM_INT8_FILE
+    if any(bundle.artifacts.get(k) != v for k, v in built.items()):
+        write_manifest(dataclasses.replace(bundle, artifacts={**bundle.artifacts, **built}))
+    logger.info("%s: streaming LSTM graph %s", bundle.name, ", ".join(built.values()))
     return load_bundle(bundle_dir)
