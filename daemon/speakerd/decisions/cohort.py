@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import faiss
 import numpy as np
 
 if TYPE_CHECKING:
@@ -40,6 +41,15 @@ class Cohort:
     """(n, dim), unit rows."""
     speakers: tuple[str, ...]
     """The voice of each row (LibriSpeech speaker id), so an evaluation can leave its own voices out."""
+    _index: faiss.IndexFlatIP = field(init=False, repr=False, compare=False)
+    """The rows in faiss: every window is scored against them (``level``), and a numpy matmul of
+    that size woke an OpenBLAS thread that cost 0.2 % of a core live (docs/BENCHMARKS.md, session 14)."""
+
+    def __post_init__(self) -> None:
+        rows = np.ascontiguousarray(self.embeddings, dtype=np.float32)
+        index = faiss.IndexFlatIP(rows.shape[1])
+        index.add(rows)
+        object.__setattr__(self, "_index", index)
 
     def without(self, speakers: Collection[str]) -> Cohort:
         """The cohort less the rows of ``speakers`` (an evaluation's meeting voices)."""
@@ -50,7 +60,8 @@ class Cohort:
         """Mean and spread of each embedding's ``top_n`` best cosines to the cohort: (m,), (m,)."""
         x = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
         n = max(1, min(top_n, len(self.embeddings)))
-        best = np.sort(x @ self.embeddings.T, axis=1)[:, -n:]
+        faiss.omp_set_num_threads(1)  # an OpenMP setting of this thread only
+        best, _ = self._index.search(np.ascontiguousarray(x, dtype=np.float32), n)
         return best.mean(axis=1), np.maximum(best.std(axis=1), MIN_STD)
 
     def save(self, path: Path) -> None:
