@@ -167,6 +167,9 @@ def test_per_window_setting_and_a_bundle_without_the_graphs_run_whole_windows(de
     settings = Settings()
     int8 = dataclasses.replace(settings.embedding, precision="int8")
     assert isinstance(backend_for(bundle, dataclasses.replace(settings.embedding, trunk="per_window"), settings.windows), OnnxBackend)
+    # a bundle that never had a streaming graph (ECAPA, ResNet34: INT8 file, no LSTM) needs none
+    other = dataclasses.replace(bundle, artifacts={k: v for k, v in bundle.artifacts.items() if not k.startswith("onnx_stream")})
+    assert other.artifact("onnx_int8") is not None and not needs_stream(other)
     copy = tmp_path / "ge2e"
     shutil.copytree(default_model, copy, ignore=shutil.ignore_patterns("coreml", "cache", STREAM_FILE, STREAM_INT8_FILE))
     stale = load_bundle(copy)

@@ -112,9 +112,9 @@ def build_stream(src: Path, dst: Path) -> Path:
 
 
 def needs_stream(bundle: ModelBundle) -> bool:
-    """A built bundle whose manifest names a streaming graph (FP32, or INT8 beside a built INT8 file)
-    that is not there (built before it existed)."""
-    if bundle.artifact("onnx") is None:
+    """A built GE2E bundle (its manifest names a streaming graph) without that graph, or without the
+    INT8 one beside a built INT8 file: built before they existed."""
+    if bundle.artifact("onnx") is None or STREAM_ARTIFACT not in bundle.artifacts:
         return False
     missing = [a for a in (STREAM_ARTIFACT, STREAM_INT8_ARTIFACT) if a in bundle.artifacts and bundle.artifact(a) is None]
     return bool(missing) or (bundle.artifact(INT8_ARTIFACT) is not None and STREAM_INT8_ARTIFACT not in bundle.artifacts)
