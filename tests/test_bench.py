@@ -49,3 +49,13 @@ def test_bench_json_smoke(librispeech: Path, capsys: pytest.CaptureFixture[str],
     assert result["sherpa_anchor"] is None or all(r["ratio"] > 0 for r in result["sherpa_anchor"])
     peer = result["peers"]["ge2e-resemblyzer"]  # Resemblyzer's offline pass, same run, as a ratio
     assert peer["peer"] == "resemblyzer" and peer["speed_ratio"] > 0 and peer["peer_windows"] > 50
+
+
+def test_a_missing_microphone_is_a_note_not_a_failed_bench() -> None:
+    from speakerd.bench import _microphone
+    from speakerd.settings import Settings
+
+    notes: list[str] = []
+    args = argparse.Namespace(mic="no-such-microphone-xyz", seconds=1.0)
+    assert _microphone(args, Settings(), None, None, None, notes) is None
+    assert len(notes) == 1 and "microphone run skipped" in notes[0] and "no-such-microphone-xyz" in notes[0], notes

@@ -126,3 +126,32 @@ def test_mic_hears_what_is_played(sink: pulse.PulseSink, librispeech: Path, tmp_
     assert abs(read_span - sample_span) / sample_span < CLOCK_TOLERANCE, (read_span, sample_span)
     drift = abs(capture_span - sample_start_span) / sample_start_span
     assert drift < CLOCK_TOLERANCE, (capture_span, sample_start_span)
+
+
+def test_bench_measures_the_pipeline_on_the_microphone(sink: pulse.PulseSink, librispeech: Path, default_model: Path, tmp_path: Path) -> None:
+    """`speakerd bench --mic`: the whole pipeline on the real capture path (PortAudio's callback
+    thread, the device's rate resampled, 20 ms blocks), its CPU over wall time, and what it heard."""
+    from speakerd.bench import enrolled_index, run_microphone, speech
+    from speakerd.bundle import load_bundle
+    from speakerd.embedding import backend_for
+    from speakerd.settings import Settings
+
+    settings, bundle = Settings(), load_bundle(default_model)
+    backend = backend_for(bundle, settings.embedding, settings.windows)
+    try:
+        index = enrolled_index(librispeech, settings, bundle, backend, tmp_path)
+        wav = tmp_path / "speech.wav"
+        sf.write(str(wav), speech(librispeech, 8.0), SAMPLE_RATE, subtype="PCM_16")
+        player = sink.play(wav)
+        try:
+            got = run_microphone("pulse", 10.0, settings, bundle, backend, index)
+        finally:
+            player.wait(timeout=PLAY_TIMEOUT_S)
+    finally:
+        backend.close()
+    assert got["device_rate"] >= SAMPLE_RATE and got["block_ms"] == 20
+    assert got["wall_s"] >= 9.5 and got["dropped_blocks"] == 0 and got["dropped_windows"] == 0
+    # 8 s of speech: about 13 windows of 1.5 s every 0.5 s, fewer where it pauses
+    assert 6 <= got["windows"] <= 16, got
+    assert got["live_cpu_percent"] > 0 and got["cpu_percent_by_thread"]["speakerd-embed"] > 0
+    assert got["live_cpu_percent"] == pytest.approx(100 * got["cpu_s"] / got["wall_s"])

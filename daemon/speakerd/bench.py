@@ -358,6 +358,48 @@ def run_pipeline(path: Path, settings: Any, bundle: Any, backend: Any, index: An
     }
 
 
+def run_microphone(device: str | int | None, seconds: float, settings: Any, bundle: Any, backend: Any, index: Any) -> dict[str, Any]:
+    """The real pipeline on a microphone for ``seconds``: the path a user runs, with PortAudio's
+    callback thread, the device's own rate resampled and ``audio.mic_block_ms`` blocks. bench's
+    real-time file (16 kHz, 100 ms blocks) costs about half of it (docs/BENCHMARKS.md, session 14).
+    The CPU is over wall time, and depends on how much speech was heard: ``windows`` says.
+    ``AudioError`` when the device cannot be opened."""
+    from .pipeline import Pipeline
+    from .publisher import EventPublisher
+    from .sources import MicSource
+
+    audio = settings.audio if device is None else dataclasses.replace(settings.audio, device=device)
+    s = dataclasses.replace(settings, audio=audio)
+    publish = dataclasses.replace(s.publish, endpoint="tcp://127.0.0.1:*", events_out=None)
+    source = MicSource(s.audio)
+    stop = threading.Event()
+    timer = threading.Timer(seconds, stop.set)
+    with EventPublisher(publish) as publisher, _Sampler(RSS_SAMPLE_S) as sampler:
+        pipeline = Pipeline(s, bundle=bundle, backend=backend, matcher=index, publisher=publisher, live=True)
+        timer.start()
+        try:
+            pipeline.run(source, stop)
+        finally:
+            timer.cancel()
+        counters = pipeline.status().counters
+    return {
+        "device": source.device_name,
+        "device_rate": source.rate,
+        "block_ms": s.audio.mic_block_ms,
+        "wall_s": sampler.wall,
+        "cpu_s": sampler.cpu_s,
+        "live_cpu_percent": 100 * sampler.cpu_s / sampler.wall,
+        "cpu_percent_by_thread": {k: 100 * v / sampler.wall for k, v in sorted(sampler.threads.items(), key=lambda kv: -kv[1])},
+        "load_avg_1m": [sampler.load_start, sampler.load_end],
+        "cpu_percent_p95": float(np.percentile(sampler.cpu, 95)) if sampler.cpu else None,
+        "rss_mb_max": max(sampler.rss) / 2**20 if sampler.rss else None,
+        "windows": counters.get("windows"),
+        "speech_regions": counters.get("speech_regions"),
+        "dropped_windows": counters.get("dropped_windows"),
+        "dropped_blocks": counters.get("dropped_blocks"),
+    }
+
+
 def enrolled_index(data: Path, settings: Any, bundle: Any, backend: Any, work: Path) -> Any:
     """An index of the test-other speakers enrolled through the real path, so matching has real work.
 
@@ -407,6 +449,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="F", help="TOML settings file")
     parser.add_argument("--no-peers", dest="peers", action="store_false",
                         help="skip the peers (Resemblyzer's offline pass, sherpa-onnx's extractor) run beside speakerd")
+    parser.add_argument("--mic", nargs="?", const="", default=None, metavar="DEVICE",
+                        help="also run the first model live on a microphone (DEVICE: index or name; none: the default "
+                             "input) for --seconds, and report its CPU: the path a user runs, which the real-time file "
+                             "understates; speak or play speech near it (the figure says how many windows it heard)")
 
 
 def _with_stand_in_decision(settings: Any, bundle: Any, notes: list[str]) -> Any:
@@ -489,6 +535,8 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                     sf.write(str(rt_file), realtime_audio, SAMPLE_RATE, subtype="PCM_16")
                     live = run_pipeline(rt_file, s, bundle, backend, index, realtime=True)
                     result["pipeline"][bundle.name] = {"no_realtime": fast, "realtime": live, "backend": backend.name}
+                    if args.mic is not None and bundle is bundles[0]:
+                        result["pipeline"][bundle.name]["microphone"] = _microphone(args, s, bundle, backend, index, notes)
                     bar.update(1)
                     if bundle.name == ANCHOR_MODEL:
                         result["sherpa_anchor"] = bench_sherpa(audio, s, bundle, backend, args.repeats)
@@ -502,6 +550,18 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     if result["sherpa_anchor"] is None:
         result["notes"].append(f"sherpa-onnx anchor skipped: no {ANCHOR_MODEL} bundle benchmarked")
     return result
+
+
+def _microphone(args: argparse.Namespace, settings: Any, bundle: Any, backend: Any, index: Any, notes: list[str]) -> dict[str, Any] | None:
+    from .errors import AudioError
+
+    device: str | int | None = None if not args.mic else (int(args.mic) if args.mic.isdigit() else args.mic)
+    try:
+        return run_microphone(device, args.seconds, settings, bundle, backend, index)
+    except AudioError as exc:
+        notes.append(f"microphone run skipped: {exc} (`speakerd devices` lists the inputs)")
+        logger.warning("microphone run skipped: %s", exc)
+        return None
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
@@ -527,6 +587,11 @@ def render(result: dict[str, Any]) -> str:
     for model, p in result["pipeline"].items():
         shares = ", ".join(f"{name} {pct:.2f}" for name, pct in p["realtime"]["cpu_percent_by_thread"].items() if pct >= 0.005)
         lines.append(f"\nLive CPU of {model} by thread, % of a core: {shares}")
+        if mic := p.get("microphone"):
+            shares = ", ".join(f"{name} {pct:.2f}" for name, pct in mic["cpu_percent_by_thread"].items() if pct >= 0.005)
+            lines.append(f"\nLive CPU of {model} on the microphone {mic['device']!r} ({mic['device_rate']} Hz, {mic['block_ms']} ms "
+                         f"blocks, {mic['wall_s']:.0f} s, {mic['windows']} windows heard): **{_fmt(mic['live_cpu_percent'])}** % of a "
+                         f"core, p95 {_fmt(mic['cpu_percent_p95'], '.1f')}; by thread: {shares}")
     lines += ["", "Embedding, ms per window (median):", "", "| model | backend | window | batch 1 | batch 4 | batch 8 |", "|---|---|---|---|---|---|"]
     keyed: dict[tuple[str, str, float], dict[int, float]] = {}
     for row in result["per_window"]:
