@@ -330,22 +330,22 @@ def _native_thread_name(tid: int) -> str:
         return "native"
 
 
-def run_pipeline(path: Path, settings: Any, bundle: Any, backend: Any, index: Any, *, realtime: bool) -> dict[str, Any]:
-    """The real pipeline from a file to a real PUB socket on an ephemeral loopback port."""
+def _run(settings: Any, bundle: Any, backend: Any, index: Any, source: Any, stop: threading.Event, *,
+         live: bool, per_s: Callable[[float], float]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The real pipeline from ``source`` to a real PUB socket on an ephemeral loopback port, under the
+    sampler: its CPU figures (``per_s``: the seconds they are shared over, given the wall time) and
+    the pipeline's counters."""
     from .pipeline import Pipeline
     from .publisher import EventPublisher
-    from .sources import FileSource
 
     publish = dataclasses.replace(settings.publish, endpoint="tcp://127.0.0.1:*", events_out=None)
     with EventPublisher(publish) as publisher, _Sampler(RSS_SAMPLE_S) as sampler:
-        pipeline = Pipeline(settings, bundle=bundle, backend=backend, matcher=index, publisher=publisher, live=realtime)
-        pipeline.run(FileSource(path, settings.audio, realtime=realtime), threading.Event())
+        pipeline = Pipeline(settings, bundle=bundle, backend=backend, matcher=index, publisher=publisher, live=live)
+        pipeline.run(source, stop)
         counters = pipeline.status().counters
-    seconds = sf.info(str(path)).duration
-    return {
-        "audio_s": seconds,
+    seconds = per_s(sampler.wall)
+    figures = {
         "wall_s": sampler.wall,
-        "real_time_factor": sampler.wall / seconds,
         "cpu_s": sampler.cpu_s,
         "live_cpu_percent": 100 * sampler.cpu_s / seconds,
         "cpu_percent_by_thread": {k: 100 * v / seconds for k, v in sorted(sampler.threads.items(), key=lambda kv: -kv[1])},
@@ -356,6 +356,17 @@ def run_pipeline(path: Path, settings: Any, bundle: Any, backend: Any, index: An
         "windows": counters.get("windows"),
         "dropped_windows": counters.get("dropped_windows"),
     }
+    return figures, counters
+
+
+def run_pipeline(path: Path, settings: Any, bundle: Any, backend: Any, index: Any, *, realtime: bool) -> dict[str, Any]:
+    """The real pipeline on a file, paced in real time or read as fast as it goes; CPU over the audio's seconds."""
+    from .sources import FileSource
+
+    seconds = sf.info(str(path)).duration
+    figures, _ = _run(settings, bundle, backend, index, FileSource(path, settings.audio, realtime=realtime), threading.Event(),
+                      live=realtime, per_s=lambda _wall: seconds)
+    return {"audio_s": seconds, "real_time_factor": figures["wall_s"] / seconds, **figures}
 
 
 def run_microphone(device: str | int | None, seconds: float, settings: Any, bundle: Any, backend: Any, index: Any) -> dict[str, Any]:
@@ -364,40 +375,20 @@ def run_microphone(device: str | int | None, seconds: float, settings: Any, bund
     real-time file (16 kHz, 100 ms blocks) costs about half of it (docs/BENCHMARKS.md, session 14).
     The CPU is over wall time, and depends on how much speech was heard: ``windows`` says.
     ``AudioError`` when the device cannot be opened."""
-    from .pipeline import Pipeline
-    from .publisher import EventPublisher
     from .sources import MicSource
 
     audio = settings.audio if device is None else dataclasses.replace(settings.audio, device=device)
     s = dataclasses.replace(settings, audio=audio)
-    publish = dataclasses.replace(s.publish, endpoint="tcp://127.0.0.1:*", events_out=None)
     source = MicSource(s.audio)
     stop = threading.Event()
     timer = threading.Timer(seconds, stop.set)
-    with EventPublisher(publish) as publisher, _Sampler(RSS_SAMPLE_S) as sampler:
-        pipeline = Pipeline(s, bundle=bundle, backend=backend, matcher=index, publisher=publisher, live=True)
-        timer.start()
-        try:
-            pipeline.run(source, stop)
-        finally:
-            timer.cancel()
-        counters = pipeline.status().counters
-    return {
-        "device": source.device_name,
-        "device_rate": source.rate,
-        "block_ms": s.audio.mic_block_ms,
-        "wall_s": sampler.wall,
-        "cpu_s": sampler.cpu_s,
-        "live_cpu_percent": 100 * sampler.cpu_s / sampler.wall,
-        "cpu_percent_by_thread": {k: 100 * v / sampler.wall for k, v in sorted(sampler.threads.items(), key=lambda kv: -kv[1])},
-        "load_avg_1m": [sampler.load_start, sampler.load_end],
-        "cpu_percent_p95": float(np.percentile(sampler.cpu, 95)) if sampler.cpu else None,
-        "rss_mb_max": max(sampler.rss) / 2**20 if sampler.rss else None,
-        "windows": counters.get("windows"),
-        "speech_regions": counters.get("speech_regions"),
-        "dropped_windows": counters.get("dropped_windows"),
-        "dropped_blocks": counters.get("dropped_blocks"),
-    }
+    timer.start()
+    try:
+        figures, counters = _run(s, bundle, backend, index, source, stop, live=True, per_s=lambda wall: wall)
+    finally:
+        timer.cancel()
+    return {"device": source.device_name, "device_rate": source.rate, "block_ms": s.audio.mic_block_ms, **figures,
+            "speech_regions": counters.get("speech_regions"), "dropped_blocks": counters.get("dropped_blocks")}
 
 
 def enrolled_index(data: Path, settings: Any, bundle: Any, backend: Any, work: Path) -> Any:

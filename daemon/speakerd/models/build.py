@@ -400,9 +400,10 @@ def ensure_int8(name: str) -> Path | None:
     git, names the file), and embed the cohort again if the daemon's default precision takes it."""
     from ..embedding.backend import onnx_artifact
 
+    from .ecapa import ECAPA_NAME
     from .ecapa_int8 import add_ecapa_int8
 
-    adders = {GE2E_NAME: add_int8, "ecapa-speechbrain": add_ecapa_int8}  # the built-in models with an INT8 file
+    adders = {GE2E_NAME: add_int8, ECAPA_NAME: add_ecapa_int8}  # the built-in models with an INT8 file
     bundle = load_bundle(models_root() / name)
     if not needs_int8(bundle):
         return bundle.artifact(INT8_ARTIFACT)
