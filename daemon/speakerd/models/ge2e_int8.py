@@ -33,7 +33,7 @@ CHECK_SECONDS = ((1.5, 64), (0.8, 64))
 CHECK_DATA = "librispeech test-other"
 BY_DEFAULT = False
 """Whether ``precision = "auto"`` takes the INT8 file (recorded as ``source.int8.auto``)."""
-NOT_DEFAULT_WHY = ("in the room, with its own cohort, it named 1.06 points more never-enrolled speech as enrolled over "
+NOT_DEFAULT_WHY = ("room decisions: with its own cohort, it named 1.06 points more never-enrolled speech as enrolled over "
                    "seeds 0-4 (identification -0.65; random noise of its size: -0.44); clean unchanged "
                    "(docs/BENCHMARKS.md, issue 16, session 14)")
 
