@@ -43,7 +43,7 @@ from speakerd.features import FeatureExtractor  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 GE2E_WEIGHTS = REPO / "models" / "ge2e-resemblyzer" / "cache" / "pretrained.pt"
 RESNET_WINDOWS = (98, 148, 198, 298)
-GE2E_WINDOWS = (53, 78, 98, 148)  # probes 0.55 / 0.8 s, windows 1.0 / 1.5 s
+GE2E_WINDOWS = (53, 78, 98, 103, 148)  # probes 0.55 / 0.8 / 1.05 s, windows 1.0 / 1.5 s
 """The daemon's default windows (1.0 s first, 1.5 s after) in GE2E frames."""
 MIN_COSINE = 0.999
 FP16_MAX = 65504.0

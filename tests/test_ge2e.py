@@ -125,7 +125,7 @@ def test_manifest_describes_the_bundle(bundle: ModelBundle) -> None:
     assert "pyroomacoustics" in bundle.source["rooms"]  # the room responses say how they were made
     assert bundle.features == GE2E_RECIPE
     assert bundle.fingerprint == fingerprint_of(NAME, GE2E_WEIGHTS_SHA256, GE2E_RECIPE, 256)
-    assert bundle.window_frames == (53, 78, 98, 148)  # the daemon's 0.55 / 0.8 s probes, 1.0 / 1.5 s windows
+    assert bundle.window_frames == (53, 78, 98, 103, 148)  # the daemon's probes (0.55, 0.8, 1.05 s), windows (1.0, 1.5 s)
     assert bundle.artifacts == {  # coreml/ is there once built
         "onnx": "model.onnx", "coreml": "coreml", "cohort": "cohort.npz", "rooms": "rooms.npz", "onnx_int8": "model.int8.onnx",
         "onnx_stream": "model.stream.onnx",  # embedding/lockstep.py: tests/test_lockstep.py
@@ -231,7 +231,7 @@ def test_build_without_coremltools_skips_coreml_with_a_warning(
         built = build_model(NAME, out, progress=False, coreml=True)
     assert "coremltools is not installed" in caplog.text and "macOS will use ONNX Runtime" in caplog.text
     assert built.artifact("onnx") == out / "model.onnx" and built.artifact("coreml") is None
-    assert built.window_frames == (53, 78, 98, 148)
+    assert built.window_frames == (53, 78, 98, 103, 148)
     assert (out / "model.onnx").is_file() and not (out / "coreml").exists()
 
 

@@ -329,17 +329,29 @@ def test_probes_fill_a_finer_grid_between_regular_windows() -> None:
     audio = noise(3.0)
     out = run(SpeechWindower(WindowSettings(), RECIPE), region_events(audio, R))
     probes = [((w.start - R) / SAMPLE_RATE, (w.end - R) / SAMPLE_RATE) for w in probes_of(out)]
-    # the first probe is cut to the region (0.55 s), the rest are 0.8 s every 0.25 s; none ends with a regular
-    # window; the last one ends with the region, where a new voice's first words before a pause would be
-    assert probes == [(0.0, 0.55), (0.0, 0.8), (0.25, 1.05), (0.5, 1.3), (0.75, 1.55), (1.0, 1.8), (1.25, 2.05),
-                      (1.5, 2.3), (1.75, 2.55), (2.0, 2.8), (2.2, 3.0)]
+    # the first probe is cut to the region (0.55 s); the rest end every 0.25 s and begin on the regular window
+    # start at or before 0.8 s back (0.8 or 1.05 s long); none ends with a regular window; the last one ends
+    # with the region, where a new voice's first words before a pause would be
+    assert probes == [(0.0, 0.55), (0.0, 0.8), (0.0, 1.05), (0.5, 1.3), (0.5, 1.55), (1.0, 1.8), (1.0, 2.05),
+                      (1.5, 2.3), (1.5, 2.55), (2.0, 2.8), (2.2, 3.0)]
     assert spans(out, R) == [(0.0, 1.0), (0.0, 1.5), (0.5, 2.0), (1.0, 2.5), (1.5, 3.0)], "the regular grid is unchanged"
-    # every other grid probe starts where a regular window starts: the lockstep backend's rows serve both
-    starts = {a for a, _ in spans(out, R)}
-    assert [a for a, _ in probes[1:-1] if a in starts] == [0.0, 0.5, 1.0, 1.5]
+    # every grid probe starts on the regular windows' grid of starts: the lockstep backend's rows serve them all
+    assert {a for a, _ in probes[:-1]} == {0.0, 0.5, 1.0, 1.5, 2.0}
     assert all(not w.first_in_region for w in probes_of(out))
     lengths = {w.num_frames for w in probes_of(out)}
     assert lengths == {RECIPE.num_frames(s(x), SAMPLE_RATE) for x in WindowSettings().probe_lengths()}
+
+
+def test_unaligned_probes_are_all_probe_length_and_half_start_between_windows() -> None:
+    settings = WindowSettings(probe_align=False)
+    out = run(SpeechWindower(settings, RECIPE), region_events(noise(3.0), R))
+    probes = [((w.start - R) / SAMPLE_RATE, (w.end - R) / SAMPLE_RATE) for w in probes_of(out)]
+    assert probes == [(0.0, 0.55), (0.0, 0.8), (0.25, 1.05), (0.5, 1.3), (0.75, 1.55), (1.0, 1.8), (1.25, 2.05),
+                      (1.5, 2.3), (1.75, 2.55), (2.0, 2.8), (2.2, 3.0)]
+    starts = {a for a, _ in spans(out, R)}
+    assert [a for a, _ in probes[1:-1] if a in starts] == [0.0, 0.5, 1.0, 1.5]
+    assert settings.probe_lengths() == (0.55, 0.8)
+    assert {w.num_frames for w in probes_of(out)} == {RECIPE.num_frames(s(x), SAMPLE_RATE) for x in settings.probe_lengths()}
 
 
 @pytest.mark.parametrize(("duration", "tail_probe"),  # grid probes end at 2.55, 2.8, 3.05

@@ -14,6 +14,7 @@ tentative change; regular windows confirm it, make turns and feed clustering and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,12 @@ class WindowSettings:
     would start before the region are cut to begin with it. 0.55 puts every other probe's start
     (``end - probe_length_s``) on a regular window's start, where the lockstep backend advances
     both in one LSTM row: a quarter fewer row-steps than 0.6 (docs/BENCHMARKS.md, session 11)."""
+    probe_align: bool = True
+    """A probe whose start (``end - probe_length_s``) falls between regular window starts begins at
+    the regular start before it instead (1.05 s rather than 0.8 s, for every other probe with the
+    defaults). The lockstep backend then advances every probe in a regular window's LSTM row: 0.6
+    points of a core less live with GE2E, decisions unchanged within noise in the room and on clean
+    speech (docs/BENCHMARKS.md, session 15). False: every probe is ``probe_length_s``."""
 
     def __post_init__(self) -> None:
         check(0.5 <= self.length_s <= 10.0, "windows.length_s", self.length_s, "must be within 0.5 to 10 s")
@@ -76,15 +83,15 @@ class WindowSettings:
         )
 
     def probe_lengths(self) -> tuple[float, ...]:
-        """Every length a probe can have: cut ones near the region start, then ``probe_length_s``."""
+        """Every length a grid probe can have, ascending: cut ones near the region start,
+        ``probe_length_s``, and (``probe_align``) the longer ones that begin on a regular start."""
         if not self.probe_hop_s:
             return ()
-        cut = []
-        end = self.probe_start_s
-        while end < self.probe_length_s - 1e-9:
-            cut.append(round(end, 6))
-            end += self.probe_hop_s
-        return (*cut, self.probe_length_s)
+        hop, probe_hop, first_end = to_samples(self.hop_s), to_samples(self.probe_hop_s), to_samples(self.probe_start_s)
+        # start offsets repeat with the period of both grids; one period past the region start covers every length
+        horizon = to_samples(self.length_s) + to_samples(self.probe_length_s) + hop * probe_hop // math.gcd(hop, probe_hop)
+        lengths = {stop - probe_start(self, stop) for stop in range(first_end, first_end + horizon, probe_hop)}
+        return tuple(round(n / SAMPLE_RATE, 6) for n in sorted(lengths))
 
 
 @dataclass(frozen=True)
@@ -145,13 +152,26 @@ def grid_windows(settings: WindowSettings, begin: int, end: int) -> dict[int, tu
         k += 1
     if settings.probe_hop_s:
         probe, probe_hop, probe_end = to_samples(settings.probe_length_s), to_samples(settings.probe_hop_s), to_samples(settings.probe_start_s)
+        # a probe starts at or before ``stop - probe`` (aligned: the regular start before it), never after
         k = 0 if begin <= 0 else max(0, -(-(begin + probe - probe_end) // probe_hop))
-        while (start := max(0, (stop := probe_end + k * probe_hop) - probe)) < end:
+        while (start := probe_start(settings, stop := probe_end + k * probe_hop)) < end:
             regular = stop == first or (stop >= second_end and (stop - second_end) % hop == 0)
             if not regular:  # a probe is made only where no regular window ends
                 add(start, stop - start)
             k += 1
     return {start: tuple(sorted(lengths)) for start, lengths in sorted(found.items())}
+
+
+def probe_start(settings: WindowSettings, stop: int) -> int:
+    """Start of the grid probe ending at ``stop`` (samples from the region start): ``probe_length_s``
+    before it, cut to the region, or with ``probe_align`` the latest regular window start at or
+    before that (``grid_windows``' starts: 0, then every ``hop_s`` from the second window's)."""
+    start = max(0, stop - to_samples(settings.probe_length_s))
+    if not settings.probe_align:
+        return start
+    full, hop = to_samples(settings.length_s), to_samples(settings.hop_s)
+    offset = max(to_samples(settings.first_length_s) + hop, full) - full  # the second window's start
+    return 0 if start < offset else offset + (start - offset) // hop * hop
 
 
 NEVER = 1 << 62
@@ -236,7 +256,7 @@ class SpeechWindower:
         while True:
             end = min(self._next_end, self._next_probe)
             probe = end < self._next_end
-            length = min(self._probe, end - self._region_start) if probe else self._length_ending(end)
+            length = end - self._region_start - probe_start(self.settings, end - self._region_start) if probe else self._length_ending(end)
             if end > self._audio_start + len(self._audio) or not self._frames_cover(end - length, end):
                 return out
             window = self._make(end - length, end, probe=probe)

@@ -50,8 +50,8 @@ def window_frame_counts(windows: WindowLengths, recipe: FeatureRecipe, sample_ra
     """Frame counts of the windows ``SpeechWindower`` makes with these settings, sorted, distinct.
 
     A region's first window is ``first_length_s`` long, the others (and the tail window) either
-    ``length_s`` or ``first_length_s``, and probes ``WindowSettings.probe_lengths()``; so 53, 78, 98
-    and 148 frames for the defaults (probes 0.55 / 0.8 s, windows 1.0 / 1.5 s) under a 25 / 10 ms
+    ``length_s`` or ``first_length_s``, and probes ``WindowSettings.probe_lengths()``; so 53, 78, 98,
+    103 and 148 frames for the defaults (probes 0.55 / 0.8 / 1.05 s, windows 1.0 / 1.5 s) under a 25 / 10 ms
     recipe with snip_edges. Fixed-shape backends (CoreML) must serve exactly these.
     """
     lengths = (windows.first_length_s, windows.length_s, *windows.probe_lengths())
