@@ -14,7 +14,9 @@ tentative change; regular windows confirm it, make turns and feed clustering and
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,10 +89,10 @@ class WindowSettings:
         ``probe_length_s``, and (``probe_align``) the longer ones that begin on a regular start."""
         if not self.probe_hop_s:
             return ()
-        hop, probe_hop, first_end = to_samples(self.hop_s), to_samples(self.probe_hop_s), to_samples(self.probe_start_s)
-        # start offsets repeat with the period of both grids; one period past the region start covers every length
-        horizon = to_samples(self.length_s) + to_samples(self.probe_length_s) + hop * probe_hop // math.gcd(hop, probe_hop)
-        lengths = {stop - probe_start(self, stop) for stop in range(first_end, first_end + horizon, probe_hop)}
+        hop, probe_hop = to_samples(self.hop_s), to_samples(self.probe_hop_s)
+        # starts repeat with the period of both grids: a window and a probe past one period covers every length
+        horizon = to_samples(self.probe_start_s) + to_samples(self.length_s) + to_samples(self.probe_length_s) + math.lcm(hop, probe_hop)
+        lengths = {stop - start for start, stop in itertools.takewhile(lambda span: span[1] < horizon, grid_probes(self))}
         return tuple(round(n / SAMPLE_RATE, 6) for n in sorted(lengths))
 
 
@@ -145,21 +147,33 @@ def grid_windows(settings: WindowSettings, begin: int, end: int) -> dict[int, tu
             found.setdefault(start, set()).add(length)
 
     add(0, first)
-    second_end = max(first + hop, full)  # ``SpeechWindower._following_end``
-    k = max(0, -(-(begin - (second_end - full)) // hop))
-    while (start := second_end - full + k * hop) < end:
+    second = _second_start(settings)
+    k = max(0, -(-(begin - second) // hop))
+    while (start := second + k * hop) < end:
         add(start, full)
         k += 1
     if settings.probe_hop_s:
-        probe, probe_hop, probe_end = to_samples(settings.probe_length_s), to_samples(settings.probe_hop_s), to_samples(settings.probe_start_s)
-        # a probe starts at or before ``stop - probe`` (aligned: the regular start before it), never after
-        k = 0 if begin <= 0 else max(0, -(-(begin + probe - probe_end) // probe_hop))
-        while (start := probe_start(settings, stop := probe_end + k * probe_hop)) < end:
-            regular = stop == first or (stop >= second_end and (stop - second_end) % hop == 0)
-            if not regular:  # a probe is made only where no regular window ends
-                add(start, stop - start)
-            k += 1
+        for start, stop in grid_probes(settings, begin):
+            if start >= end:
+                break
+            add(start, stop - start)
     return {start: tuple(sorted(lengths)) for start, lengths in sorted(found.items())}
+
+
+def grid_probes(settings: WindowSettings, begin: int = 0) -> Iterator[tuple[int, int]]:
+    """(start, stop) of the grid probes (samples from the region start) in order, endlessly, from
+    the first that can start at ``begin`` or later: one ends every ``probe_hop_s`` from
+    ``probe_start_s`` where no regular window ends. Needs ``probe_hop_s`` > 0."""
+    first, full, hop = to_samples(settings.first_length_s), to_samples(settings.length_s), to_samples(settings.hop_s)
+    second_end = _second_start(settings) + full
+    probe, probe_hop, probe_end = to_samples(settings.probe_length_s), to_samples(settings.probe_hop_s), to_samples(settings.probe_start_s)
+    # a probe starts at or before ``stop - probe`` (aligned: the regular start before it), never after
+    k = 0 if begin <= 0 else max(0, -(-(begin + probe - probe_end) // probe_hop))
+    while True:
+        stop = probe_end + k * probe_hop
+        if not (stop == first or (stop >= second_end and (stop - second_end) % hop == 0)):
+            yield probe_start(settings, stop), stop
+        k += 1
 
 
 def probe_start(settings: WindowSettings, stop: int) -> int:
@@ -169,9 +183,15 @@ def probe_start(settings: WindowSettings, stop: int) -> int:
     start = max(0, stop - to_samples(settings.probe_length_s))
     if not settings.probe_align:
         return start
-    full, hop = to_samples(settings.length_s), to_samples(settings.hop_s)
-    offset = max(to_samples(settings.first_length_s) + hop, full) - full  # the second window's start
-    return 0 if start < offset else offset + (start - offset) // hop * hop
+    second, hop = _second_start(settings), to_samples(settings.hop_s)
+    return 0 if start < second else second + (start - second) // hop * hop
+
+
+def _second_start(settings: WindowSettings) -> int:
+    """Start of a region's second regular window, from which they start every ``hop_s``: the
+    second ends ``hop_s`` after the first or ``length_s`` into the region (``SpeechWindower._following_end``)."""
+    full = to_samples(settings.length_s)
+    return max(to_samples(settings.first_length_s) + to_samples(settings.hop_s), full) - full
 
 
 NEVER = 1 << 62
