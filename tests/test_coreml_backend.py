@@ -322,12 +322,12 @@ def test_window_frame_counts_follow_the_window_settings() -> None:
 
     assert window_frame_counts(WindowSettings(), GE2E_RECIPE) == (53, 78, 98, 103, 148)  # probes 0.55 / 0.8 / 1.05 s too
     assert window_frame_counts(WindowSettings(), FeatureRecipe()) == (53, 78, 98, 103, 148)
-    assert window_frame_counts(WindowSettings(probe_align=False), GE2E_RECIPE) == (53, 78, 98, 148)
+    assert window_frame_counts(WindowSettings(probe_align="off"), GE2E_RECIPE) == (53, 78, 98, 148)
     assert window_frame_counts(WindowSettings(probe_hop_s=0), GE2E_RECIPE) == (98, 148)
     assert window_frame_counts(WindowSettings(length_s=2.0, first_length_s=1.0, probe_hop_s=0), GE2E_RECIPE) == (98, 198)
     assert window_frame_counts(WindowSettings(length_s=1.5, first_length_s=1.5, probe_hop_s=0), GE2E_RECIPE) == (148,)
     # probes cut at the region start: ends 0.5 and 0.75 s, then 0.8 s long, or from the window start before (1.25 s)
-    assert window_frame_counts(WindowSettings(probe_start_s=0.5, probe_align=False), GE2E_RECIPE) == (48, 73, 78, 98, 148)
+    assert window_frame_counts(WindowSettings(probe_start_s=0.5, probe_align="off"), GE2E_RECIPE) == (48, 73, 78, 98, 148)
     assert window_frame_counts(WindowSettings(probe_start_s=0.5), GE2E_RECIPE) == (48, 73, 98, 123, 148)
     # snip_edges false: one frame per 10 ms, rounded
     assert window_frame_counts(WindowSettings(probe_hop_s=0), FeatureRecipe(snip_edges=False)) == (100, 150)

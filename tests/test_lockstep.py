@@ -15,7 +15,7 @@ from speakerd.audio import AudioChunk
 from speakerd.bench import speech
 from speakerd.bundle import load_bundle
 from speakerd.embedding import backend_for
-from speakerd.embedding.backend import STREAM_ARTIFACT, STREAM_INT8_ARTIFACT
+from speakerd.embedding.backend import STREAM_ARTIFACT, STREAM_INT8_ARTIFACT, windows_for
 from speakerd.embedding.lockstep import BACKLOG, LockstepBackend, OnnxLockstepBackend
 from speakerd.embedding.onnx_backend import OnnxBackend
 from speakerd.models.ge2e_stream import STREAM_FILE, STREAM_INT8_FILE, add_stream, needs_stream
@@ -71,7 +71,7 @@ def run(backend: LockstepBackend, windows: list[Window], size: int) -> np.ndarra
 
 @pytest.mark.parametrize("settings", [
     WindowSettings(),
-    WindowSettings(probe_align=False),
+    WindowSettings(probe_align="off"),
     WindowSettings(first_length_s=1.2, hop_s=0.3, probe_hop_s=0.2, probe_start_s=0.7),
     WindowSettings(first_length_s=1.3, hop_s=0.4, probe_hop_s=0.2, probe_start_s=0.6),  # regular starts 0, 0.2, 0.6, ...
 ])
@@ -120,7 +120,7 @@ def test_aligned_probes_open_no_rows_of_their_own(lockstep: OnnxLockstepBackend,
                                                   librispeech: Path, default_model: Path) -> None:
     """``probe_align``: a probe between regular starts begins at the one before, so only regular
     starts open rows: half the rows, a third fewer row-steps than with 0.8 s probes throughout."""
-    settings = WindowSettings(probe_align=False)
+    settings = WindowSettings(probe_align="off")
     bundle = load_bundle(default_model)
     unaligned, _ = windows_of(with_pauses(speech(librispeech, 60.0)), bundle.features, settings)
     backend = backend_for(bundle, Settings().embedding, settings)
@@ -136,6 +136,25 @@ def test_aligned_probes_open_no_rows_of_their_own(lockstep: OnnxLockstepBackend,
     assert after["rows"] <= 0.55 * before["rows"], (after, before)
     assert after["row_steps"] <= 0.7 * before["row_steps"], (after, before)
     assert after["steps"] == before["steps"], "the same frames, fewer rows"
+
+
+def test_probes_align_by_default_only_where_a_streaming_graph_serves_them(default_model: Path) -> None:
+    """``probe_align = "auto"``: on for GE2E (its rows take the longer probes for free), off for a
+    bundle that embeds every window whole (ECAPA-TDNN: a 1.05 s probe would only cost more)."""
+    ge2e = load_bundle(default_model)
+    whole = dataclasses.replace(ge2e, artifacts={k: v for k, v in ge2e.artifacts.items() if not k.startswith("onnx_stream")})
+    assert windows_for(ge2e, WindowSettings()).probe_align == "on"
+    assert windows_for(whole, WindowSettings()).probe_align == "off"
+    assert windows_for(whole, WindowSettings(probe_align="on")).probe_align == "on"
+    assert windows_for(ge2e, WindowSettings(probe_align="off")).probe_align == "off"
+    assert windows_for(whole, WindowSettings()).probe_lengths() == (0.55, 0.8)
+    # the lockstep backend's grid follows the bundle's choice: a probe 1.05 s long from a window's start
+    backend = backend_for(ge2e, Settings().embedding, WindowSettings())
+    try:
+        assert isinstance(backend, OnnxLockstepBackend)
+        assert backend._grid(0, 8000) == {0: (8800, 12800, 16000, 16800, 24000)}
+    finally:
+        backend.close()
 
 
 def test_a_backlog_goes_whole_and_rows_start_again_after_it(lockstep: OnnxLockstepBackend, speech_windows: list[Window]) -> None:

@@ -343,7 +343,7 @@ def test_probes_fill_a_finer_grid_between_regular_windows() -> None:
 
 
 def test_unaligned_probes_are_all_probe_length_and_half_start_between_windows() -> None:
-    settings = WindowSettings(probe_align=False)
+    settings = WindowSettings(probe_align="off")
     out = run(SpeechWindower(settings, RECIPE), region_events(noise(3.0), R))
     probes = [((w.start - R) / SAMPLE_RATE, (w.end - R) / SAMPLE_RATE) for w in probes_of(out)]
     assert probes == [(0.0, 0.55), (0.0, 0.8), (0.25, 1.05), (0.5, 1.3), (0.75, 1.55), (1.0, 1.8), (1.25, 2.05),
@@ -398,5 +398,7 @@ def test_probe_settings_are_checked() -> None:
         WindowSettings(probe_length_s=0.3)
     with pytest.raises(ConfigError, match="windows.probe_start_s"):
         WindowSettings(probe_start_s=0.2)
+    with pytest.raises(ConfigError, match="windows.probe_align"):
+        WindowSettings(probe_align="yes")
     with pytest.raises(ConfigError, match="windows.probe_hop_s"):
         SpeechWindower(WindowSettings(probe_hop_s=0.255), RECIPE)

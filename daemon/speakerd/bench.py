@@ -87,6 +87,7 @@ def bench_stages(audio: np.ndarray, settings: Any, bundle: Any, backend: Any, in
     from scipy.signal import resample_poly
 
     from . import events as ev
+    from .embedding.backend import windows_for
     from .publisher import EventPublisher
     from .sources import FileSource
     from .vad import VadSegmenter
@@ -122,7 +123,7 @@ def bench_stages(audio: np.ndarray, settings: Any, bundle: Any, backend: Any, in
 
     def fbank() -> None:
         windows.clear()
-        windower = SpeechWindower(settings.windows, bundle.features, bundle.sample_rate)
+        windower = SpeechWindower(windows_for(bundle, settings.windows), bundle.features, bundle.sample_rate)
         for e in vad_events:
             windows.extend(w for w in windower.process(e) if isinstance(w, Window))
 

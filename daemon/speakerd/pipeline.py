@@ -27,6 +27,7 @@ from .decisions.evidence import MatchedWindow
 from .decisions.layer import DecisionLayer, Embedded, Ranker
 from .decisions.turns import Decision
 from .decisions.values import DecisionValues, for_bundle
+from .embedding.backend import windows_for
 from .embedding.worker import EmbeddingWorker
 from .settings import Settings
 from .vad import SpeechStart, VadEvent, VadSegmenter
@@ -104,7 +105,7 @@ class Pipeline:
         """Sees every regular window with its evidence (history, evaluation); on the worker thread."""
         self._status = status or self.status
         self.vad = VadSegmenter(settings.vad)
-        self.windower = SpeechWindower(settings.windows, bundle.features, bundle.sample_rate)
+        self.windower = SpeechWindower(windows_for(bundle, settings.windows), bundle.features, bundle.sample_rate)
         values = decision if decision is not None else for_bundle(bundle, settings.decision).values
         self.decisions = DecisionLayer(
             values,

@@ -28,6 +28,9 @@ from .features import FeatureStream, SpeechBrainFbank, finish_gained, gain_db
 from .vad import SpeechAudio, SpeechEnd, SpeechStart, VadEvent
 
 
+PROBE_ALIGN = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class WindowSettings:
     length_s: float = 1.5
@@ -48,12 +51,15 @@ class WindowSettings:
     would start before the region are cut to begin with it. 0.55 puts every other probe's start
     (``end - probe_length_s``) on a regular window's start, where the lockstep backend advances
     both in one LSTM row: a quarter fewer row-steps than 0.6 (docs/BENCHMARKS.md, session 11)."""
-    probe_align: bool = True
-    """A probe whose start (``end - probe_length_s``) falls between regular window starts begins at
-    the regular start before it instead (1.05 s rather than 0.8 s, for every other probe with the
-    defaults). The lockstep backend then advances every probe in a regular window's LSTM row: 0.6
-    points of a core less live with GE2E, decisions unchanged within noise in the room and on clean
-    speech (docs/BENCHMARKS.md, session 15). False: every probe is ``probe_length_s``."""
+    probe_align: str = "auto"
+    """"on": a probe whose start (``end - probe_length_s``) falls between regular window starts
+    begins at the regular start before it instead (1.05 s rather than 0.8 s, for every other probe
+    with the defaults), so GE2E's lockstep backend advances every probe in a regular window's LSTM
+    row: 0.4 points of a core less live, decisions unchanged within noise in the room and on clean
+    speech (docs/BENCHMARKS.md, session 15). "off": every probe is ``probe_length_s``. "auto" (what
+    an unresolved setting does: on) is resolved per model by ``embedding.backend.windows_for``: on
+    for a bundle with a streaming graph, off for models that embed every window whole (ECAPA-TDNN:
+    longer probes cost it 7 % more CPU and save nothing)."""
 
     def __post_init__(self) -> None:
         check(0.5 <= self.length_s <= 10.0, "windows.length_s", self.length_s, "must be within 0.5 to 10 s")
@@ -83,10 +89,16 @@ class WindowSettings:
             self.probe_start_s,
             "must be within 0.5 and 10 s",
         )
+        check(self.probe_align in PROBE_ALIGN, "windows.probe_align", self.probe_align,
+              f"must be one of {', '.join(PROBE_ALIGN)}")
+
+    @property
+    def aligns_probes(self) -> bool:
+        return self.probe_align != "off"
 
     def probe_lengths(self) -> tuple[float, ...]:
         """Every length a grid probe can have, ascending: cut ones near the region start,
-        ``probe_length_s``, and (``probe_align``) the longer ones that begin on a regular start."""
+        ``probe_length_s``, and (aligned) the longer ones that begin on a regular start."""
         if not self.probe_hop_s:
             return ()
         hop, probe_hop = to_samples(self.hop_s), to_samples(self.probe_hop_s)
@@ -178,10 +190,10 @@ def grid_probes(settings: WindowSettings, begin: int = 0) -> Iterator[tuple[int,
 
 def probe_start(settings: WindowSettings, stop: int) -> int:
     """Start of the grid probe ending at ``stop`` (samples from the region start): ``probe_length_s``
-    before it, cut to the region, or with ``probe_align`` the latest regular window start at or
+    before it, cut to the region, or (``probe_align``) the latest regular window start at or
     before that (``grid_windows``' starts: 0, then every ``hop_s`` from the second window's)."""
     start = max(0, stop - to_samples(settings.probe_length_s))
-    if not settings.probe_align:
+    if not settings.aligns_probes:
         return start
     second, hop = _second_start(settings), to_samples(settings.hop_s)
     return 0 if start < second else second + (start - second) // hop * hop

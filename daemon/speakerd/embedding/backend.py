@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from ..bundle import FeatureRecipe, ModelBundle
+
+if TYPE_CHECKING:
+    from ..windows import WindowSettings
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +178,21 @@ class EmbeddingChoice(Protocol):
     trunk: str
 
 
+def windows_for(bundle: ModelBundle, windows: WindowSettings) -> WindowSettings:
+    """``windows`` with ``probe_align = "auto"`` decided for this model: probes begin on regular
+    window starts where the bundle has a streaming graph (its rows then serve them), and are
+    ``probe_length_s`` long where every window is embedded whole (longer probes only cost there)."""
+    if windows.probe_align != "auto":
+        return windows
+    return dataclasses.replace(windows, probe_align="on" if STREAM_ARTIFACT in bundle.artifacts else "off")
+
+
 def backend_for(bundle: ModelBundle, embedding: EmbeddingChoice, windows: WindowLengths) -> EmbeddingBackend:
     """The backend the settings ask for, checked against the windows the daemon will feed it."""
     from ..windows import WindowSettings, grid_windows
 
+    if isinstance(windows, WindowSettings):
+        windows = windows_for(bundle, windows)
     grid = functools.partial(grid_windows, windows) if isinstance(windows, WindowSettings) else None
     return create_backend(
         bundle,
