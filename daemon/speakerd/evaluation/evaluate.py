@@ -779,6 +779,7 @@ def main_eval(args: argparse.Namespace) -> int:
     from ..bundle import resolve_bundle
     from ..decisions.values import for_bundle
     from ..embedding import backend_for
+    from ..embedding.backend import windows_for
     from ..settings import load_settings
 
     try:
@@ -817,7 +818,7 @@ def main_eval(args: argparse.Namespace) -> int:
         "fingerprint": bundle.fingerprint,
         "backend": backend.name,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(es).items()},
-        "settings": {"windows": dataclasses.asdict(settings.windows), "matching": dataclasses.asdict(settings.matching),
+        "settings": {"windows": dataclasses.asdict(windows_for(bundle, settings.windows)), "matching": dataclasses.asdict(settings.matching),
                      "tracker": dataclasses.asdict(settings.tracker), "vad": dataclasses.asdict(settings.vad),
                      "decision": for_bundle(bundle, settings.decision).values.to_dict()},
         "arguments": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v)
