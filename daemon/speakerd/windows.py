@@ -9,7 +9,9 @@ feature frame grid: features are sliced from the region's stream, not recomputed
 Between the regular windows, *probes* (``probe_length_s`` long, on a finer ``probe_hop_s`` grid)
 let the tracker announce a hand-over sooner: a 1.5 s window ending 0.75 s after a change is half
 the old voice, a 0.8 s probe ending there is almost all the new one. Probes only ever raise a
-tentative change; regular windows confirm it, make turns and feed clustering and enrollment.
+tentative change; regular windows confirm it, make turns and feed clustering and enrollment. With
+``probe_align`` a probe begins on a regular window's start (so every other one is 1.05 s), which
+lets a model that runs windows as LSTM rows serve it from a window's row (``grid_probes``).
 """
 
 from __future__ import annotations
