@@ -191,9 +191,10 @@ def backend_for(bundle: ModelBundle, embedding: EmbeddingChoice, windows: Window
     """The backend the settings ask for, checked against the windows the daemon will feed it."""
     from ..windows import WindowSettings, grid_windows
 
-    if isinstance(windows, WindowSettings):
+    grid = None
+    if isinstance(windows, WindowSettings):  # the windower's own settings: its probes and grids are known
         windows = windows_for(bundle, windows)
-    grid = functools.partial(grid_windows, windows) if isinstance(windows, WindowSettings) else None
+        grid = functools.partial(grid_windows, windows)
     return create_backend(
         bundle,
         embedding.backend,
